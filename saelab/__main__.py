@@ -1,0 +1,5 @@
+import sys
+
+from saelab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,165 @@
+"""The `saelab` command: one entry point, subcommands dispatched from a small table.
+
+Flags come from the config dataclasses (`--sae.k 64`), with their field docstrings as help.
+A `UserError` ends the command with its one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from saelab import config as C
+from saelab.errors import UserError
+
+log = logging.getLogger("saelab")
+
+
+def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
+    p.add_argument("--config", help="YAML preset; flags below override its values")
+    for key, (tp, doc) in C.flat_fields(cls).items():
+        default = _default_of(cls, key)
+        help_ = f"{doc} (default: {default})" if doc else None
+        if tp is bool:
+            p.add_argument(
+                f"--{key}",
+                nargs="?",
+                const="true",
+                dest=key,
+                help=help_,
+                default=argparse.SUPPRESS,
+                metavar="BOOL",
+            )
+        else:
+            p.add_argument(
+                f"--{key}",
+                dest=key,
+                help=help_,
+                default=argparse.SUPPRESS,
+                metavar=key.split(".")[-1].upper(),
+            )
+
+
+def _default_of(cls: type, dotted: str) -> Any:
+    obj: Any = cls()
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _config_from_args(cls: type, ns: argparse.Namespace, extra: dict[str, Any]) -> Any:
+    keys = C.flat_fields(cls)
+    overrides = {k: v for k, v in vars(ns).items() if k in keys}
+    overrides.update(extra)
+    return C.build(cls, getattr(ns, "config", None), overrides)
+
+
+# ---------------------------------------------------------------------------------------
+# Subcommands. Each takes the parsed namespace; heavy imports happen inside.
+
+
+def cmd_harvest(ns: argparse.Namespace) -> int:
+    from saelab.harvest import harvest
+
+    cfg = _config_from_args(C.HarvestConfig, ns, {})
+    path = harvest(cfg)
+    log.info("harvest ready: %s", path)
+    return 0
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from saelab.trainer import train
+
+    cfg = _config_from_args(C.TrainConfig, ns, {})
+    run = train(cfg)
+    log.info("run ready: %s", run)
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from saelab.evaluate import evaluate, summary_table
+
+    extra = {"run": ns.run_dir} if ns.run_dir else {}
+    cfg = _config_from_args(C.EvalConfig, ns, extra)
+    result = evaluate(cfg)
+    sys.stdout.write(summary_table([(cfg.run, result)]) + "\n")
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from saelab.demo import demo
+
+    return demo(quick=ns.quick)
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], type | None]] = {
+    "harvest": (
+        "record a model's activations to cached_activations/",
+        cmd_harvest,
+        C.HarvestConfig,
+    ),
+    "train": ("train an SAE on a harvest", cmd_train, C.TrainConfig),
+    "eval": ("evaluate a run on held-out tokens (writes eval.json)", cmd_eval, C.EvalConfig),
+    "demo": ("harvest, train and evaluate on the embedded default model", cmd_demo, None),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saelab", description=__doc__.splitlines()[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_, _, cls) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
+        if name == "eval":
+            p.add_argument("run_dir", nargs="?", help="run directory (same as --run)")
+        if name == "demo":
+            p.add_argument("--quick", action="store_true", help="a smaller, faster demo")
+        if cls is not None:
+            _add_config_flags(p, cls)
+    return parser
+
+
+def _check_unknown(
+    parser: argparse.ArgumentParser, ns: argparse.Namespace, unknown: list[str]
+) -> None:
+    flags = [u for u in unknown if u.startswith("--")]
+    if not unknown:
+        return
+    cls = COMMANDS[ns.command][2]
+    known = ["--" + k for k in C.flat_fields(cls)] if cls else []
+    bad = flags[0] if flags else unknown[0]
+    close = difflib.get_close_matches(bad.split("=")[0], known, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; see saelab {ns.command} --help"
+    raise UserError(f"unknown option '{bad}' for saelab {ns.command}{hint}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        ns, unknown = parser.parse_known_args(argv)
+    except SystemExit as e:  # argparse already printed its message
+        return int(e.code or 0)
+    logging.basicConfig(
+        level=logging.WARNING if ns.quiet else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    try:
+        _check_unknown(parser, ns, unknown)
+        return COMMANDS[ns.command][1](ns)
+    except UserError as e:
+        sys.stderr.write(f"saelab {ns.command}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"saelab {ns.command}: interrupted; run the same command to resume\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
