@@ -1,0 +1,111 @@
+"""Reference kernels in plain torch: the specification every other backend must match.
+
+The TopK encoder never lets autograd see the dense [B, d_sae] pre-activations: its
+backward touches only the selected latents (a sparse-times-dense product for grad W_enc,
+an embedding-bag for grad x), which is what makes a CPU training step cost one GEMM
+instead of three. The decoder is an embedding-bag (Gao et al. 2024, arXiv 2406.04093, §D).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# The CSR product below is the fastest CPU path for grad W_enc; torch flags CSR as beta.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+def _scatter_rows(
+    indices: Tensor, weights: Tensor, rows: Tensor, n_out: int
+) -> Tensor:
+    """out[i] = Σ_{(b, j): indices[b, j] = i} weights[b, j] · rows[b], as a CSR product.
+
+    indices, weights: [B, K]; rows: [B, D]. Returns [n_out, D].
+    """
+    B, K = indices.shape
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    crow = torch.zeros(n_out + 1, dtype=torch.int64, device=indices.device)
+    crow[1:] = torch.bincount(flat, minlength=n_out).cumsum(0)
+    cols = torch.div(order, K, rounding_mode="floor")
+    vals = weights.reshape(-1)[order].to(rows.dtype)
+    if rows.device.type == "cpu":  # MKL sparse-dense product; index_add elsewhere
+        S = torch.sparse_csr_tensor(crow, cols, vals, (n_out, B), check_invariants=False)
+        return S @ rows
+    out = torch.zeros(n_out, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    return out.index_add_(0, flat, weights.reshape(-1, 1).to(rows.dtype) * rows.repeat_interleave(K, 0))
+
+
+def _masked_topk(z: Tensor, k: int, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Top-k of z over the latents where mask is True (columns), in global latent ids."""
+    cols = mask.nonzero().squeeze(1)
+    kk = min(k, cols.numel())
+    vals, local = torch.topk(z.index_select(1, cols), kk, dim=1, sorted=False)
+    return vals.relu(), cols[local]
+
+
+class TopKEncode(torch.autograd.Function):
+    """z = (x − b_dec) W_encᵀ + b_enc; a = TopK_k(ReLU(z)), plus an optional AuxK selection.
+
+    Returns (values [B, k], indices [B, k], aux_values [B, k_aux], aux_indices [B, k_aux]).
+    The aux pair is the top-k_aux of ReLU(z) over latents where aux_mask is True (empty when
+    no mask is given). Gradients flow to x, W_enc, b_enc and b_dec through both value tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, aux_mask, k_aux):  # type: ignore[override]
+        x_c = x - b_dec
+        z = torch.addmm(b_enc, x_c, W_enc.T)
+        values, indices = torch.topk(z, k, dim=1, sorted=False)
+        values = values.relu_()
+        if aux_mask is not None and k_aux > 0 and bool(aux_mask.any()):
+            aux_values, aux_indices = _masked_topk(z, k_aux, aux_mask)
+        else:
+            aux_values = z.new_zeros(z.shape[0], 0)
+            aux_indices = indices.new_zeros(z.shape[0], 0)
+        ctx.save_for_backward(x_c, W_enc, values, indices, aux_values, aux_indices)
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _gi, grad_aux, _gai):  # type: ignore[override]
+        x_c, W_enc, values, indices, aux_values, aux_indices = ctx.saved_tensors
+        # ReLU: no gradient where the selected value was clipped to zero.
+        g = grad_values * (values > 0)
+        if aux_indices.numel() and grad_aux is not None:
+            g = torch.cat([g, grad_aux * (aux_values > 0)], dim=1)
+            idx = torch.cat([indices, aux_indices], dim=1)
+        else:
+            idx = indices
+        n = W_enc.shape[0]
+        grad_W_enc = _scatter_rows(idx, g, x_c, n) if ctx.needs_input_grad[1] else None
+        grad_b_enc = (
+            torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+            if ctx.needs_input_grad[2]
+            else None
+        )
+        grad_x_c = F.embedding_bag(idx, W_enc, per_sample_weights=g.to(W_enc.dtype), mode="sum")
+        grad_x = grad_x_c if ctx.needs_input_grad[0] else None
+        grad_b_dec = -grad_x_c.sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None
+
+
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    aux_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return TopKEncode.apply(x, W_enc, b_enc, b_dec, k, aux_mask, k_aux)  # type: ignore[return-value]
+
+
+def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
+    """x̂ = Σ_i a_i d_i (+ b_dec): a gather of decoder rows, never a dense [B, d_sae] code."""
+    out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+    return out if b_dec is None else out + b_dec

@@ -1,0 +1,143 @@
+"""`SparseCoder`: the one SAE module every selection rule shares.
+
+z = W_enc (x − b_dec) + b_enc, a = rule(z), x̂ = W_decᵀ a + b_dec, with W_dec's rows kept
+at unit norm (Gao et al. 2024, arXiv 2406.04093). The SAE works on activations multiplied
+by `input_scale` (chosen so that E‖x·s‖² = d_in); `encode`, `decode` and `forward` take and
+return the model's own units, the `*_scaled` methods work in the SAE's.
+
+On disk: `sae.safetensors` (tensors only) beside `cfg.json` (arch, d_in, d_sae, k,
+input_scale, and whatever the trainer adds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from saelab import kernels
+from saelab.archs import ARCHS, EncodeArgs, Encoding, SparseCode
+from saelab.errors import UserError
+
+WEIGHTS = "sae.safetensors"
+CFG = "cfg.json"
+
+
+class SparseCoder(nn.Module):
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int,
+        arch: str = "topk",
+        input_scale: float = 1.0,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if arch not in ARCHS:
+            raise UserError(f"unknown arch '{arch}'; valid: {', '.join(ARCHS)}")
+        if not 0 < k < d_sae:
+            raise UserError(f"k={k} must satisfy 0 < k < d_sae={d_sae}")
+        self.d_in, self.d_sae, self.k, self.arch = d_in, d_sae, k, arch
+        self.input_scale = float(input_scale)
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.W_enc = nn.Parameter(torch.empty(d_sae, d_in, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random unit decoder rows, tied encoder (W_enc = W_dec), zero biases."""
+        w = torch.randn(self.W_dec.shape, generator=generator, device=self.W_dec.device)
+        self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # ---- maths in the SAE's scaled units -------------------------------------------
+
+    def encode_scaled(self, x: Tensor, args: EncodeArgs = EncodeArgs()) -> Encoding:
+        return ARCHS[self.arch](self, x, args)
+
+    def decode_scaled(self, code: SparseCode) -> Tensor:
+        return kernels.decode(code.values, code.indices, self.W_dec, self.b_dec)
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Dense z = W_enc (x − b_dec) + b_enc, [B, d_sae] (analysis only; training never needs it)."""
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)
+
+    # ---- the model's units ------------------------------------------------------------
+
+    def encode(self, x: Tensor) -> SparseCode:
+        """Inference-mode code of raw activations [..., d_in] (flattened to [N, d_in])."""
+        x = x.reshape(-1, self.d_in).to(self.W_enc.dtype) * self.input_scale
+        return self.encode_scaled(x).code
+
+    def decode(self, code: SparseCode) -> Tensor:
+        return self.decode_scaled(code) / self.input_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        return self.decode(self.encode(x)).reshape(shape).to(x.dtype)
+
+    # ---- training helpers -----------------------------------------------------------
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove from W_dec's gradient its component along each (unit) row."""
+        g = self.W_dec.grad
+        if g is not None:
+            g.sub_((g * self.W_dec).sum(1, keepdim=True) * self.W_dec)
+
+    # ---- persistence ----------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "k": self.k,
+            "input_scale": self.input_scale,
+        }
+
+    def save(self, run_dir: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write sae.safetensors and cfg.json atomically (temp file, then os.replace)."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {n: t.detach().contiguous().cpu() for n, t in self.state_dict().items()}
+        _atomic(run_dir / WEIGHTS, lambda p: save_file(tensors, p))
+        cfg = {**(extra or {}), **self.config()}
+        _atomic(run_dir / CFG, lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
+        run_dir = Path(run_dir)
+        cfg_path, w_path = run_dir / CFG, run_dir / WEIGHTS
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise UserError(f"{run_dir} holds no trained SAE ({CFG} and {WEIGHTS}); train one first")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+            sae = cls(cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["arch"], cfg["input_scale"], device)
+            sae.load_state_dict(load_file(w_path, device=str(device)))
+        except (KeyError, json.JSONDecodeError, RuntimeError, OSError, SafetensorError) as e:
+            raise UserError(f"{run_dir} holds a damaged SAE ({type(e).__name__}); retrain it") from None
+        return sae
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
