@@ -1,0 +1,609 @@
+"""Reading a harvest: memmapped shards, checked once, streamed in exact shuffled epochs.
+
+A harvest (written by ``saelab.harvest``) is ``meta.json`` + ``tokens.npy`` + one ``.npy`` per
+shard, hook and kind (``acts``/``grads``). Activation row ``t`` is the token at position
+``1 + t % tokens_per_context`` of context ``t // tokens_per_context`` (BOS is never stored).
+
+Shuffling is two-level, as in nanoGPT-style flat memmaps but with exact epochs: per epoch a
+seeded permutation of contiguous chunks (cheap sequential reads), consecutive chunks grouped
+into buffers of about ``shuffle_buffer`` rows, rows permuted within each buffer. Every choice is
+a pure function of ``(seed, epoch, token_range, chunk_rows, shuffle_buffer)``, so a stream can be
+resumed at any row without reading what it skips.
+
+Integrity: each shard file's header and size are checked against ``meta.json`` when it is
+opened; its sha256 is checked the first time this process reads it. Hashing runs on a
+background thread (sha256 is about as fast as the fp16->fp32 shuffle itself), and data is
+never handed out before the hashes of the files it came from have been confirmed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saelab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+CHUNK_ROWS = 4096
+_NP_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}
+_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+_REQUIRED = ("format", "hooks", "d_in", "dtype", "n_ctx", "tokens_per_context", "shards")
+_REPAIR = (
+    "delete that shard's entry (and later ones) from meta.json's \"shards\" and re-run "
+    "`saelab harvest` with the same settings to redo them"
+)
+
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+class _Verifier:
+    """Process-wide sha256 cache: each file is hashed at most once per (size, mtime)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._futures: dict[tuple, Future] = {}
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def _key(self, path: Path, sha: str) -> tuple:
+        st = path.stat()
+        return (str(path.resolve()), st.st_size, st.st_mtime_ns, sha)
+
+    def _claim(self, path: Path, sha: str) -> tuple[Future, bool]:
+        key = self._key(path, sha)
+        with self._lock:
+            fut = self._futures.get(key)
+            if fut is not None:
+                return fut, False
+            fut = self._futures[key] = Future()
+            return fut, True
+
+    def submit(self, path: Path, sha: str) -> Future:
+        """Queue a background hash (a no-op if the file is already hashed or queued)."""
+        fut, mine = self._claim(path, sha)
+        if mine:
+            self._queue.put((path, sha, fut))
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    # Daemon: a pending queue must not delay interpreter exit.
+                    self._thread = threading.Thread(
+                        target=self._work, name="saelab-verify", daemon=True
+                    )
+                    self._thread.start()
+        return fut
+
+    def check(self, path: Path, sha: str) -> None:
+        """Hash now in this thread unless another thread already is; raise on mismatch."""
+        fut, mine = self._claim(path, sha)
+        if mine:
+            _run_hash(path, sha, fut)
+        fut.result()
+
+    def forget(self, path: Path, sha: str) -> None:
+        with self._lock:
+            self._futures.pop(self._key(path, sha), None)
+
+    def _work(self) -> None:
+        while True:
+            path, sha, fut = self._queue.get()
+            _run_hash(path, sha, fut)
+
+
+def _run_hash(path: Path, sha: str, fut: Future) -> None:
+    try:
+        digest = _sha256(path)
+        if digest != sha:
+            raise UserError(f"{path} is corrupted (sha256 differs from meta.json); {_REPAIR}")
+        fut.set_result(None)
+    except BaseException as exc:  # handed to whoever waits on the data
+        fut.set_exception(exc)
+
+
+def _sha256(path: Path) -> str:
+    h, block = hashlib.sha256(), bytearray(8 << 20)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(block):
+            h.update(view[:n])  # hashlib releases the GIL on large updates
+    return h.hexdigest()
+
+
+_VERIFIER = _Verifier()
+
+
+# --------------------------------------------------------------------------- meta
+
+
+@dataclass(frozen=True)
+class _Shard:
+    index: int
+    start: int
+    """First activation row (global)."""
+    stop: int
+    files: dict[str, str]
+    """Path relative to the harvest -> sha256 hex."""
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    meta_path = path / "meta.json"
+    if not path.is_dir() or not meta_path.is_file():
+        raise UserError(
+            f"no harvest at {path} (missing {meta_path.name}); run `saelab harvest` to create it "
+            "or pass the path of an existing cached_activations/<name> directory"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"{meta_path} is not valid JSON ({exc}); delete the harvest and re-run `saelab harvest`"
+        ) from None
+    missing = [k for k in _REQUIRED if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise UserError(
+            f"{meta_path} is not a saelab harvest (missing {', '.join(missing)}); "
+            "point at a directory written by `saelab harvest`"
+        )
+    if meta["format"] != FORMAT:
+        raise UserError(
+            f"{meta_path} has harvest format {meta['format']!r}, this saelab reads {FORMAT}; "
+            "use the saelab version that wrote it or re-run `saelab harvest`"
+        )
+    if meta["dtype"] not in _NP_DTYPES:
+        raise UserError(
+            f"{meta_path} has unknown dtype {meta['dtype']!r} (expected one of "
+            f"{', '.join(_NP_DTYPES)}); re-run `saelab harvest`"
+        )
+    return meta
+
+
+def _pick_hook(meta: dict[str, Any], hook: str | None, path: Path) -> str:
+    hooks = list(meta["hooks"])
+    if hook is None:
+        if len(hooks) == 1:
+            return hooks[0]
+        raise UserError(
+            f"harvest {path} has several hooks ({', '.join(hooks)}); pick one with --hook"
+        )
+    if hook not in hooks:
+        raise UserError(
+            f"hook {hook!r} is not in harvest {path} (it has: {', '.join(hooks)}); "
+            "pick one of those with --hook or harvest that hook"
+        )
+    return hook
+
+
+def _complete_shards(meta: dict[str, Any], path: Path) -> list[_Shard]:
+    shards, row = [], 0
+    for entry in meta["shards"]:
+        shard = _Shard(
+            int(entry["index"]),
+            int(entry["token_start"]),
+            int(entry["token_stop"]),
+            dict(entry["files"]),
+        )
+        if shard.start != row or shard.stop <= shard.start:
+            raise UserError(
+                f"{path / 'meta.json'} lists shard {shard.index} at rows "
+                f"[{shard.start}, {shard.stop}) after row {row}; {_REPAIR}"
+            )
+        shards.append(shard)
+        row = shard.stop
+    if not shards:
+        raise UserError(
+            f"harvest {path} has no complete shard yet; let `saelab harvest` run (or resume it) "
+            "until at least one shard is written"
+        )
+    return shards
+
+
+def _check_header(file: Path, rows: int, d_in: int, dtype: np.dtype) -> None:
+    """Shape, dtype and byte size against meta: catches truncated and mismatched files."""
+    if not file.is_file():
+        raise UserError(f"{file} is missing though meta.json lists it; {_REPAIR}")
+    with open(file, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = _HEADER_READERS.get(version)
+            if read_header is None:
+                raise ValueError(f"npy version {version}")
+            shape, fortran, got = read_header(f)
+        except ValueError:
+            raise UserError(f"{file} is not a readable .npy file (truncated?); {_REPAIR}") from None
+        header_len = f.tell()
+    expected = header_len + rows * d_in * dtype.itemsize
+    size = file.stat().st_size
+    if shape != (rows, d_in) or got != dtype or fortran:
+        raise UserError(
+            f"{file} holds {got}{list(shape)}, meta.json says {dtype}[{rows}, {d_in}]; {_REPAIR}"
+        )
+    if size != expected:
+        raise UserError(f"{file} is truncated ({size} of {expected} bytes); {_REPAIR}")
+
+
+def _to_torch(raw: np.ndarray, storage: str) -> torch.Tensor:
+    """Zero-copy view of storage-dtype rows as a torch tensor (bf16 is kept as uint16 bits)."""
+    if storage == "bfloat16":
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(raw)
+
+
+# --------------------------------------------------------------------------- shuffle plan
+
+
+def _epoch_plan(
+    lo: int, hi: int, seed: int, epoch: int, chunk_rows: int, chunks_per_buffer: int
+) -> list[np.ndarray]:
+    """The epoch's buffers, each an array of (start, stop) row ranges in reading order."""
+    first = np.arange(lo // chunk_rows * chunk_rows, hi, chunk_rows, dtype=np.int64)
+    chunks = np.stack([np.maximum(first, lo), np.minimum(first + chunk_rows, hi)], axis=1)
+    rng = np.random.default_rng([seed, epoch, 0])
+    chunks = chunks[rng.permutation(len(chunks))]
+    return [chunks[i : i + chunks_per_buffer] for i in range(0, len(chunks), chunks_per_buffer)]
+
+
+def _buffer_perm(seed: int, epoch: int, buffer: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 1, buffer]).permutation(n)
+
+
+class BatchStream:
+    """Infinite iterator of batches; ``rows_per_epoch`` lets callers count epochs.
+
+    Closing it (or dropping the last reference) stops the prefetch thread.
+    """
+
+    def __init__(self, gen: Iterator[Batch], rows_per_epoch: int) -> None:
+        self._gen = gen
+        self.rows_per_epoch = rows_per_epoch
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class ActivationStore:
+    """One hook of one harvest, read-only."""
+
+    def __init__(self, path: str | os.PathLike, hook: str | None = None) -> None:
+        self.path = Path(path)
+        self.meta = _read_meta(self.path)
+        self.hook = _pick_hook(self.meta, hook, self.path)
+        self.d_in = int(self.meta["d_in"])
+        self.n_ctx = int(self.meta["n_ctx"])
+        self.tokens_per_context = int(self.meta["tokens_per_context"])
+        self.storage_dtype: str = self.meta["dtype"]
+        self.has_grads = bool(self.meta.get("grads", False))
+        self.shards = _complete_shards(self.meta, self.path)
+        self.n_tokens = self.shards[-1].stop
+        self._stops = np.array([s.stop for s in self.shards], dtype=np.int64)
+        self._np_dtype = _NP_DTYPES[self.storage_dtype]
+        self._mmaps: dict[tuple[str, int], np.ndarray] = {}
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({str(self.path)!r}, hook={self.hook!r}, n_tokens={self.n_tokens})"
+
+    # ----------------------------------------------------------------- files
+
+    def _relpath(self, kind: str, shard: _Shard) -> str:
+        rel = f"{kind}/{self.hook}/shard_{shard.index:05d}.npy"
+        if rel not in shard.files:
+            raise UserError(f"meta.json of {self.path} does not list {rel}; {_REPAIR}")
+        return rel
+
+    def _check_kind(self, kind: str) -> None:
+        if kind not in ("acts", "grads"):
+            raise ValueError(f"kind must be 'acts' or 'grads', not {kind!r}")
+        if kind == "grads" and not self.has_grads:
+            raise UserError(
+                f"harvest {self.path} has no gradients; re-harvest with `saelab harvest --grads`"
+            )
+
+    def _mmap(self, kind: str, i: int) -> np.ndarray:
+        key = (kind, i)
+        if key not in self._mmaps:
+            shard = self.shards[i]
+            file = self.path / self._relpath(kind, shard)
+            _check_header(file, shard.stop - shard.start, self.d_in, self._np_dtype)
+            self._mmaps[key] = np.load(file, mmap_mode="r")
+        return self._mmaps[key]
+
+    def _file_sha(self, kind: str, i: int) -> tuple[Path, str]:
+        rel = self._relpath(kind, self.shards[i])
+        return self.path / rel, self.shards[i].files[rel]
+
+    def _shard_of(self, row: int) -> int:
+        return int(np.searchsorted(self._stops, row, side="right"))
+
+    def _pieces(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(shard, local start, local stop) covering global rows [start, stop)."""
+        while start < stop:
+            i = self._shard_of(start)
+            end = min(stop, self.shards[i].stop)
+            yield i, start - self.shards[i].start, end - self.shards[i].start
+            start = end
+
+    def _copy_rows(self, kind: str, start: int, stop: int, out: np.ndarray) -> set[int]:
+        """Copy rows into ``out`` (no checksum wait); returns the shards touched."""
+        touched, at = set(), 0
+        for i, a, b in self._pieces(start, stop):
+            out[at : at + b - a] = self._mmap(kind, i)[a:b]
+            at += b - a
+            touched.add(i)
+        return touched
+
+    def _check_range(self, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"rows [{start}, {stop}) outside [0, {self.n_tokens})")
+
+    # ----------------------------------------------------------------- random access
+
+    def read(
+        self, start: int, stop: int, kind: str = "acts", dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Rows ``[start, stop)`` of ``kind``, spanning shards, checked before return."""
+        self._check_kind(kind)
+        self._check_range(start, stop)
+        raw = np.empty((stop - start, self.d_in), self._np_dtype)
+        for i in self._copy_rows(kind, start, stop, raw):
+            _VERIFIER.check(*self._file_sha(kind, i))
+        return _to_torch(raw, self.storage_dtype).to(dtype)
+
+    def sample(
+        self, n: int, *, seed: int = 0, token_range: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """``n`` distinct random rows (all rows if the range has fewer), float32."""
+        lo, hi = self._range(token_range)
+        rng = np.random.default_rng([seed, 2])
+        rows = np.sort(rng.choice(hi - lo, size=min(n, hi - lo), replace=False)) + lo
+        shard_of = np.searchsorted(self._stops, rows, side="right")
+        parts = []
+        for i in np.unique(shard_of):
+            _VERIFIER.check(*self._file_sha("acts", int(i)))
+            local = rows[shard_of == i] - self.shards[i].start
+            parts.append(np.asarray(self._mmap("acts", int(i))[local]))
+        return _to_torch(np.concatenate(parts), self.storage_dtype).to(torch.float32)
+
+    def tokens(self) -> np.ndarray:
+        """Memmap of ``tokens.npy``: int32 ``[n_contexts, n_ctx]``."""
+        file = self.path / "tokens.npy"
+        if not file.is_file():
+            raise UserError(f"{file} is missing; re-run `saelab harvest` to rewrite the harvest")
+        return np.load(file, mmap_mode="r")
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """(context index, position in context) of activation row ``row``; BOS is position 0."""
+        self._check_range(row, row + 1)
+        return row // self.tokens_per_context, 1 + row % self.tokens_per_context
+
+    def context(self, row: int, before: int = 8, after: int = 4) -> tuple[np.ndarray, int]:
+        """Token window around ``row``'s token, and the index of that token in the window."""
+        ctx, pos = self.locate(row)
+        a, b = max(0, pos - before), min(self.n_ctx, pos + after + 1)
+        return np.array(self.tokens()[ctx, a:b]), pos - a
+
+    def verify(self) -> None:
+        """Re-hash every file the listed shards name (all hooks and kinds), in order."""
+        for shard in self.shards:
+            for rel, sha in shard.files.items():
+                file = self.path / rel
+                _check_header(file, shard.stop - shard.start, self.d_in, self._np_dtype)
+                _VERIFIER.forget(file, sha)
+                _VERIFIER.check(file, sha)
+
+    # ----------------------------------------------------------------- streaming
+
+    def _range(self, token_range: tuple[int, int] | None) -> tuple[int, int]:
+        lo, hi = (0, self.n_tokens) if token_range is None else map(int, token_range)
+        if not 0 <= lo < hi <= self.n_tokens:
+            raise UserError(
+                f"token_range ({lo}, {hi}) is empty or outside harvest {self.path} "
+                f"(0..{self.n_tokens} rows); shrink the range or harvest more tokens"
+            )
+        return lo, hi
+
+    def rows_in(self, token_range: tuple[int, int] | None = None) -> int:
+        """Rows per epoch of ``batches(token_range=...)``."""
+        lo, hi = self._range(token_range)
+        return hi - lo
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        token_range: tuple[int, int] | None = None,
+        seed: int = 0,
+        start_row: int = 0,
+        shuffle_buffer: int = 262_144,
+        dtype: torch.dtype = torch.float32,
+        grads: bool = False,
+        chunk_rows: int = CHUNK_ROWS,
+    ) -> BatchStream:
+        """Infinite shuffled stream over ``token_range`` in exact epochs (see module docstring).
+
+        ``start_row=r`` yields what the uninterrupted stream yields after its first ``r`` rows.
+        With ``grads`` each item is ``(acts, grads)``, aligned row for row.
+        """
+        if batch_size <= 0 or shuffle_buffer <= 0 or chunk_rows <= 0 or start_row < 0:
+            raise ValueError("batch_size, shuffle_buffer, chunk_rows must be > 0, start_row >= 0")
+        kinds = ("acts", "grads") if grads else ("acts",)
+        for kind in kinds:
+            self._check_kind(kind)
+        lo, hi = self._range(token_range)
+        chunk_rows = min(chunk_rows, shuffle_buffer)
+        spec = _StreamSpec(
+            lo,
+            hi,
+            seed % 2**63,
+            batch_size,
+            chunk_rows,
+            max(1, shuffle_buffer // chunk_rows),
+            start_row,
+            dtype,
+            kinds,
+        )
+        return BatchStream(_stream(self, spec), hi - lo)
+
+
+@dataclass(frozen=True)
+class _StreamSpec:
+    lo: int
+    hi: int
+    seed: int
+    batch_size: int
+    chunk_rows: int
+    chunks_per_buffer: int
+    start_row: int
+    dtype: torch.dtype
+    kinds: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- prefetch
+
+
+def _stream(store: ActivationStore, spec: _StreamSpec) -> Iterator[Batch]:
+    """Consumer side: the thread starts on the first ``next`` and stops on close/GC."""
+    buffer_rows = spec.chunk_rows * spec.chunks_per_buffer
+    # A quarter buffer of finished batches: the thread can read the next buffer while the
+    # trainer consumes them, without holding several fp32 buffers in memory.
+    q: queue.Queue = queue.Queue(maxsize=max(2, buffer_rows // (4 * spec.batch_size)))
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=_produce, args=(store, spec, q, stop), name="saelab-prefetch", daemon=True
+    )
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _produce(store: ActivationStore, spec: _StreamSpec, q: queue.Queue, stop: threading.Event):
+    try:
+        for batch in _batches(store, spec, stop):
+            if not _put(q, batch, stop):
+                return
+    except BaseException as exc:
+        _put(q, exc, stop)
+
+
+def _prequeue_hashes(store: ActivationStore, spec: _StreamSpec, plan: list[np.ndarray]) -> None:
+    """Queue background hashes of the range's shards in the order this epoch first needs them."""
+    seen: dict[int, None] = {}
+    for chunks in plan:
+        for a, b in chunks:
+            for i, _, _ in store._pieces(int(a), int(b)):
+                seen.setdefault(i)
+    for i in seen:
+        for kind in spec.kinds:
+            store._mmap(kind, i)  # header/size check up front: fail before any hashing
+            _VERIFIER.submit(*store._file_sha(kind, i))
+
+
+def _batches(store: ActivationStore, spec: _StreamSpec, stop: threading.Event) -> Iterator[Batch]:
+    """Producer side: exact batches, straddling buffer and epoch edges."""
+    n = spec.hi - spec.lo
+    epoch, skip = divmod(spec.start_row, n)
+    bufs = [
+        np.empty((spec.chunk_rows * spec.chunks_per_buffer, store.d_in), store._np_dtype)
+        for _ in spec.kinds
+    ]
+    pending: list[list[torch.Tensor]] = [[] for _ in spec.kinds]
+    have = 0
+    while not stop.is_set():
+        plan = _epoch_plan(
+            spec.lo, spec.hi, spec.seed, epoch, spec.chunk_rows, spec.chunks_per_buffer
+        )
+        if epoch == spec.start_row // n:
+            _prequeue_hashes(store, spec, plan)
+        ends = np.cumsum([int((c[:, 1] - c[:, 0]).sum()) for c in plan])
+        first = int(np.searchsorted(ends, skip, side="right"))
+        for b in range(first, len(plan)):
+            rows = _fill_buffer(store, spec, plan[b], bufs)
+            perm = _buffer_perm(spec.seed, epoch, b, rows)
+            offset = skip - (int(ends[b - 1]) if b else 0) if b == first else 0
+            perm_t = torch.from_numpy(perm[offset:])
+            at = 0
+            while at < len(perm_t):
+                take = min(spec.batch_size - have, len(perm_t) - at)
+                idx = perm_t[at : at + take]
+                for k, buf in enumerate(bufs):
+                    raw = _to_torch(buf[:rows], store.storage_dtype)
+                    pending[k].append(_gather(raw, idx, spec.dtype))
+                have += take
+                at += take
+                if have == spec.batch_size:
+                    parts = [p[0] if len(p) == 1 else torch.cat(p) for p in pending]
+                    yield parts[0] if len(parts) == 1 else (parts[0], parts[1])
+                    pending, have = [[] for _ in spec.kinds], 0
+        epoch, skip = epoch + 1, 0
+
+
+def _gather(raw: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if raw.dtype == dtype:
+        return raw.index_select(0, idx)
+    out = torch.empty((len(idx), raw.shape[1]), dtype=dtype)
+    return out.copy_(raw.index_select(0, idx))
+
+
+def _fill_buffer(
+    store: ActivationStore, spec: _StreamSpec, chunks: np.ndarray, bufs: list[np.ndarray]
+) -> int:
+    """Read a buffer's chunks into ``bufs`` and wait until their files' hashes are confirmed."""
+    touched: set[int] = set()
+    at = 0
+    for a, b in chunks:
+        a, b = int(a), int(b)
+        for kind, buf in zip(spec.kinds, bufs):
+            touched |= store._copy_rows(kind, a, b, buf[at : at + b - a])
+        at += b - a
+    for i in sorted(touched):
+        for kind in spec.kinds:
+            _VERIFIER.submit(*store._file_sha(kind, i)).result()
+    return at

@@ -1,0 +1,363 @@
+"""ActivationStore on hand-built harvests whose rows encode their own index."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saelab.errors import UserError
+from saelab.store import ActivationStore
+
+HOOK = "blocks.0.hook_resid_post"
+BOS = 1
+_NP = {"float16": np.float16, "float32": np.float32}
+
+
+def encode_rows(rows: np.ndarray, d_in: int) -> np.ndarray:
+    """Row t -> [t % 128, t // 128 % 128, t // 16384, noise...]: exact even in bf16."""
+    rng = np.random.default_rng(rows[0] if len(rows) else 0)
+    x = rng.standard_normal((len(rows), d_in)).astype(np.float32)
+    x[:, 0], x[:, 1], x[:, 2] = rows % 128, rows // 128 % 128, rows // 16384
+    return x
+
+
+def decode_rows(x: torch.Tensor) -> np.ndarray:
+    x = x.to(torch.float32).numpy().astype(np.int64)
+    return x[:, 0] + 128 * x[:, 1] + 16384 * x[:, 2]
+
+
+def _store_bytes(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return x.astype(_NP[dtype])
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_harvest(
+    tmp_path: Path,
+    n_contexts: int = 24,
+    n_ctx: int = 9,
+    d_in: int = 6,
+    shard_contexts: int = 5,
+    dtype: str = "float16",
+    hooks: tuple[str, ...] = (HOOK,),
+    grads: bool = False,
+    name: str = "h",
+) -> Path:
+    """A complete harvest; acts rows encode their index, grads are -acts (hook h adds 1000*h)."""
+    root = tmp_path / name
+    root.mkdir()
+    tpc = n_ctx - 1
+    tokens = np.arange(n_contexts * n_ctx, dtype=np.int32).reshape(n_contexts, n_ctx) + 100
+    tokens[:, 0] = BOS
+    np.save(root / "tokens.npy", tokens)
+    shards = []
+    for index, c0 in enumerate(range(0, n_contexts, shard_contexts)):
+        c1 = min(c0 + shard_contexts, n_contexts)
+        t0, t1 = c0 * tpc, c1 * tpc
+        files = {}
+        for h, hook in enumerate(hooks):
+            acts = encode_rows(np.arange(t0, t1), d_in)
+            acts[:, 3:] += 1000 * h
+            for kind, data in [("acts", acts), ("grads", -acts)][: 2 if grads else 1]:
+                rel = f"{kind}/{hook}/shard_{index:05d}.npy"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                np.save(root / rel, _store_bytes(data, dtype))
+                files[rel] = _sha(root / rel)
+        shards.append(
+            {
+                "index": index,
+                "context_start": c0,
+                "context_stop": c1,
+                "token_start": t0,
+                "token_stop": t1,
+                "files": files,
+            }
+        )
+    meta = {
+        "format": 1,
+        "saelab_version": "test",
+        "model": "tiny",
+        "hooks": list(hooks),
+        "d_in": d_in,
+        "dtype": dtype,
+        "n_ctx": n_ctx,
+        "tokens_per_context": tpc,
+        "n_contexts": n_contexts,
+        "n_tokens_planned": n_contexts * tpc,
+        "n_tokens": n_contexts * tpc,
+        "shard_contexts": shard_contexts,
+        "corpus": {},
+        "seed": 0,
+        "grads": grads,
+        "complete": True,
+        "tokens_sha256": _sha(root / "tokens.npy"),
+        "shards": shards,
+    }
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def _edit_meta(root: Path, **changes) -> None:
+    meta = json.loads((root / "meta.json").read_text())
+    meta.update(changes)
+    (root / "meta.json").write_text(json.dumps(meta))
+
+
+def take_rows(stream, n_batches: int) -> list[np.ndarray]:
+    return [decode_rows(next(stream)) for _ in range(n_batches)]
+
+
+SMALL = dict(chunk_rows=8, shuffle_buffer=32)  # several chunks per buffer, many buffers
+
+
+@pytest.fixture
+def harvest(tmp_path: Path) -> Path:
+    return make_harvest(tmp_path)  # 24 contexts x 8 rows = 192 rows in 5 shards
+
+
+# ------------------------------------------------------------------ random access
+
+
+def test_attributes(harvest: Path):
+    s = ActivationStore(harvest)
+    assert (s.hook, s.d_in, s.n_tokens, s.n_ctx, s.tokens_per_context) == (HOOK, 6, 192, 9, 8)
+    assert s.storage_dtype == "float16" and not s.has_grads
+
+
+def test_read_spans_shards(harvest: Path):
+    s = ActivationStore(harvest)
+    whole = s.read(0, s.n_tokens)
+    assert whole.dtype == torch.float32 and whole.shape == (192, 6)
+    np.testing.assert_array_equal(decode_rows(whole), np.arange(192))
+    parts = torch.cat([s.read(a, b) for a, b in [(0, 30), (30, 41), (41, 150), (150, 192)]])
+    torch.testing.assert_close(parts, whole, rtol=0, atol=0)
+    assert s.read(35, 45, dtype=torch.float16).dtype == torch.float16
+    assert s.read(7, 7).shape == (0, 6)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16"])
+def test_storage_dtype_round_trip(tmp_path: Path, dtype: str):
+    s = ActivationStore(make_harvest(tmp_path, dtype=dtype))
+    expect = torch.from_numpy(encode_rows(np.arange(0, 40), 6))
+    expect = expect.to(
+        {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
+    )
+    torch.testing.assert_close(s.read(0, 40), expect.float(), rtol=0, atol=0)
+    np.testing.assert_array_equal(decode_rows(next(s.batches(50, **SMALL))).size, 50)
+
+
+def test_locate_and_context_skip_bos(harvest: Path):
+    s = ActivationStore(harvest)
+    tokens = s.tokens()
+    assert tokens.shape == (24, 9) and (tokens[:, 0] == BOS).all()
+    assert s.locate(0) == (0, 1)
+    assert s.locate(7) == (0, 8)
+    assert s.locate(8) == (1, 1)
+    assert s.locate(191) == (23, 8)
+    for row in [0, 5, 8, 100, 191]:
+        ctx, pos = s.locate(row)
+        window, i = s.context(row, before=3, after=2)
+        assert window[i] == tokens[ctx, pos] == 100 + ctx * 9 + pos
+        np.testing.assert_array_equal(window, tokens[ctx, max(0, pos - 3) : pos + 3])
+    window, i = s.context(8, before=3)
+    assert window[0] == BOS and i == 1
+    with pytest.raises(IndexError):
+        s.locate(192)
+
+
+def test_sample_distinct_rows_in_range(harvest: Path):
+    s = ActivationStore(harvest)
+    rows = decode_rows(s.sample(50, seed=3, token_range=(20, 120)))
+    assert len(set(rows)) == 50 and rows.min() >= 20 and rows.max() < 120
+    np.testing.assert_array_equal(rows, decode_rows(s.sample(50, seed=3, token_range=(20, 120))))
+    assert len(s.sample(10_000)) == 192
+
+
+# ------------------------------------------------------------------ streaming
+
+
+def test_exact_epochs(harvest: Path):
+    s = ActivationStore(harvest)
+    stream = s.batches(25, seed=1, **SMALL)  # 25 does not divide 192
+    assert stream.rows_per_epoch == 192
+    rows = np.concatenate(take_rows(stream, 3 * 192 // 25 + 1))
+    for e in range(3):
+        assert sorted(rows[e * 192 : (e + 1) * 192]) == list(range(192))
+    assert not np.array_equal(rows[:192], rows[192:384])  # reshuffled each epoch
+    assert not np.array_equal(rows[:192], np.arange(192))
+
+
+def test_default_sizes_shuffle_everything(harvest: Path):
+    rows = np.concatenate(take_rows(ActivationStore(harvest).batches(64), 3))
+    assert sorted(rows) == list(range(192))
+
+
+def test_seed_determinism(harvest: Path):
+    s = ActivationStore(harvest)
+    a = np.concatenate(take_rows(s.batches(16, seed=5, **SMALL), 20))
+    b = np.concatenate(take_rows(s.batches(16, seed=5, **SMALL), 20))
+    c = np.concatenate(take_rows(s.batches(16, seed=6, **SMALL), 20))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("r", [1, 13, 32, 45, 191, 192, 200, 389])
+def test_resume_matches_tail(harvest: Path, r: int):
+    s = ActivationStore(harvest)
+    full = np.concatenate(take_rows(s.batches(10, seed=2, **SMALL), 60))
+    resumed = np.concatenate(take_rows(s.batches(7, seed=2, start_row=r, **SMALL), 30))
+    np.testing.assert_array_equal(resumed, full[r : r + len(resumed)])
+
+
+def test_token_range_split_is_disjoint(harvest: Path):
+    s = ActivationStore(harvest)
+    train = np.concatenate(take_rows(s.batches(10, token_range=(0, 150), **SMALL), 15))
+    test = np.concatenate(take_rows(s.batches(7, token_range=(150, 192), **SMALL), 6))
+    assert sorted(train) == list(range(150)) and sorted(test) == list(range(150, 192))
+    assert s.rows_in((150, 192)) == 42
+    with pytest.raises(UserError, match="token_range"):
+        s.batches(4, token_range=(100, 500))
+
+
+def test_grads_aligned(tmp_path: Path):
+    s = ActivationStore(make_harvest(tmp_path, grads=True))
+    first = s.batches(33, grads=True, **SMALL)
+    resumed = s.batches(50, seed=4, start_row=170, grads=True, **SMALL)
+    for acts, grads in [next(first), next(first), next(resumed)]:
+        torch.testing.assert_close(grads, -acts, rtol=0, atol=0)
+    torch.testing.assert_close(s.read(10, 60, kind="grads"), -s.read(10, 60))
+
+
+def test_other_hook_and_dtype_out(tmp_path: Path):
+    root = make_harvest(tmp_path, hooks=("a", "b"))
+    a, b = ActivationStore(root, "a"), ActivationStore(root, "b")
+    torch.testing.assert_close(b.read(0, 9)[:, 3:], a.read(0, 9)[:, 3:] + 1000, atol=1, rtol=0)
+    assert next(a.batches(8, dtype=torch.float16, **SMALL)).dtype == torch.float16
+
+
+def test_prefetch_thread_stops(harvest: Path):
+    def prefetchers() -> int:
+        return sum(t.name == "saelab-prefetch" for t in threading.enumerate())
+
+    s = ActivationStore(harvest)
+    before = prefetchers()
+    stream = s.batches(4, **SMALL)
+    next(stream)
+    assert prefetchers() == before + 1
+    stream.close()
+    assert prefetchers() == before
+    stream = s.batches(4, **SMALL)
+    next(stream)
+    del stream
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while prefetchers() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert prefetchers() == before
+
+
+def test_half_written_harvest_reads_listed_shards(harvest: Path):
+    meta = json.loads((harvest / "meta.json").read_text())
+    _edit_meta(harvest, shards=meta["shards"][:2], n_tokens=80, complete=False)
+    s = ActivationStore(harvest)
+    assert s.n_tokens == 80
+    rows = np.concatenate(take_rows(s.batches(16, **SMALL), 10))
+    assert sorted(rows) == sorted(list(range(80)) * 2)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_missing_dir(tmp_path: Path):
+    with pytest.raises(UserError, match="saelab harvest"):
+        ActivationStore(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="meta.json"):
+        ActivationStore(tmp_path / "empty")
+
+
+def test_bad_meta(harvest: Path):
+    (harvest / "meta.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        ActivationStore(harvest)
+    (harvest / "meta.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(UserError, match="not a saelab harvest"):
+        ActivationStore(harvest)
+
+
+def test_hook_errors_list_hooks(tmp_path: Path):
+    root = make_harvest(tmp_path, hooks=("hook_x", "hook_y"))
+    with pytest.raises(UserError, match="hook_x, hook_y"):
+        ActivationStore(root, "hook_z")
+    with pytest.raises(UserError, match="several hooks.*hook_x, hook_y.*--hook"):
+        ActivationStore(root)
+
+
+def test_no_complete_shard(harvest: Path):
+    _edit_meta(harvest, shards=[], n_tokens=0)
+    with pytest.raises(UserError, match="no complete shard"):
+        ActivationStore(harvest)
+
+
+def test_truncated_shard_named(harvest: Path):
+    f = harvest / f"acts/{HOOK}/shard_00002.npy"
+    f.write_bytes(f.read_bytes()[:-10])
+    s = ActivationStore(harvest)
+    s.read(0, 40)  # untouched shards still read
+    with pytest.raises(UserError, match="shard_00002.npy is truncated") as err:
+        s.read(80, 90)
+    assert "\n" not in str(err.value) and "saelab harvest" in str(err.value)
+    with pytest.raises(UserError, match="shard_00002.npy is truncated"):
+        next(s.batches(8, **SMALL))
+
+
+def _corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_shard_named(harvest: Path):
+    _corrupt(harvest / f"acts/{HOOK}/shard_00003.npy")
+    s = ActivationStore(harvest)
+    s.read(0, 40)
+    with pytest.raises(UserError, match="shard_00003.npy is corrupted"):
+        s.read(125, 130)
+    with pytest.raises(UserError, match="shard_00003.npy is corrupted"):
+        ActivationStore(harvest).verify()
+    with pytest.raises(UserError, match="shard_00003.npy is corrupted"):
+        take_rows(ActivationStore(harvest).batches(8, token_range=(120, 192), **SMALL), 1)
+
+
+def test_corruption_caught_before_stream_yields(tmp_path: Path):
+    root = make_harvest(tmp_path, name="c")
+    _corrupt(root / f"acts/{HOOK}/shard_00004.npy")
+    seen: list[np.ndarray] = []
+    with pytest.raises(UserError, match="shard_00004.npy is corrupted"):
+        for batch in ActivationStore(root).batches(4, **SMALL):
+            seen.append(decode_rows(batch))
+    assert all(rows.max() < 160 for rows in seen)  # shard 4 holds rows 160..191
+
+
+def test_verify_passes_on_clean_harvest(tmp_path: Path):
+    ActivationStore(make_harvest(tmp_path, grads=True, hooks=("a", "b")), "a").verify()
+
+
+def test_grads_missing(harvest: Path):
+    s = ActivationStore(harvest)
+    with pytest.raises(UserError, match="saelab harvest --grads"):
+        s.batches(8, grads=True)
+    with pytest.raises(UserError, match="saelab harvest --grads"):
+        s.read(0, 4, kind="grads")
