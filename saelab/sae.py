@@ -127,13 +127,17 @@ class SparseCoder(nn.Module):
         run_dir = Path(run_dir)
         cfg_path, w_path = run_dir / CFG, run_dir / WEIGHTS
         if not cfg_path.is_file() or not w_path.is_file():
-            raise UserError(f"{run_dir} holds no trained SAE ({CFG} and {WEIGHTS}); train one first")
+            raise UserError(
+                f"{run_dir} holds no trained SAE ({CFG} and {WEIGHTS}); train one first"
+            )
         try:
             cfg = json.loads(cfg_path.read_text())
             sae = cls(cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["arch"], cfg["input_scale"], device)
             sae.load_state_dict(load_file(w_path, device=str(device)))
         except (KeyError, json.JSONDecodeError, RuntimeError, OSError, SafetensorError) as e:
-            raise UserError(f"{run_dir} holds a damaged SAE ({type(e).__name__}); retrain it") from None
+            raise UserError(
+                f"{run_dir} holds a damaged SAE ({type(e).__name__}); retrain it"
+            ) from None
         return sae
 
 

@@ -1,17 +1,23 @@
 """Synthetic activations from a known dictionary, for tests and training benchmarks.
 
-x = Σ_i c_i f_i + noise, with n_features unit-norm true directions f_i, each firing
-independently with a Zipf-distributed probability (scaled so that on average `k_true`
-fire per token) and an exponential magnitude. Because the dictionary is known, one can
+x = Σ_i c_i f_i + noise, with n_features unit-norm true directions f_i. Each token draws a
+Poisson(k_true) number of features, each picked with Zipf-distributed probability, with
+exponential magnitudes. Because the dictionary is known, one can
 check both reconstruction (FVU) and recovery of the true directions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from saelab import __version__
 
 
 @dataclass
@@ -26,7 +32,7 @@ class SyntheticData:
     """Mean number of true features active per token."""
 
     zipf_exponent: float = 0.5
-    """Firing probability of the r-th feature ∝ r^-exponent."""
+    """Probability of drawing the r-th feature ∝ r^-exponent."""
 
     noise: float = 0.05
     """Std of isotropic Gaussian noise, relative to the per-coordinate signal scale."""
@@ -39,14 +45,18 @@ class SyntheticData:
         d = torch.randn(self.n_features, self.d_in, generator=g)
         self.dictionary = d / d.norm(dim=1, keepdim=True)
         p = torch.arange(1, self.n_features + 1, dtype=torch.float64) ** -self.zipf_exponent
-        self.probs = (p * self.k_true / p.sum()).clamp(max=1.0).float()
+        self.probs = (p / p.sum()).float()
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        """[n, d_in] activations."""
-        fires = torch.rand(n, self.n_features, generator=generator) < self.probs
-        mags = torch.empty(n, self.n_features).exponential_(1.0, generator=generator)
-        codes = (fires * mags).to_sparse_csr()
-        x = codes @ self.dictionary
+        """[n, d_in] activations: Poisson(k_true) features per token, drawn by frequency."""
+        k_max = int(3 * self.k_true) + 1
+        counts = torch.poisson(torch.full((n, 1), float(self.k_true)), generator=generator)
+        idx = torch.multinomial(self.probs, n * k_max, replacement=True, generator=generator)
+        mags = torch.empty(n, k_max).exponential_(1.0, generator=generator)
+        mags = mags * (torch.arange(k_max) < counts)
+        x = F.embedding_bag(
+            idx.view(n, k_max), self.dictionary, per_sample_weights=mags, mode="sum"
+        )
         sigma = self.noise * (self.k_true / self.d_in) ** 0.5
         return x + sigma * torch.randn(n, self.d_in, generator=generator)
 
@@ -58,3 +68,49 @@ class SyntheticData:
             m = min(chunk, n_tokens - done)
             yield self.sample(m, g)
             done += m
+
+
+def write_harvest(
+    path: str | Path,
+    data: SyntheticData,
+    n_tokens: int,
+    *,
+    tokens_per_context: int = 127,
+    shard_contexts: int = 256,
+    dtype: str = "float32",
+) -> Path:
+    """Write synthetic activations as a harvest directory that `ActivationStore` reads.
+
+    tokens.npy holds placeholder token ids (BOS then zeros): there is no text behind them.
+    """
+    from saelab.harvest import STORE_DTYPES, _save_npy, _write_shard
+
+    path = Path(path)
+    n_contexts = -(-n_tokens // tokens_per_context)
+    tokens = np.zeros((n_contexts, tokens_per_context + 1), dtype=np.int32)
+    meta: dict[str, Any] = {
+        "format": 1,
+        "saelab_version": __version__,
+        "model": "synthetic",
+        "hooks": ["synthetic"],
+        "d_in": data.d_in,
+        "dtype": dtype,
+        "n_ctx": tokens_per_context + 1,
+        "tokens_per_context": tokens_per_context,
+        "n_contexts": n_contexts,
+        "n_tokens_planned": n_contexts * tokens_per_context,
+        "n_tokens": 0,
+        "shard_contexts": shard_contexts,
+        "corpus": {"synthetic": asdict(data)},
+        "seed": data.seed,
+        "grads": False,
+        "complete": False,
+        "tokens_sha256": _save_npy(path / "tokens.npy", tokens),
+        "shards": [],
+    }
+    rows = shard_contexts * tokens_per_context
+    for i, block in enumerate(data.stream(n_contexts * tokens_per_context, chunk=rows)):
+        c0 = i * shard_contexts
+        c1 = c0 + block.shape[0] // tokens_per_context
+        _write_shard(path, meta, i, c0, c1, {"acts/synthetic": block.to(STORE_DTYPES[dtype])})
+    return path

@@ -27,7 +27,9 @@ def test_yaml_and_overrides(tmp_path):
 
 
 def test_list_field_from_comma_string():
-    cfg = C.build(C.HarvestConfig, None, {"hooks": "blocks.0.hook_resid_post,blocks.1.hook_resid_post"})
+    cfg = C.build(
+        C.HarvestConfig, None, {"hooks": "blocks.0.hook_resid_post,blocks.1.hook_resid_post"}
+    )
     assert cfg.hooks == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 
 

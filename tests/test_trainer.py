@@ -1,0 +1,178 @@
+"""Training on synthetic data with a known dictionary: it learns, resumes exactly, and
+refuses bad input without touching existing runs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saelab.cli import main
+from saelab.config import SAEConfig, TrainConfig
+from saelab.errors import UserError
+from saelab.store import ActivationStore
+from saelab.synthetic import SyntheticData, write_harvest
+from saelab.trainer import geometric_median, lr_at, split_ranges, train
+
+
+@pytest.fixture(scope="module")
+def harvest(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("h") / "syn"
+    data = SyntheticData(d_in=32, n_features=128, k_true=4, seed=3)
+    return write_harvest(path, data, 40_000, tokens_per_context=63, shard_contexts=64)
+
+
+def _cfg(harvest, out, **kw) -> TrainConfig:
+    base = dict(
+        harvest=str(harvest),
+        out=str(out),
+        sae=SAEConfig("topk", 128, 4),
+        batch_size=512,
+        eval_tokens=4000,
+        n_tokens=40_000,
+        dead_tokens=5000,
+        checkpoint_every=10,
+        log_every=5,
+        lr_warmup_steps=5,
+        shuffle_buffer=8192,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_learns_the_dictionary(harvest, tmp_path):
+    run = train(_cfg(harvest, tmp_path / "r", n_tokens=120_000), progress=False)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["fvu"] > 0.5 and log[-1]["fvu"] < 0.2
+    assert [r["step"] for r in log] == sorted({r["step"] for r in log})
+    cfg = json.loads((run / "cfg.json").read_text())
+    assert cfg["complete"] and cfg["arch"] == "topk" and cfg["d_in"] == 32
+    assert cfg["hook"] == "synthetic" and cfg["train"]["sae"]["k"] == 4
+    # Input scaling makes E‖x·s‖² = d_in.
+    store = ActivationStore(harvest)
+    x = store.read(0, 4000) * cfg["input_scale"]
+    assert float(x.pow(2).sum(1).mean()) == pytest.approx(32, rel=0.1)
+    # The decoder recovers true directions: most of the 64 most frequent features have a
+    # latent with cosine > 0.9.
+    W_dec = load_file(run / "sae.safetensors")["W_dec"]
+    truth = SyntheticData(d_in=32, n_features=128, k_true=4, seed=3).dictionary[:64]
+    best = (truth @ W_dec.T).max(1).values
+    assert (best > 0.9).float().mean() > 0.8
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_gives_identical_weights(harvest, tmp_path, monkeypatch):
+    full = train(_cfg(harvest, tmp_path / "full"), progress=False)
+
+    real = ActivationStore.batches
+
+    def dying(self, *a, **kw):
+        for i, b in enumerate(real(self, *a, **kw)):
+            if i == 27:  # past the checkpoint at step 20, before the one at 30
+                raise _Interrupt
+            yield b
+
+    monkeypatch.setattr(ActivationStore, "batches", dying)
+    with pytest.raises(_Interrupt):
+        train(_cfg(harvest, tmp_path / "cut"), progress=False)
+    assert not json.loads((tmp_path / "cut" / "cfg.json").read_text())["complete"]
+    monkeypatch.setattr(ActivationStore, "batches", real)
+    cut = train(_cfg(harvest, tmp_path / "cut"), progress=False)
+
+    a, b = load_file(full / "sae.safetensors"), load_file(cut / "sae.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = (full / "train_log.jsonl").read_text().splitlines()
+    lb = (cut / "train_log.jsonl").read_text().splitlines()
+    strip = lambda ls: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in ls]  # noqa: E731
+    assert strip(la) == strip(lb)  # nothing lost, nothing duplicated
+
+
+def test_rerun_of_complete_run_is_a_no_op(harvest, tmp_path):
+    run = train(_cfg(harvest, tmp_path / "r", n_tokens=5000), progress=False)
+    before = (run / "sae.safetensors").read_bytes()
+    train(_cfg(harvest, tmp_path / "r", n_tokens=5000), progress=False)
+    assert (run / "sae.safetensors").read_bytes() == before
+
+
+def test_output_dir_with_another_run_is_refused_untouched(harvest, tmp_path):
+    run = train(_cfg(harvest, tmp_path / "r", n_tokens=5000), progress=False)
+    snapshot = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match=r"already holds a different run .*sae.k"):
+        train(_cfg(harvest, tmp_path / "r", n_tokens=5000, sae=SAEConfig("topk", 128, 8)))
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == snapshot
+
+
+def test_output_dir_that_is_not_a_run_is_refused(harvest, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a saelab run"):
+        train(_cfg(harvest, tmp_path / "r"))
+    assert (tmp_path / "r" / "notes.txt").read_text() == "mine"
+
+
+def test_auxk_revives_dead_latents(harvest, tmp_path):
+    # A tiny dead_tokens makes latents count as dead quickly, so AuxK runs.
+    run = train(_cfg(harvest, tmp_path / "r", dead_tokens=600, n_tokens=20_000), progress=False)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert any(r["auxk"] > 0 for r in log)
+
+
+def test_split_is_disjoint_and_context_aligned(harvest):
+    store = ActivationStore(harvest)
+    (a, b), (c, d) = split_ranges(store, 4000)
+    assert a == 0 and b == c and d == store.n_tokens and b % 63 == 0 and d - c >= 4000
+    with pytest.raises(UserError, match="leaves no training tokens"):
+        split_ranges(store, store.n_tokens)
+
+
+def test_lr_schedule_warms_up_and_decays():
+    cfg = TrainConfig(lr=1.0, lr_warmup_steps=4, lr_decay_frac=0.5)
+    lrs = [lr_at(s, 20, cfg) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4:10] == [1.0] * 6 and lrs[10] == 1.0 and lrs[19] == pytest.approx(0.1)
+
+
+def test_geometric_median_resists_outliers():
+    x = torch.cat([torch.zeros(50, 2) + torch.randn(50, 2) * 0.01, torch.full((5, 2), 100.0)])
+    assert geometric_median(x).norm() < 0.5 < x.mean(0).norm()
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--sae.k", "128"], "k=128 must be smaller than d_sae=128"),
+        (["--lr", "-0.1"], "lr=-0.1 must not be negative"),
+        (["--sae.arch", "nope"], "unknown arch 'nope'; valid: topk"),
+        (["--batch_sise", "3"], "did you mean '--batch_size'"),
+        (["--hook", "blocks.99.hook_resid_post"], "blocks.99.hook_resid_post"),
+    ],
+)
+def test_cli_bad_input_exits_2_without_writing(harvest, tmp_path, capsys, args, msg):
+    out = tmp_path / "r"
+    rc = main(
+        [
+            "train",
+            "--harvest",
+            str(harvest),
+            "--out",
+            str(out),
+            "--sae.d_sae",
+            "128",
+            "--sae.k",
+            "4",
+            *args,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_missing_harvest(tmp_path, capsys):
+    assert main(["train", "--harvest", str(tmp_path / "none"), "--out", str(tmp_path / "r")]) == 2
+    assert "saelab harvest" in capsys.readouterr().err
