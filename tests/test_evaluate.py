@@ -1,0 +1,73 @@
+"""Evaluation on held-out rows: numbers match a direct computation, files and errors."""
+
+import json
+
+import pytest
+import torch
+
+from saelab.cli import main
+from saelab.config import EvalConfig, SAEConfig, TrainConfig
+from saelab.errors import UserError
+from saelab.evaluate import evaluate
+from saelab.metrics import fvu
+from saelab.sae import SparseCoder
+from saelab.store import ActivationStore
+from saelab.synthetic import SyntheticData, write_harvest
+from saelab.trainer import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e")
+    h = write_harvest(
+        root / "h",
+        SyntheticData(d_in=16, n_features=64, k_true=3),
+        12_000,
+        tokens_per_context=31,
+        shard_contexts=32,
+    )
+    cfg = TrainConfig(
+        harvest=str(h),
+        out=str(root / "r"),
+        sae=SAEConfig("topk", 64, 3),
+        batch_size=256,
+        eval_tokens=3000,
+        dead_tokens=2000,
+        checkpoint_every=0,
+    )
+    return train(cfg, progress=False)
+
+
+def test_eval_matches_direct_computation(run):
+    res = evaluate(EvalConfig(run=str(run)), progress=False)
+    cfg = json.loads((run / "cfg.json").read_text())
+    start, stop = cfg["eval_range"]
+    assert res["eval_range"] == [start, stop] and res["n_tokens"] == stop - start
+    assert cfg["train_range"][1] <= start  # held out: never trained on
+    x = ActivationStore(cfg["harvest"]).read(start, stop)
+    sae = SparseCoder.load(run)
+    with torch.no_grad():
+        x_hat = sae(x)
+    assert res["fvu"] == pytest.approx(float(fvu(x.double(), x_hat.double())), rel=1e-4)
+    assert res["l0"] <= 3 and 0 <= res["dead_frac"] <= 1
+    assert json.loads((run / "eval.json").read_text())["fvu"] == res["fvu"]
+
+
+def test_eval_cli_prints_table(run, capsys):
+    assert main(["eval", str(run), "--n_tokens", "500"]) == 0
+    out = capsys.readouterr().out
+    assert "FVU" in out and "topk" in out
+    assert json.loads((run / "eval.json").read_text())["n_tokens"] == 500
+
+
+def test_eval_errors(tmp_path, run, capsys):
+    with pytest.raises(UserError, match="not a run directory"):
+        evaluate(EvalConfig(run=str(tmp_path)))
+    cfg = json.loads((run / "cfg.json").read_text())
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "cfg.json").write_text(json.dumps({**cfg, "complete": False}))
+    with pytest.raises(UserError, match="has not finished training"):
+        evaluate(EvalConfig(run=str(half)))
+    assert main(["eval"]) == 2
+    assert "no run given" in capsys.readouterr().err
