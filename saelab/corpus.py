@@ -35,8 +35,11 @@ from saelab.errors import UserError
 DEFAULT = "default"
 TEXT_SUFFIXES = (".txt", ".md")
 LOCAL_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")
-# Test suites and tooling carry synthetic or deliberately broken docstrings.
-_STDLIB_SKIP = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
+# Test suites carry synthetic or broken docstrings; codec tables and demos are boilerplate.
+_STDLIB_SKIP = {
+    "site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3", "encodings",
+    "turtledemo",
+}  # fmt: skip
 _TOKENIZE_BATCH = 64
 
 

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,11 +111,30 @@ def _embedded_model_dir() -> Path:
     return _atomic_dir(cache_root() / DEFAULT_MODEL, fill)
 
 
-def _offline_error(name: str, why: str) -> UserError:
+def _offline_error(name: str) -> UserError:
     return UserError(
-        f"model '{name}' cannot be loaded offline ({why}: no internet or not in the HF cache); "
+        f"model '{name}' cannot be loaded offline (no internet and not in the HF cache); "
         f"use a local HF directory or the embedded default '{DEFAULT_MODEL}'"
     )
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+@functools.cache
+def _hub_reachable() -> bool:
+    """A 3 s TCP probe: without it, an offline hub lookup retries for about a minute."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
 
 
 def _looks_like_path(name: str) -> bool:
@@ -123,7 +143,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _hf_source(name: str) -> str:
-    """The directory or hub name to hand to `from_pretrained`, or a UserError."""
+    """A local directory to load `name` from, or the hub name itself when online."""
     if name == DEFAULT_MODEL:
         return str(_embedded_model_dir())
     path = Path(name).expanduser()
@@ -133,7 +153,27 @@ def _hf_source(name: str) -> str:
         return str(path)
     if _looks_like_path(name) or path.suffix in (".gguf", ".safetensors", ".bin"):
         raise UserError(f"model directory {path} does not exist; pass an HF model directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        # Resolving to the cached snapshot keeps every later load off the network.
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # not cached, or not even a valid repo id
+        if _offline() or not _hub_reachable():
+            raise _offline_error(name) from None
     return name
+
+
+def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
+    source = _hf_source(name)
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"model '{name}' cannot be loaded ({first}); use a local HF directory or the "
+            f"embedded default '{DEFAULT_MODEL}'"
+        ) from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -143,31 +183,17 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> Any:
 
     if name in (DEFAULT_MODEL, TINY):
         return AutoTokenizer.from_pretrained(str(_embedded_tokenizer_dir()))
-    source = _hf_source(name)
-    try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=_offline())
-    except (OSError, ValueError) as e:
-        raise _offline_error(name, type(e).__name__) from None
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    return _from_pretrained(AutoTokenizer, name)
 
 
 def _load_hf(name: str, device: str, dtype: torch.dtype) -> TransformerBridge:
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM
 
-    source = _hf_source(name)
     tok = load_tokenizer(name)
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, local_files_only=_offline() or source != name
-        )
-    except (OSError, ValueError) as e:
-        raise _offline_error(name, type(e).__name__) from None
+    hf = _from_pretrained(AutoModelForCausalLM, name, dtype=dtype)
     return TransformerBridge.boot_transformers(
-        source, hf_model=hf, tokenizer=tok, device=device, dtype=dtype
+        _hf_source(name), hf_model=hf, tokenizer=tok, device=device, dtype=dtype
     )
 
 
