@@ -19,24 +19,32 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 
 def _scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n_out: int) -> Tensor:
-    """out[i] = Σ_{(b, j): indices[b, j] = i} weights[b, j] · rows[b], as a CSR product.
+    """out[i] = Σ_{(b, j): indices[b, j] = i} weights[b, j] · rows[b], i.e. Sᵀ·rows.
 
     indices, weights: [B, K]; rows: [B, D]. Returns [n_out, D].
     """
     B, K = indices.shape
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    crow = torch.zeros(n_out + 1, dtype=torch.int64, device=indices.device)
-    crow[1:] = torch.bincount(flat, minlength=n_out).cumsum(0)
-    cols = torch.div(order, K, rounding_mode="floor")
-    vals = weights.reshape(-1)[order].to(rows.dtype)
-    if rows.device.type == "cpu":  # MKL sparse-dense product; index_add elsewhere
-        S = torch.sparse_csr_tensor(crow, cols, vals, (n_out, B), check_invariants=False)
-        return S @ rows
+    w = weights.reshape(-1).to(rows.dtype)
+    if rows.device.type == "cpu":
+        # A token-major CSR needs no sort (row b holds its K latents); MKL applies Sᵀ.
+        crow = torch.arange(0, B * K + 1, K, device=indices.device)
+        S = torch.sparse_csr_tensor(
+            crow, indices.reshape(-1), w, (B, n_out), check_invariants=False
+        )
+        return S.t() @ rows
     out = torch.zeros(n_out, rows.shape[1], dtype=rows.dtype, device=rows.device)
-    return out.index_add_(
-        0, flat, weights.reshape(-1, 1).to(rows.dtype) * rows.repeat_interleave(K, 0)
-    )
+    return out.index_add_(0, indices.reshape(-1), w[:, None] * rows.repeat_interleave(K, 0))
+
+
+def _row_dots(indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+    """out[b, j] = table[indices[b, j]] · rows[b], [B, K], without a [B, K, D] gather."""
+    B, K = indices.shape
+    op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
+    if op is not None:
+        offsets = torch.arange(0, B * K, K, device=indices.device)
+        bag = torch.arange(B, device=indices.device).repeat_interleave(K)
+        return op(rows, table, indices.reshape(-1), offsets, bag, 0, -1).view(B, K)
+    return torch.einsum("bkd,bd->bk", table[indices], rows)
 
 
 def _masked_topk(z: Tensor, k: int, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,7 +115,35 @@ def topk_encode(
     return TopKEncode.apply(x, W_enc, b_enc, b_dec, k, aux_mask, k_aux)  # type: ignore[return-value]
 
 
+class Decode(torch.autograd.Function):
+    """x̂ = Σ_j values[b, j] · W_dec[indices[b, j]]: a gather of decoder rows.
+
+    Backward: grad W_dec by a sparse Sᵀ·grad product and grad values by per-row dots, both
+    without sorting the indices (the stock embedding-bag backward sorts them).
+    """
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec):  # type: ignore[override]
+        ctx.save_for_backward(values, indices, W_dec)
+        return F.embedding_bag(
+            indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum"
+        )
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        values, indices, W_dec = ctx.saved_tensors
+        grad_values = (
+            _row_dots(indices, W_dec, grad).to(values.dtype) if ctx.needs_input_grad[0] else None
+        )
+        grad_W = (
+            _scatter_rows(indices, values, grad, W_dec.shape[0])
+            if ctx.needs_input_grad[2]
+            else None
+        )
+        return grad_values, None, grad_W
+
+
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
-    """x̂ = Σ_i a_i d_i (+ b_dec): a gather of decoder rows, never a dense [B, d_sae] code."""
-    out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+    """x̂ = Σ_i a_i d_i (+ b_dec), never a dense [B, d_sae] code."""
+    out = Decode.apply(values, indices, W_dec)
     return out if b_dec is None else out + b_dec
