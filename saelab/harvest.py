@@ -233,17 +233,20 @@ class _Recorder:
         # Copy straight into the storage dtype: one pass, no float32 staging copy.
         self.bufs[f"{kind}/{hook}"][self.rows].view(act.shape).copy_(act)
 
-    def _hook(self, name: str) -> Callable[..., None]:
-        def fn(act: torch.Tensor, hook: Any) -> None:  # the bridge passes hook= by keyword
-            if self.grads:
-                # The first hooked tensor is a leaf (no parameter needs grad); later ones hang
-                # off it, and retain_grad keeps their .grad without cutting the graph.
-                act.retain_grad() if act.requires_grad else act.requires_grad_(True)
-                self.live[name] = act
+    def _hook(self, name: str) -> Callable[..., torch.Tensor | None]:
+        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor | None:  # hook= comes by keyword
             self._store("acts", name, act.detach())
             self.fired += 1
-            if not self.grads and self.fired == len(self.hooks):
-                raise _Enough
+            if not self.grads:
+                if self.fired == len(self.hooks):
+                    raise _Enough
+                return None
+            # dL/d(delta) at delta = 0 is dL/dx for the activation as the model uses it.
+            # Marking `act` itself would miss paths where the bridge re-derives a hook's
+            # value (hook_resid_mid), and a detached leaf would cut the paths between hooks.
+            delta = torch.zeros_like(act, requires_grad=True)
+            self.live[name] = delta
+            return act + delta
 
         return fn
 

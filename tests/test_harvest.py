@@ -1,0 +1,217 @@
+"""Harvest format, numerical parity with run_with_hooks, gradients, kill-safe resume, refusals."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import saelab.harvest as H
+from saelab.cli import main
+from saelab.config import HarvestConfig
+from saelab.errors import UserError
+from saelab.models import load_model
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+
+
+def cfg_for(tmp_path: Path, **kw) -> HarvestConfig:
+    base = dict(
+        model="tiny", hooks=HOOKS, n_tokens=15 * 10, n_ctx=16, batch_size=3, shard_contexts=4,
+        dtype="float32", out_dir=str(tmp_path), name="h",
+    )  # fmt: skip
+    return HarvestConfig(**{**base, **kw})
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted harvest that several tests compare against."""
+    tmp = tmp_path_factory.mktemp("ref")
+    return H.harvest(cfg_for(tmp), progress=False)
+
+
+def test_format(reference):
+    meta = json.loads((reference / "meta.json").read_text())
+    assert meta["format"] == 1 and meta["complete"] and meta["hooks"] == HOOKS
+    assert (meta["n_ctx"], meta["tokens_per_context"], meta["d_in"]) == (16, 15, 64)
+    assert meta["n_contexts"] == 10 and meta["n_tokens"] == meta["n_tokens_planned"] == 150
+    tokens = np.load(reference / "tokens.npy")
+    assert tokens.dtype == np.int32 and tokens.shape == (10, 16) and (tokens[:, 0] == 1).all()
+    assert (
+        hashlib.sha256((reference / "tokens.npy").read_bytes()).hexdigest() == meta["tokens_sha256"]
+    )
+    assert [s["context_start"] for s in meta["shards"]] == [0, 4, 8]
+    assert [s["token_stop"] for s in meta["shards"]] == [60, 120, 150]
+    for shard in meta["shards"]:
+        assert set(shard["files"]) == {H.shard_path("acts", h, shard["index"]) for h in HOOKS}
+        for rel, sha in shard["files"].items():
+            arr = np.load(reference / rel)
+            assert arr.shape == (shard["token_stop"] - shard["token_start"], 64)
+            assert arr.dtype == np.float32
+            assert hashlib.sha256((reference / rel).read_bytes()).hexdigest() == sha
+    assert not list(reference.rglob(".*.tmp"))
+
+
+def test_acts_match_run_with_hooks(reference, tiny):
+    tokens = torch.from_numpy(np.load(reference / "tokens.npy")).long()
+    for hook in HOOKS:
+        _, cache = tiny.run_with_cache(tokens, names_filter=lambda n, hook=hook: n == hook)
+        want = cache[hook][:, 1:].reshape(-1, 64).numpy()
+        got = np.concatenate([np.load(reference / H.shard_path("acts", hook, i)) for i in range(3)])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_storage_dtypes(tmp_path, reference, dtype):
+    out = H.harvest(cfg_for(tmp_path, dtype=dtype, hooks=HOOKS[:1]), progress=False)
+    got = np.load(out / H.shard_path("acts", HOOKS[0], 0))
+    full = np.load(reference / H.shard_path("acts", HOOKS[0], 0))
+    if dtype == "bfloat16":
+        assert got.dtype == np.uint16
+        got = torch.from_numpy(got.view(np.int16)).view(torch.bfloat16).float().numpy()
+    np.testing.assert_allclose(got, full, rtol=1e-2, atol=1e-2)
+
+
+def test_grads_match_autograd(tmp_path, tiny):
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_mid"]
+    out = H.harvest(cfg_for(tmp_path, hooks=hooks, grads=True, n_tokens=60), progress=False)
+    tokens = torch.from_numpy(np.load(out / "tokens.npy")).long()
+    for hook in hooks:
+        leaf = {}
+
+        def swap(act, hook, leaf=leaf):
+            leaf["x"] = act.detach().requires_grad_(True)
+            return leaf["x"]
+
+        with torch.enable_grad():
+            logits = tiny.run_with_hooks(tokens, fwd_hooks=[(hook, swap)])
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"
+            )
+            (grad,) = torch.autograd.grad(loss, leaf["x"])
+        got = np.load(out / H.shard_path("grads", hook, 0))
+        np.testing.assert_allclose(got, grad[:, 1:].reshape(-1, 64).numpy(), atol=1e-5)
+        acts = np.load(out / H.shard_path("acts", hook, 0))
+        np.testing.assert_allclose(acts, leaf["x"][:, 1:].reshape(-1, 64).detach(), atol=1e-5)
+
+
+def test_complete_rerun_returns_at_once(reference, monkeypatch):
+    before = snapshot(reference)
+    monkeypatch.setattr(H, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    assert H.harvest(cfg_for(reference.parent), progress=False) == reference
+    assert snapshot(reference) == before
+
+
+class _Crash(BaseException):
+    """Stands in for a kill: nothing in saelab catches a BaseException."""
+
+
+def test_crash_at_every_write_resumes_identically(tmp_path, reference, monkeypatch):
+    want = snapshot(reference)
+    real_replace = os.replace
+    n_writes = 2 + 3 * (len(HOOKS) + 1)  # tokens, meta, then per shard: files and meta
+    for crash_at in range(1, n_writes + 1):
+        calls = []
+
+        def replace(src, dst, crash_at=crash_at, calls=calls):
+            calls.append(dst)
+            if len(calls) == crash_at:
+                raise _Crash
+            real_replace(src, dst)
+
+        out = tmp_path / str(crash_at)
+        monkeypatch.setattr(H.os, "replace", replace)
+        with pytest.raises(_Crash):
+            H.harvest(cfg_for(out), progress=False)
+        monkeypatch.setattr(H.os, "replace", real_replace)
+        H.harvest(cfg_for(out), progress=False)
+        assert snapshot(out / "h") == want, f"crash before write {crash_at}"
+
+
+def test_sigkill_resume_is_byte_identical(tmp_path):
+    cfg = cfg_for(tmp_path / "ref", n_tokens=15 * 40, shard_contexts=2, batch_size=1)
+    want = snapshot(H.harvest(cfg, progress=False))
+    killed = cfg_for(tmp_path / "killed", n_tokens=15 * 40, shard_contexts=2, batch_size=1)
+    code = (
+        "from saelab.config import HarvestConfig; from saelab.harvest import harvest; "
+        f"harvest(HarvestConfig(**{killed.__dict__!r}), progress=False)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ})
+    meta = Path(killed.out_dir) / "h" / "meta.json"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if meta.is_file() and json.loads(meta.read_text())["shards"]:
+            break
+        time.sleep(0.01)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not json.loads(meta.read_text())["complete"], "the run ended before it was killed"
+    H.harvest(killed, progress=False)
+    assert snapshot(Path(killed.out_dir) / "h") == want
+
+
+def test_other_config_is_refused_untouched(reference):
+    before = snapshot(reference)
+    for change, key in [
+        (dict(hooks=["blocks.1.hook_resid_post"]), "hooks"),
+        (dict(dtype="float16"), "dtype"),
+        (dict(n_ctx=32), "n_ctx"),
+        (dict(corpus="other.txt"), "corpus"),
+        (dict(model="smollm2-135m"), "model"),
+    ]:
+        with pytest.raises(UserError, match=f"{key}=.*another --name or delete"):
+            H.harvest(cfg_for(reference.parent, **change), progress=False)
+    assert snapshot(reference) == before
+
+
+def test_disk_space_refusal(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(H.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 100, 100))
+    with pytest.raises(UserError, match="needs .* GB but .* GB free"):
+        H.harvest(cfg_for(tmp_path), progress=False)
+    assert not (tmp_path / "h").exists()
+
+
+def test_progress_bar(tmp_path, capsys):
+    H.harvest(cfg_for(tmp_path, hooks=HOOKS[:1]), progress=True)
+    err = capsys.readouterr().err
+    assert "tok/s" in err and "150/150" in err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--hooks", "blocks.0.hook_bogus"], "unknown hook"),
+        (["--hooks", "blocks.40.hook_resid_post"], "layer 40 is beyond the model's 2 blocks"),
+        (["--model", "nobody-org/no-such-model"], "cannot be loaded offline"),
+        (["--corpus", "./no/such/corpus.txt"], "does not exist"),
+    ],
+)
+def test_cli_bad_input_exits_2_and_touches_nothing(reference, tmp_path, capsys, flags, message):
+    before = snapshot(reference)
+    argv = ["harvest", "--model", "tiny", "--n_tokens", "100", "--n_ctx", "16"]
+    argv += ["--out_dir", str(reference.parent), "--name", "new", *flags]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert snapshot(reference) == before
+    assert not (reference.parent / "new").exists()
