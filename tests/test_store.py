@@ -268,6 +268,20 @@ def test_prefetch_thread_stops(harvest: Path):
     assert prefetchers() == before
 
 
+def test_batch_memory_recycled_only_when_dropped(harvest: Path):
+    s = ActivationStore(harvest)
+    stream = s.batches(8, **SMALL)
+    kept = next(stream)
+    kept_view = kept[:, :3]
+    expect = kept.clone()
+    del kept
+    ptrs = set()
+    for _ in range(60):  # dropped at once: the pool hands the same memory out again
+        ptrs.add(next(stream).data_ptr())
+    assert len(ptrs) < 20
+    torch.testing.assert_close(kept_view, expect[:, :3], rtol=0, atol=0)
+
+
 def test_half_written_harvest_reads_listed_shards(harvest: Path):
     meta = json.loads((harvest / "meta.json").read_text())
     _edit_meta(harvest, shards=meta["shards"][:2], n_tokens=80, complete=False)
