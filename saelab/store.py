@@ -116,6 +116,7 @@ def _run_hash(path: Path, sha: str, fut: Future) -> None:
         digest = _sha256(path)
         if digest != sha:
             raise UserError(f"{path} is corrupted (sha256 differs from meta.json); {_REPAIR}")
+        log.debug("sha256 ok: %s", path)
         fut.set_result(None)
     except BaseException as exc:  # handed to whoever waits on the data
         fut.set_exception(exc)
@@ -385,7 +386,7 @@ class ActivationStore:
         rng = np.random.default_rng([seed, 2])
         rows = np.sort(rng.choice(hi - lo, size=min(n, hi - lo), replace=False)) + lo
         shard_of = np.searchsorted(self._stops, rows, side="right")
-        parts = []
+        parts = [np.empty((0, self.d_in), self._np_dtype)]
         for i in np.unique(shard_of):
             _VERIFIER.check(*self._file_sha("acts", int(i)))
             local = rows[shard_of == i] - self.shards[i].start
@@ -633,19 +634,22 @@ def _shuffled_buffers(
     ends = np.cumsum([int((c[:, 1] - c[:, 0]).sum()) for c in plan])
     first = int(np.searchsorted(ends, skip, side="right"))
     for b in range(first, len(plan)):
-        rows = _fill_buffer(store, spec, plan[b], raw)
+        rows, touched = _fill_buffer(store, spec, plan[b], raw)
         offset = skip - (int(ends[b - 1]) if b else 0) if b == first else 0
         perm = torch.from_numpy(_buffer_perm(spec.seed, epoch, b, rows)[offset:])
         for src, dst in zip(raw, shuffled):
             torch.index_select(_to_torch(src[:rows], store.storage_dtype), 0, perm,
                                out=dst[: rows - offset])  # fmt: skip
+        for i in sorted(touched):  # shuffled before waiting: the hashes overlap the work
+            for kind in spec.kinds:
+                _VERIFIER.submit(*store._file_sha(kind, i)).result()
         yield rows - offset
 
 
 def _fill_buffer(
     store: ActivationStore, spec: _StreamSpec, chunks: np.ndarray, bufs: list[np.ndarray]
-) -> int:
-    """Read a buffer's chunks into ``bufs`` and wait until their files' hashes are confirmed."""
+) -> tuple[int, set[int]]:
+    """Read a buffer's chunks into ``bufs``; returns its rows and the shards it touched."""
     touched: set[int] = set()
     at = 0
     for a, b in chunks:
@@ -653,7 +657,4 @@ def _fill_buffer(
         for kind, buf in zip(spec.kinds, bufs):
             touched |= store._copy_rows(kind, a, b, buf[at : at + b - a])
         at += b - a
-    for i in sorted(touched):
-        for kind in spec.kinds:
-            _VERIFIER.submit(*store._file_sha(kind, i)).result()
-    return at
+    return at, touched

@@ -183,6 +183,7 @@ def test_sample_distinct_rows_in_range(harvest: Path):
     assert len(set(rows)) == 50 and rows.min() >= 20 and rows.max() < 120
     np.testing.assert_array_equal(rows, decode_rows(s.sample(50, seed=3, token_range=(20, 120))))
     assert len(s.sample(10_000)) == 192
+    assert s.sample(0).shape == (0, 6)
 
 
 # ------------------------------------------------------------------ streaming
