@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -100,9 +101,16 @@ def run(path: Path, hook: str | None, batch_size: int) -> None:
     report("sha256 of every shard, one thread (reference)", *hash_all(files))
     label = f"store.batches({batch_size}) fp32 epoch,"
     first = report(f"{label} incl. first-time sha256", *stream_epoch(store, batch_size, 0))
-    cached = report(f"{label} hashes cached", *stream_epoch(store, batch_size, 1))
+    # Three cached epochs: on a shared 2-core box another process can halve any one run.
+    cached = max(
+        report(f"{label} hashes cached (run {i})", *stream_epoch(store, batch_size, i))
+        for i in (1, 2, 3)
+    )
     print("all numbers are warm page cache (dropping it needs root); plain read ran twice")
-    print(f"ratio store/plain: {first / plain:.2f} (first epoch), {cached / plain:.2f} (later)")
+    print(
+        f"ratio store/plain: {first / plain:.2f} (first epoch), {cached / plain:.2f} (best later)"
+    )
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
 
 
 def main(argv: list[str] | None = None) -> None:
