@@ -47,7 +47,7 @@ from saelab import __version__
 from saelab.config import HarvestConfig
 from saelab.corpus import contexts, load_texts
 from saelab.errors import UserError
-from saelab.models import load_model, resolve_hook, stop_layer
+from saelab.models import enable_hooks, load_model, resolve_hook, stop_layer
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -205,8 +205,13 @@ def _probe_d_in(model: TransformerBridge, hooks: list[str], stop: int | None) ->
 
     tokens = torch.ones((1, 4), dtype=torch.long, device=model.cfg.device)
     fwd = [(h, lambda a, hook, h=h: grab(a, hook, h)) for h in hooks]
-    with torch.inference_mode(), model.hooks(fwd_hooks=fwd):
-        model(tokens, stop_at_layer=stop)
+    try:
+        with torch.inference_mode(), model.hooks(fwd_hooks=fwd):
+            model(tokens, stop_at_layer=stop)
+    except ValueError as e:  # the bridge refuses hooks it cannot fire
+        raise UserError(f"cannot record {', '.join(hooks)}: {e}; pick another hook") from None
+    if missing := [h for h in hooks if h not in widths]:
+        raise UserError(f"hook {missing[0]} never fires in a forward pass; pick another hook")
     if len(set(widths.values())) > 1:
         raise UserError(
             f"hooks have different widths ({widths}); harvest them under separate --name"
@@ -255,7 +260,9 @@ class _Recorder:
 
     def run(self, tokens: torch.Tensor, stop: int | None) -> None:
         self.fired = 0
-        if not self.grads:
+        if self.grads:
+            self._run_with_grads(tokens)
+        else:
             # stop_at_layer skips whole blocks; _Enough also skips the rest of the last one
             # and the unembed when the hook sits in the final block.
             with torch.inference_mode():
@@ -263,7 +270,10 @@ class _Recorder:
                     self.model(tokens, stop_at_layer=stop)
                 except _Enough:
                     pass
-            return
+        # An unfired hook would leave uninitialised rows in the shard buffer.
+        assert self.fired == len(self.hooks), f"{self.fired} of {len(self.hooks)} hooks fired"
+
+    def _run_with_grads(self, tokens: torch.Tensor) -> None:
         with torch.enable_grad():
             logits = self.model(tokens)
             loss = F.cross_entropy(
@@ -357,8 +367,11 @@ def _prepare(cfg: HarvestConfig, out: Path) -> tuple[Any, dict[str, Any], np.nda
     model = load_model(cfg.model, device=_device(cfg.device))
     if cfg.n_ctx > model.cfg.n_ctx:
         raise UserError(f"n_ctx={cfg.n_ctx} exceeds the model's {model.cfg.n_ctx}; lower n_ctx")
+    if len(set(cfg.hooks)) != len(cfg.hooks):
+        raise UserError(f"hooks {cfg.hooks} name a hook twice; list each once")
     for h in cfg.hooks:
         resolve_hook(model, h)
+    enable_hooks(model, cfg.hooks)
     stop = None if cfg.grads else stop_layer(model, cfg.hooks)
     d_in = _probe_d_in(model, cfg.hooks, stop)
     if meta is not None:

@@ -262,3 +262,20 @@ def stop_layer(model: TransformerBridge, hooks: list[str]) -> int | None:
     if last >= n_blocks(model):
         return None
     return max(last + 1, 1)
+
+
+def enable_hooks(model: TransformerBridge, hooks: list[str]) -> None:
+    """Switch on hooks that the bridge computes only on request (attn.hook_result, hook_*_input,
+    hook_mlp_in, hook_attn_in); they cost extra compute, so they are off by default."""
+    # NOTE: `_gated_hook_reason` is private TransformerLens API (4.3); without it, gated hooks
+    # still fail loudly when added, through the ValueError that harvest turns into a UserError.
+    reason_of = getattr(model, "_gated_hook_reason", None)
+    for hook in hooks:
+        point = model.hook_dict[hook]
+        reason = reason_of(point.name or hook) if reason_of else None
+        if reason and hasattr(model, f"set_{reason}"):
+            try:
+                getattr(model, f"set_{reason}")(True)
+            except (NotImplementedError, ValueError) as e:
+                why = str(e).split(". ")[0]
+                raise UserError(f"hook {hook} is not available for this model ({why})") from None

@@ -215,3 +215,16 @@ def test_cli_bad_input_exits_2_and_touches_nothing(reference, tmp_path, capsys, 
     assert message in capsys.readouterr().err
     assert snapshot(reference) == before
     assert not (reference.parent / "new").exists()
+
+
+def test_gated_hooks_are_enabled_or_refused(tmp_path):
+    out = H.harvest(cfg_for(tmp_path, hooks=["blocks.1.hook_mlp_in"], n_tokens=30), progress=False)
+    assert json.loads((out / "meta.json").read_text())["complete"]
+    with pytest.raises(UserError, match="blocks.0.attn.hook_result is not available"):
+        H.harvest(cfg_for(tmp_path, name="r", hooks=["blocks.0.attn.hook_result"]), progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_duplicate_hooks_refused(tmp_path):
+    with pytest.raises(UserError, match="twice"):
+        H.harvest(cfg_for(tmp_path, hooks=[HOOKS[0], HOOKS[0]]), progress=False)
