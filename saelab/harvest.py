@@ -19,7 +19,10 @@ grads, n_contexts, shard_contexts, batch_size), ``n_tokens`` (tokens in listed s
 sha256 of each of its files. A shard exists only once meta.json lists it: its files are
 written under a temporary name, renamed, and only then is meta.json replaced. A rerun of the
 same config resumes after the last listed shard; because every shard is computed from a fixed
-set of batches, the result is byte-identical to an uninterrupted run, whenever it was killed.
+set of batches (a resume keeps the batch_size and shard_contexts it started with), the result
+is byte-identical to an uninterrupted run, whenever it was killed. All hooks of one harvest
+must have the same width (d_in); ``[batch, pos, head, d_head]`` hooks are stored with their
+heads concatenated.
 
 Gradients (``grads``) are ``dL/dx`` at each hooked activation ``x``, where ``L`` is the sum of
 the next-token cross-entropies over the context; they need the full forward and a backward.
@@ -78,7 +81,12 @@ def n_contexts_for(cfg: HarvestConfig) -> int:
 
 def read_meta(out: Path) -> dict[str, Any] | None:
     path = out / "meta.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON; delete {out} and harvest again") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,7 +118,14 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> str:
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> str:
-    return _atomic_write(path, lambda f: np.lib.format.write_array(f, arr, allow_pickle=False))
+    """The same bytes as np.save, written and hashed straight from the array's memory."""
+    arr = np.ascontiguousarray(arr)
+
+    def write(f: Any) -> None:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
+        f.write(memoryview(arr).cast("B"))
+
+    return _atomic_write(path, write)
 
 
 def _save_meta(out: Path, meta: dict[str, Any]) -> None:
