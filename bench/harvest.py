@@ -9,6 +9,7 @@ forwards, the hook copies, the shard writes, checksums and meta updates.
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--n_ctx", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--dtype", default="float16")
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,26 +44,35 @@ def main() -> None:
             model=args.model, hooks=[args.hook], n_tokens=args.n_tokens, n_ctx=args.n_ctx,
             batch_size=args.batch_size, dtype=args.dtype, out_dir=tmp, name="bench",
         )  # fmt: skip
-        out = Path(tmp) / "bench"
-        model, meta, tokens, stop = H._prepare(cfg, out)
+        model, meta, tokens, stop = H._prepare(cfg, Path(tmp) / "bench")
         tokens_t = torch.from_numpy(tokens).long()
         n = tokens.shape[0] * (cfg.n_ctx - 1)
         print(f"{cfg.model} {args.hook}: {tokens.shape[0]} contexts of {cfg.n_ctx}, {n} tokens")
         print(f"torch threads: {torch.get_num_threads()}, stop_at_layer={stop}")
         bare_forward(model, tokens_t[: cfg.batch_size], stop, cfg.batch_size)  # warm-up
+        bare, harvest = [], []
+        # Interleaved repeats, best of each: other load on the machine only ever slows a run.
+        for rep in range(args.repeats):
+            bare.append(bare_forward(model, tokens_t, stop, cfg.batch_size))
+            harvest.append(
+                harvest_once(model, copy.deepcopy(meta), tokens, stop, Path(tmp) / str(rep))
+            )
 
-        bare1 = bare_forward(model, tokens_t, stop, cfg.batch_size)
-        out.mkdir(parents=True)
-        meta["tokens_sha256"] = H._save_npy(out / "tokens.npy", tokens)
-        t0 = time.perf_counter()
-        H._run_shards(model, meta, tokens, stop, out, progress=False)
-        harvest_s = time.perf_counter() - t0
-        bare2 = bare_forward(model, tokens_t, stop, cfg.batch_size)
+    print(f"bare forward: {n / min(bare):8.0f} tokens/s  (runs: {_fmt(bare)})")
+    print(f"harvest:      {n / min(harvest):8.0f} tokens/s  (runs: {_fmt(harvest)})")
+    print(f"ratio:        {min(bare) / min(harvest):8.3f}")
 
-    bare_s = (bare1 + bare2) / 2  # before and after, to cancel drift in machine speed
-    print(f"bare forward: {n / bare_s:8.0f} tokens/s  ({bare1:.1f} s, {bare2:.1f} s)")
-    print(f"harvest:      {n / harvest_s:8.0f} tokens/s  ({harvest_s:.1f} s)")
-    print(f"ratio:        {bare_s / harvest_s:8.3f}")
+
+def harvest_once(model, meta: dict, tokens, stop: int | None, out: Path) -> float:
+    out.mkdir(parents=True)
+    meta["tokens_sha256"] = H._save_npy(out / "tokens.npy", tokens)
+    t0 = time.perf_counter()
+    H._run_shards(model, meta, tokens, stop, out, progress=False)
+    return time.perf_counter() - t0
+
+
+def _fmt(times: list[float]) -> str:
+    return ", ".join(f"{t:.1f} s" for t in times)
 
 
 if __name__ == "__main__":
