@@ -1,24 +1,43 @@
 """Selection rules: how an SAE picks which latents fire for each token.
 
-Each rule is one function registered in `ARCHS` (and named in the `Arch` Literal; a test
+Each rule is one `ArchSpec` registered in `ARCHS` (and named in the `Arch` Literal; a test
 keeps the two equal). A rule receives the SAE and a batch of *scaled* activations and
-returns the sparse code, plus, during training, the AuxK candidates among dead latents.
+returns the sparse code, plus, during training, the candidates for the auxiliary loss.
 The trainer, evaluation and CLI discover rules from `ARCHS` alone.
 
 - topk: a = TopK_k(ReLU(z)) per token (Gao et al. 2024, arXiv 2406.04093).
+- gradient_topk (g-SAE, Olmo et al., arXiv 2411.10397): select by
+  ReLU(z_i)·(1 + β|d_i·ĝ|), ĝ = g / RMS_batch(g), g = ∂CE/∂x; keep ReLU(z) at the
+  selected latents. We follow ALGORITHMS.md §2 for the score; without g (new text)
+  the rule falls back to plain TopK.
+- feature_choice (Ayonrinde 2024, arXiv 2411.02124): each latent keeps its top
+  m = max(1, ⌊k·B/n⌋) tokens of the batch; inference uses per-latent thresholds θ_j,
+  an EMA of the m-th largest value of column j (a JumpReLU).
+- mutual_choice (Ayonrinde 2024; = BatchTopK, Bussmann et al., arXiv 2412.06410): the
+  top k·B entries of the whole batch; inference uses one threshold θ, an EMA of the
+  smallest selected value. Its auxiliary loss is aux_zipf (see trainer.py).
+- matching_pursuit (Costa et al., arXiv 2506.03093): no encoder; k greedy,
+  non-negative pursuit steps over the unit-norm rows of W_dec. A latent is chosen at
+  most once per token (no repeats), so a code is a set and L0 = steps taken. Inference
+  may stop early once ‖r‖ ≤ tol·‖x − b_dec‖ (adaptive sparsity).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+import torch
 from torch import Tensor
 
 from saelab import kernels
 
 if TYPE_CHECKING:
     from saelab.sae import SparseCoder
+
+THRESHOLD_EMA = 0.01
+"""Weight of the newest batch in the inference-threshold EMAs."""
 
 
 class SparseCode(NamedTuple):
@@ -36,33 +55,205 @@ class Encoding(NamedTuple):
     """The code the reconstruction uses."""
 
     aux: SparseCode | None
-    """Training only: the top-k_aux dead latents for the AuxK loss (None when no latent is dead)."""
+    """Training only: the auxiliary-loss candidates (None when there are none)."""
 
 
 class EncodeArgs(NamedTuple):
     training: bool = False
-    """Training mode (batch-level rules select over the batch; inference uses thresholds)."""
+    """Training mode: batch-level rules select over the batch and update their thresholds."""
 
-    dead_mask: Tensor | None = None
-    """[d_sae] bool, latents currently dead (for AuxK)."""
+    aux_mask: Tensor | None = None
+    """[d_sae] bool, latents eligible for the auxiliary loss (dead or under-used)."""
 
     k_aux: int = 0
-    """Dead latents to select for AuxK."""
+    """Auxiliary latents to select per token."""
+
+    grad: Tensor | None = None
+    """[B, d_in] ∂CE/∂x for gradient_topk (None: plain TopK selection)."""
+
+    mp_tol: float = 0.0
+    """matching_pursuit inference: stop once ‖r‖ ≤ mp_tol·‖x − b_dec‖ (0: always k steps)."""
+
+    mp_max_steps: int = 0
+    """matching_pursuit inference: step limit with mp_tol (0: k)."""
 
 
 ArchFn = Callable[["SparseCoder", Tensor, EncodeArgs], Encoding]
 
 
-def topk(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
-    values, indices, aux_values, aux_indices = kernels.topk_encode(
-        x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, args.dead_mask, args.k_aux
+@dataclass(frozen=True)
+class ArchSpec:
+    encode: ArchFn
+    """The rule."""
+
+    threshold: Literal["none", "latent", "global"] = "none"
+    """Shape of the inference threshold buffer the SAE keeps for this rule."""
+
+    needs_grads: bool = False
+    """Training reads ∂CE/∂x from the harvest."""
+
+    uses_encoder: bool = True
+    """False when W_enc and b_enc are unused (matching pursuit)."""
+
+    aux: Literal["auxk", "zipf"] = "auxk"
+    """Auxiliary loss: AuxK on dead latents, or aux_zipf on under-used ones."""
+
+
+def _encode_with(sae: SparseCoder, x: Tensor, args: EncodeArgs, select) -> Encoding:
+    values, indices, aux_values, aux_indices = kernels.sparse_encode(
+        x, sae.W_enc, sae.b_enc, sae.b_dec, select, args.aux_mask, args.k_aux
     )
     aux = SparseCode(aux_values, aux_indices) if aux_indices.shape[1] else None
     return Encoding(SparseCode(values, indices), aux)
 
 
-Arch = Literal["topk"]
+def mask_to_code(z: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Entries (rows[i], cols[i]) of ReLU(z) as a padded per-token code [B, max count]."""
+    B = z.shape[0]
+    order = torch.argsort(rows, stable=True)
+    rows, cols = rows[order], cols[order]
+    counts = torch.bincount(rows, minlength=B)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=z.device) - starts[rows]
+    indices = torch.zeros(B, width, dtype=torch.int64, device=z.device)
+    values = torch.zeros(B, width, dtype=z.dtype, device=z.device)
+    indices[rows, slot] = cols
+    values[rows, slot] = z[rows, cols].relu()
+    return values, indices
 
-ARCHS: dict[str, ArchFn] = {
-    "topk": topk,
+
+# ---------------------------------------------------------------------------------------
+# The rules
+
+
+def topk(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
+    values, indices, aux_values, aux_indices = kernels.topk_encode(
+        x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, args.aux_mask, args.k_aux
+    )
+    aux = SparseCode(aux_values, aux_indices) if aux_indices.shape[1] else None
+    return Encoding(SparseCode(values, indices), aux)
+
+
+def gradient_topk(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
+    if args.grad is None:
+        return topk(sae, x, args)
+    with torch.no_grad():
+        g = args.grad.to(x.dtype)
+        g_hat = g / g.pow(2).mean().sqrt().clamp_min(1e-12)
+        boost = 1 + sae.beta * (g_hat @ sae.W_dec.T).abs()  # [B, n]: |d_i·ĝ| per latent
+
+    def select(z: Tensor) -> tuple[Tensor, Tensor]:
+        relu = z.relu()
+        _, indices = torch.topk(relu * boost, sae.k, dim=1, sorted=False)
+        return relu.gather(1, indices), indices
+
+    return _encode_with(sae, x, args, select)
+
+
+def _thresholded(z: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+    rows, cols = torch.nonzero(z > theta, as_tuple=True)
+    return mask_to_code(z, rows, cols)
+
+
+def _ema_(buf: Tensor, new: Tensor) -> None:
+    if torch.isnan(buf).all():
+        buf.copy_(new)
+    else:
+        buf.lerp_(new, THRESHOLD_EMA)
+
+
+def feature_choice(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
+    if not args.training:
+        return _encode_with(sae, x, args, lambda z: _thresholded(z, sae.threshold.clamp_min(0)))
+    B = x.shape[0]
+    m = feature_choice_m(sae.k, B, sae.d_sae)
+
+    def select(z: Tensor) -> tuple[Tensor, Tensor]:
+        top, rows = torch.topk(z, m, dim=0, sorted=False)  # [m, n]: each latent's m tokens
+        with torch.no_grad():
+            _ema_(sae.threshold, top.min(0).values.relu())
+        cols = torch.arange(z.shape[1], device=z.device).expand(m, -1)
+        return mask_to_code(z, rows.reshape(-1), cols.reshape(-1))
+
+    return _encode_with(sae, x, args, select)
+
+
+def feature_choice_m(k: int, batch: int, d_sae: int) -> int:
+    return max(1, (k * batch) // d_sae)
+
+
+def mutual_choice(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
+    if not args.training:
+        return _encode_with(sae, x, args, lambda z: _thresholded(z, sae.threshold.clamp_min(0)))
+
+    def select(z: Tensor) -> tuple[Tensor, Tensor]:
+        n = z.shape[1]
+        top, flat = torch.topk(z.reshape(-1), sae.k * z.shape[0], sorted=False)
+        with torch.no_grad():
+            _ema_(sae.threshold, top.min().relu().reshape(1))
+        return mask_to_code(z, flat // n, flat % n)
+
+    return _encode_with(sae, x, args, select)
+
+
+def matching_pursuit(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
+    steps = args.mp_max_steps or sae.k
+    tol = args.mp_tol if not args.training else 0.0
+    indices = mp_select(x.detach() - sae.b_dec.detach(), sae.W_dec.detach(), steps, tol)
+    # Replay the chosen steps differentiably, in d_in-space: a_t = d_j·r, r ← r − a_t d_j.
+    r = x - sae.b_dec
+    values = []
+    for t in range(indices.shape[1]):
+        d = sae.W_dec[indices[:, t]]  # [B, d_in]
+        a = (d * r).sum(-1) * (indices[:, t] >= 0)
+        r = r - a[:, None] * d
+        values.append(a)
+    vals = torch.stack(values, 1) if values else x.new_zeros(x.shape[0], 0)
+    return Encoding(SparseCode(vals, indices.clamp_min(0)), None)
+
+
+@torch.no_grad()
+def mp_select(r: Tensor, W_dec: Tensor, steps: int, tol: float = 0.0) -> Tensor:
+    """Greedy non-negative pursuit without repeats; [B, steps] ids, −1 where a row stopped.
+
+    With unit-norm atoms the correlations update as c ← c − c_j G[:, j] (G = W_dec W_decᵀ),
+    which is cheaper than recomputing W_dec r while G fits in memory; past that size each
+    step recomputes c from the residual.
+    """
+    B, n = r.shape[0], W_dec.shape[0]
+    gram = W_dec @ W_dec.T if n <= 16384 else None
+    c = r @ W_dec.T
+    r2 = r.pow(2).sum(-1)
+    stop2 = (tol**2) * r2
+    active = torch.ones(B, dtype=torch.bool, device=r.device)
+    chosen = torch.full((B, steps), -1, dtype=torch.int64, device=r.device)
+    rows = torch.arange(B, device=r.device)
+    for t in range(steps):
+        cj, j = c.max(1)
+        active &= cj > 0
+        if tol > 0:
+            active &= r2 > stop2
+        if not bool(active.any()):
+            break
+        a = torch.where(active, cj, torch.zeros_like(cj))
+        chosen[:, t] = torch.where(active, j, torch.full_like(j, -1))
+        r2 = r2 - a.pow(2)
+        if gram is not None:
+            c -= a[:, None] * gram[j]
+        else:
+            r = r - a[:, None] * W_dec[j]
+            c = r @ W_dec.T
+        c[rows, j] = float("-inf")  # no repeats
+    return chosen
+
+
+Arch = Literal["topk", "gradient_topk", "feature_choice", "mutual_choice", "matching_pursuit"]
+
+ARCHS: dict[str, ArchSpec] = {
+    "topk": ArchSpec(topk),
+    "gradient_topk": ArchSpec(gradient_topk, needs_grads=True),
+    "feature_choice": ArchSpec(feature_choice, threshold="latent"),
+    "mutual_choice": ArchSpec(mutual_choice, threshold="global", aux="zipf"),
+    "matching_pursuit": ArchSpec(matching_pursuit, uses_encoder=False),
 }

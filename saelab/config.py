@@ -101,10 +101,14 @@ class SAEConfig:
     """Number of latents."""
 
     k: int = 32
-    """Active latents per token (mean, for batch-level rules)."""
+    """Active latents per token (mean, for batch-level rules; steps for matching_pursuit)."""
+
+    beta: float = 1.0
+    """gradient_topk: weight of the gradient term in the selection score."""
 
     def __post_init__(self) -> None:
         _positive(self, "d_sae", "k")
+        _nonnegative(self, "beta")
         if self.k >= self.d_sae:
             raise UserError(f"k={self.k} must be smaller than d_sae={self.d_sae}; lower k")
 
@@ -119,6 +123,10 @@ class TrainConfig:
 
     sae: SAEConfig = field(default_factory=SAEConfig)
     """The SAE to train."""
+
+    sweep: list[SAEConfig] = field(default_factory=list)
+    """Several SAEs (a YAML list of sae mappings) trained together on one read of the data;
+    each gets its own run under out/. Replaces sae when given."""
 
     out: str = ""
     """Run directory; defaults to runs/<harvest name>-<arch>-<d_sae>-k<k>."""
@@ -149,6 +157,12 @@ class TrainConfig:
 
     k_aux: int = 0
     """Latents in the AuxK reconstruction; 0 means d_in // 2."""
+
+    zipf_exponent: float = 1.0
+    """aux_zipf (mutual_choice): target firing frequency of the r-th latent ∝ r^-exponent."""
+
+    freq_decay: float = 0.99
+    """Decay of the per-latent firing-frequency EMA that aux_zipf compares with its target."""
 
     dead_tokens: int = 10_000_000
     """A latent that has not fired for this many tokens counts as dead."""
@@ -212,10 +226,19 @@ class EvalConfig:
     """Held-out tokens to evaluate on; 0 means all of the run's held-out split."""
 
     batch_size: int = 4096
-    """Tokens per batch."""
+    """Tokens per batch (also the batch of batch-mode metrics for batch-level rules)."""
+
+    mp_tol: float = 0.1
+    """matching_pursuit: residual tolerance of the adaptive-inference metrics, in (0, 1)."""
 
     device: str = "auto"
     """'auto', 'cpu' or 'cuda'."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size")
+        _nonnegative(self, "n_tokens")
+        if not 0 < self.mp_tol < 1:
+            raise UserError(f"mp_tol={self.mp_tol} must lie in (0, 1), e.g. 0.1")
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,6 +295,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 value = [v for v in value.split(",") if v] if origin is list else value.split(",")
             if origin is tuple:
                 return tuple(coerce(v, a, key) for v, a in zip(value, args))
+            if dataclasses.is_dataclass(args[0]):
+                if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                    raise UserError(f"{key} must be a YAML list of mappings (set it in --config)")
+                return [from_dict(args[0], v, f"{key}[{i}].") for i, v in enumerate(value)]
             return [coerce(v, args[0], key) for v in value]
         if origin in (typing.Union, types.UnionType):
             return coerce(value, next(a for a in args if a is not type(None)), key)

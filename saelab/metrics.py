@@ -55,7 +55,7 @@ class ReconStats:
         sx = x.sum(0)
         self.sum_x = sx if self.sum_x is None else self.sum_x + sx
         self.sum_sq_x += float(x.pow(2).sum())
-        self.nmse_sum += float((normalized_mse(x, x_hat) * x.shape[0]))
+        self.nmse_sum += float(normalized_mse(x, x_hat) * x.shape[0])
         c = fire_counts(values, indices, self.d_sae).cpu()
         self.counts = c if self.counts is None else self.counts + c
         for v, n in zip(*torch.unique(l0(values).cpu(), return_counts=True)):

@@ -39,6 +39,7 @@ class SparseCoder(nn.Module):
         input_scale: float = 1.0,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
+        beta: float = 1.0,
     ):
         super().__init__()
         if arch not in ARCHS:
@@ -46,12 +47,18 @@ class SparseCoder(nn.Module):
         if not 0 < k < d_sae:
             raise UserError(f"k={k} must satisfy 0 < k < d_sae={d_sae}")
         self.d_in, self.d_sae, self.k, self.arch = d_in, d_sae, k, arch
+        self.spec = ARCHS[arch]
         self.input_scale = float(input_scale)
+        self.beta = float(beta)
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.W_enc = nn.Parameter(torch.empty(d_sae, d_in, **kw))
-        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
+        self.W_enc = nn.Parameter(torch.empty(d_sae, d_in, **kw), self.spec.uses_encoder)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw), self.spec.uses_encoder)
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        if self.spec.threshold != "none":
+            # Inference thresholds of batch-level rules; NaN until training sets them.
+            shape = d_sae if self.spec.threshold == "latent" else 1
+            self.register_buffer("threshold", torch.full((shape,), float("nan"), **kw))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -65,29 +72,35 @@ class SparseCoder(nn.Module):
 
     # ---- maths in the SAE's scaled units -------------------------------------------
 
-    def encode_scaled(self, x: Tensor, args: EncodeArgs = EncodeArgs()) -> Encoding:
-        return ARCHS[self.arch](self, x, args)
+    def encode_scaled(self, x: Tensor, args: EncodeArgs | None = None) -> Encoding:
+        return self.spec.encode(self, x, args or EncodeArgs())
 
     def decode_scaled(self, code: SparseCode) -> Tensor:
         return kernels.decode(code.values, code.indices, self.W_dec, self.b_dec)
 
     def pre_acts(self, x: Tensor) -> Tensor:
-        """Dense z = W_enc (x − b_dec) + b_enc, [B, d_sae] (analysis only; training never needs it)."""
+        """Dense z = W_enc (x − b_dec) + b_enc, [B, d_sae]; for analysis, never for training."""
         return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)
 
     # ---- the model's units ------------------------------------------------------------
 
-    def encode(self, x: Tensor) -> SparseCode:
-        """Inference-mode code of raw activations [..., d_in] (flattened to [N, d_in])."""
-        x = x.reshape(-1, self.d_in).to(self.W_enc.dtype) * self.input_scale
-        return self.encode_scaled(x).code
+    def encode(self, x: Tensor, grad: Tensor | None = None, **options: Any) -> SparseCode:
+        """Inference-mode code of raw activations [..., d_in] (flattened to [N, d_in]).
+
+        grad: ∂CE/∂x for gradient_topk (without it, plain TopK); options: EncodeArgs fields
+        such as mp_tol for adaptive matching pursuit.
+        """
+        x = x.reshape(-1, self.d_in).to(self.W_dec.dtype) * self.input_scale
+        if grad is not None:
+            grad = grad.reshape(-1, self.d_in)
+        return self.encode_scaled(x, EncodeArgs(grad=grad, **options)).code
 
     def decode(self, code: SparseCode) -> Tensor:
         return self.decode_scaled(code) / self.input_scale
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, grad: Tensor | None = None) -> Tensor:
         shape = x.shape
-        return self.decode(self.encode(x)).reshape(shape).to(x.dtype)
+        return self.decode(self.encode(x, grad)).reshape(shape).to(x.dtype)
 
     # ---- training helpers -----------------------------------------------------------
 
@@ -111,6 +124,7 @@ class SparseCoder(nn.Module):
             "d_sae": self.d_sae,
             "k": self.k,
             "input_scale": self.input_scale,
+            "beta": self.beta,
         }
 
     def save(self, run_dir: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -132,7 +146,15 @@ class SparseCoder(nn.Module):
             )
         try:
             cfg = json.loads(cfg_path.read_text())
-            sae = cls(cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["arch"], cfg["input_scale"], device)
+            sae = cls(
+                cfg["d_in"],
+                cfg["d_sae"],
+                cfg["k"],
+                cfg["arch"],
+                cfg["input_scale"],
+                device,
+                beta=cfg.get("beta", 1.0),
+            )
             sae.load_state_dict(load_file(w_path, device=str(device)))
         except (KeyError, json.JSONDecodeError, RuntimeError, OSError, SafetensorError) as e:
             raise UserError(

@@ -1,50 +1,38 @@
-"""Training: Adam on FVU + AuxK, decoder kept unit-norm, dead latents tracked, exact resume.
+"""Training: Adam on FVU + an auxiliary loss, decoder kept unit-norm, exact resume, sweeps.
 
 Recipe from Gao et al. 2024 (arXiv 2406.04093): tied init, b_dec at the geometric median,
 decoder-gradient projection, AuxK on dead latents with α = 1/32 scaled by
-min(#dead / k_aux, 1) as in EleutherAI's sparsify. A checkpoint holds the weights, the
-Adam moments, the dead-latent counters and the step; the data stream is a pure function
-of (seed, rows consumed), so a resumed run ends with the same weights as an
-uninterrupted one.
+min(#dead / k_aux, 1) as in EleutherAI's sparsify. mutual_choice uses aux_zipf instead
+(Ayonrinde 2024, arXiv 2411.02124; see `zipf_deficit`).
+
+A sweep trains several SAEs on one read of the activations: every batch goes to each SAE
+in turn. The data stream is a pure function of (seed, rows consumed) and a checkpoint
+holds everything else, so a resumed run ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from saelab import __version__, kernels
-from saelab.archs import ARCHS, EncodeArgs
-from saelab.config import TrainConfig, to_dict
+from saelab.archs import ARCHS, ArchSpec, EncodeArgs, Encoding, feature_choice_m
+from saelab.config import SAEConfig, TrainConfig, to_dict
 from saelab.errors import UserError
-from saelab.sae import CFG, SparseCoder
+from saelab.runs import CHECKPOINT, LOG, load_checkpoint, prepare_run_dir, save_checkpoint, trim_log
+from saelab.sae import SparseCoder
 from saelab.store import ActivationStore
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoints/state.safetensors"
-LOG = "train_log.jsonl"
-# Fields that change how a run computes; a different value means a different run.
-_RUNTIME_ONLY = {
-    "out",
-    "device",
-    "threads",
-    "wandb",
-    "wandb_project",
-    "wandb_mode",
-    "checkpoint_every",
-    "log_every",
-}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,287 +80,332 @@ def lr_at(step: int, n_steps: int, cfg: TrainConfig) -> float:
     return base
 
 
+def zipf_deficit(freq: torch.Tensor, exponent: float) -> torch.Tensor:
+    """aux_zipf weights: (t − f)/t for latents firing below their Zipf target t, else 0.
+
+    Latents are ranked by their firing-frequency EMA f; the target at rank r is
+    t_r ∝ r^-exponent, normalised so that Σt = Σf. The paper's exact formula could not be
+    recovered from its text; this is the principled version of ALGORITHMS.md §4.
+    """
+    n = freq.numel()
+    rank = torch.empty(n, dtype=freq.dtype, device=freq.device)
+    rank[torch.argsort(freq, descending=True, stable=True)] = torch.arange(
+        1, n + 1, dtype=freq.dtype, device=freq.device
+    )
+    target = rank.pow(-exponent)
+    target = target * freq.sum() / target.sum()
+    return ((target - freq) / target.clamp_min(1e-12)).clamp(0, 1) * (freq < target)
+
+
 @dataclass
-class TrainState:
-    step: int
-    since_fired: torch.Tensor
+class Member:
+    """One SAE of a sweep (a single run is a sweep of one), with everything it trains with."""
+
+    out: Path
+    plan: dict[str, Any]
+    sae: SparseCoder
+    opt: torch.optim.Optimizer
+    step: int = 0
+    since_fired: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     """[d_sae] tokens since each latent last fired."""
+    freq: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    """[d_sae] EMA of each latent's firing frequency per token."""
+    logf: Any = None
+    wandb: Any = None
+
+    @property
+    def spec(self) -> ArchSpec:
+        return self.sae.spec
+
+    def counters(self) -> dict[str, torch.Tensor]:
+        return {"since_fired": self.since_fired, "freq": self.freq}
 
 
 # ---------------------------------------------------------------------------------------
-# The run directory
+# Planning: every check happens here, before anything is written.
 
 
-def _plan(cfg: TrainConfig, store: ActivationStore) -> dict[str, Any]:
-    if cfg.sae.arch not in ARCHS:
-        raise UserError(f"unknown arch '{cfg.sae.arch}'; valid: {', '.join(ARCHS)}")
+def _check_arch(s: SAEConfig, cfg: TrainConfig, store: ActivationStore) -> ArchSpec:
+    if s.arch not in ARCHS:
+        raise UserError(f"unknown arch '{s.arch}'; valid: {', '.join(ARCHS)}")
+    spec = ARCHS[s.arch]
+    if spec.needs_grads and not store.has_grads:
+        raise UserError(
+            f"{s.arch} needs gradients but harvest {store.path} has none; "
+            "harvest them with `saelab harvest --grads`"
+        )
+    if s.arch == "feature_choice" and (s.k * cfg.batch_size) // s.d_sae < 1:
+        raise UserError(
+            f"feature_choice gives each latent m = ⌊k·batch_size/d_sae⌋ = "
+            f"⌊{s.k}·{cfg.batch_size}/{s.d_sae}⌋ = 0 tokens per batch; "
+            "raise --sae.k or --batch_size, or lower --sae.d_sae"
+        )
+    return spec
+
+
+def _member_name(s: SAEConfig) -> str:
+    return f"{s.arch}-{s.d_sae}-k{s.k}"
+
+
+def _plans(cfg: TrainConfig, store: ActivationStore) -> list[tuple[Path, dict[str, Any]]]:
+    """(run directory, cfg.json contents) for each SAE to train."""
     train_range, eval_range = split_ranges(store, cfg.eval_tokens)
     n_tokens = cfg.n_tokens or (train_range[1] - train_range[0])
-    n_steps = max(1, n_tokens // cfg.batch_size)
-    return {
-        "saelab_version": __version__,
-        "harvest": str(Path(cfg.harvest).resolve()),
-        "hook": store.hook,
-        "model": store.meta.get("model"),
-        "train_range": list(train_range),
-        "eval_range": list(eval_range),
-        "n_steps": n_steps,
-        "lr": cfg.resolved_lr(),
-        "k_aux": cfg.k_aux or store.d_in // 2,
-        "train": to_dict(cfg),
-    }
-
-
-def _signature(plan: dict[str, Any]) -> dict[str, Any]:
-    train = {k: v for k, v in plan["train"].items() if k not in _RUNTIME_ONLY}
-    return {"harvest": plan["harvest"], "hook": plan["hook"], **train}
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, prefix + key + ".")
-        elif va != vb:
-            out.append(f"{prefix}{key} {vb!r} vs {va!r}")
-    return out
-
-
-def _prepare_run_dir(out: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
-    """The existing cfg.json when `out` holds this same run; an error when it holds another."""
-    if not out.exists():
-        return None
-    cfg_path = out / CFG
-    if not cfg_path.is_file():
-        if any(out.iterdir()):
-            raise UserError(f"{out} exists and is not a saelab run; choose another --out")
-        return None
-    try:
-        old = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{cfg_path} is damaged; delete {out} or choose another --out") from None
-    differences = _diff(_signature(plan), _signature(old)) if "train" in old else ["(foreign)"]
-    if differences:
-        raise UserError(
-            f"{out} already holds a different run (existing vs asked: "
-            f"{'; '.join(differences[:3])}); choose another --out or delete it"
-        )
-    return old
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints: one safetensors file, scalars in its metadata, written atomically.
-
-
-def _save_checkpoint(
-    path: Path, sae: SparseCoder, opt: torch.optim.Optimizer, state: TrainState
-) -> None:
-    tensors = {f"sae.{k}": v.detach().cpu() for k, v in sae.state_dict().items()}
-    names = {id(p): n for n, p in sae.named_parameters()}
-    for p, s in opt.state.items():
-        for key, v in s.items():
-            tensors[f"opt.{names[id(p)]}.{key}"] = torch.as_tensor(v).detach().cpu().clone()
-    tensors["since_fired"] = state.since_fired.cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()},
-        str(tmp),
-        metadata={"step": str(state.step)},
+    saes = cfg.sweep or [cfg.sae]
+    base = (
+        Path(cfg.out)
+        if cfg.out
+        else Path("runs")
+        / (f"{Path(cfg.harvest).name}-" + ("sweep" if cfg.sweep else _member_name(cfg.sae)))
     )
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(
-    path: Path, sae: SparseCoder, opt: torch.optim.Optimizer, device: torch.device
-) -> TrainState:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        step = int((f.metadata() or {})["step"])
-    tensors = load_file(str(path), device=str(device))
-    sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
-    params = dict(sae.named_parameters())
-    for name, p in params.items():
-        s = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"opt.{name}.")}
-        if s:
-            if "step" in s:
-                s["step"] = s["step"].cpu()
-            opt.state[p] = s
-    return TrainState(step, tensors["since_fired"])
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """Keep only log lines up to the checkpoint, so a resume never duplicates them."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = []
-    for ln in lines:
-        try:
-            if json.loads(ln)["step"] <= step:
-                kept.append(ln)
-        except (json.JSONDecodeError, KeyError):
-            break  # a line cut by a kill: drop it and everything after
-    path.write_text("".join(ln + "\n" for ln in kept))
+    names = [_member_name(s) for s in saes]
+    plans = []
+    for i, s in enumerate(saes):
+        spec = _check_arch(s, cfg, store)
+        name = names[i] if names.count(names[i]) == 1 else f"{names[i]}-{i}"
+        member_cfg = dataclasses.replace(cfg, sae=s, sweep=[])
+        plans.append(
+            (
+                base / name if cfg.sweep else base,
+                {
+                    "saelab_version": __version__,
+                    "harvest": str(Path(cfg.harvest).resolve()),
+                    "hook": store.hook,
+                    "model": store.meta.get("model"),
+                    "train_range": list(train_range),
+                    "eval_range": list(eval_range),
+                    "n_steps": max(1, n_tokens // cfg.batch_size),
+                    "lr": member_cfg.resolved_lr(),
+                    "k_aux": cfg.k_aux or store.d_in // 2,
+                    "aux_loss": spec.aux,
+                    "feature_choice_m": feature_choice_m(s.k, cfg.batch_size, s.d_sae),
+                    "train": to_dict(member_cfg),
+                },
+            )
+        )
+    return plans
 
 
 # ---------------------------------------------------------------------------------------
+# One step
+
+
+def _aux_loss(
+    m: Member,
+    enc: Encoding,
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    weights: torch.Tensor | None,
+    n_aux: int,
+    cfg: TrainConfig,
+) -> torch.Tensor:
+    """AuxK-style: reconstruct the residual from the auxiliary latents' code."""
+    assert enc.aux is not None
+    e = (x - x_hat).detach()
+    values = enc.aux.values if weights is None else enc.aux.values * weights[enc.aux.indices]
+    e_hat = kernels.decode(values, enc.aux.indices, m.sae.W_dec, None)
+    loss = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    return loss * cfg.auxk_alpha * min(n_aux / m.plan["k_aux"], 1.0)
 
 
 def _train_step(
-    sae: SparseCoder,
-    opt: torch.optim.Optimizer,
-    x: torch.Tensor,
-    state: TrainState,
-    cfg: TrainConfig,
-    k_aux: int,
+    m: Member, x: torch.Tensor, grad: torch.Tensor | None, cfg: TrainConfig
 ) -> dict[str, float]:
-    dead = state.since_fired >= cfg.dead_tokens
+    sae = m.sae
+    dead = m.since_fired >= cfg.dead_tokens
     n_dead = int(dead.sum())
-    enc = sae.encode_scaled(x, EncodeArgs(True, dead if n_dead else None, k_aux))
+    weights = None
+    if m.spec.aux == "zipf":
+        weights = zipf_deficit(m.freq, cfg.zipf_exponent)
+        aux_mask = weights > 0
+    else:
+        aux_mask = dead
+    n_aux = int(aux_mask.sum())
+    args = EncodeArgs(True, aux_mask if n_aux else None, m.plan["k_aux"], grad)
+    enc = sae.encode_scaled(x, args)
     x_hat = sae.decode_scaled(enc.code)
     fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    loss, auxk = fvu, torch.zeros(())
-    if enc.aux is not None:
-        e = (x - x_hat).detach()
-        e_hat = kernels.decode(enc.aux.values, enc.aux.indices, sae.W_dec, None)
-        auxk = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
-        loss = loss + cfg.auxk_alpha * min(n_dead / k_aux, 1.0) * auxk
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+    aux = _aux_loss(m, enc, x, x_hat, weights, n_aux, cfg) if enc.aux is not None else None
+    m.opt.zero_grad(set_to_none=True)
+    (fvu if aux is None else fvu + aux).backward()
     sae.project_decoder_grad()
-    opt.step()
+    m.opt.step()
     sae.normalize_decoder()
     with torch.no_grad():
         values, indices = enc.code
-        fired = torch.bincount(indices[values > 0], minlength=sae.d_sae) > 0
-        state.since_fired += x.shape[0]
-        state.since_fired[fired] = 0
+        counts = torch.bincount(indices[values > 0], minlength=sae.d_sae)
+        m.since_fired += x.shape[0]
+        m.since_fired[counts > 0] = 0
+        rate = counts.to(m.freq.dtype) / x.shape[0]
+        m.freq.copy_(rate if m.step == 0 else m.freq.lerp(rate, 1 - cfg.freq_decay))
         l0 = float((values > 0).sum()) / x.shape[0]
-    state.step += 1
-    return {"fvu": fvu.item(), "auxk": auxk.item(), "l0": l0, "dead_frac": n_dead / sae.d_sae}
+    m.step += 1
+    return {
+        "fvu": fvu.item(),
+        "aux": 0.0 if aux is None else aux.item(),
+        "l0": l0,
+        "dead_frac": n_dead / sae.d_sae,
+    }
 
 
-def _default_out(cfg: TrainConfig) -> Path:
-    s = cfg.sae
-    return Path("runs") / f"{Path(cfg.harvest).name}-{s.arch}-{s.d_sae}-k{s.k}"
+# ---------------------------------------------------------------------------------------
+# Setting up and running
 
 
-def _init_sae(
-    store: ActivationStore,
-    cfg: TrainConfig,
-    plan: dict,
-    device: torch.device,
-) -> SparseCoder:
-    sample = store.sample(cfg.scale_sample, seed=cfg.seed, token_range=tuple(plan["train_range"]))
+def _init_scale_and_median(
+    store: ActivationStore, cfg: TrainConfig, train_range: list[int], device: torch.device
+) -> tuple[float, torch.Tensor]:
+    sample = store.sample(cfg.scale_sample, seed=cfg.seed, token_range=tuple(train_range))
     sample = sample.to(device, torch.float32)
     scale = math.sqrt(store.d_in / float(sample.pow(2).sum(1).mean()))
+    return scale, geometric_median(sample * scale)
+
+
+def _make_member(
+    out: Path,
+    plan: dict,
+    old: dict | None,
+    scale: float,
+    median: torch.Tensor,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> Member:
+    s = SAEConfig(**plan["train"]["sae"])
     torch.manual_seed(cfg.seed)
-    sae = SparseCoder(store.d_in, cfg.sae.d_sae, cfg.sae.k, cfg.sae.arch, scale, device)
+    if old:  # the scale is part of the run: keep the one it was trained with
+        scale = float(old["input_scale"])
+    sae = SparseCoder(median.shape[0], s.d_sae, s.k, s.arch, scale, device, beta=s.beta)
     with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(sample * scale))
-    return sae
+        sae.b_dec.copy_(median)
+    params = [p for p in sae.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(
+        params, lr=plan["lr"], betas=cfg.betas, fused=device.type in ("cpu", "cuda")
+    )
+    m = Member(out, plan, sae, opt)
+    m.since_fired = torch.zeros(s.d_sae, dtype=torch.int64, device=device)
+    m.freq = torch.zeros(s.d_sae, dtype=torch.float32, device=device)
+    if (out / CHECKPOINT).exists():
+        m.step, counters = load_checkpoint(out / CHECKPOINT, sae, opt, device)
+        m.since_fired.copy_(counters["since_fired"])
+        m.freq.copy_(counters["freq"])
+        log.info("resuming %s from step %d", out, m.step)
+    return m
+
+
+def _log_step(m: Member, stats: dict[str, float], cfg: TrainConfig, rate: float) -> None:
+    row = {
+        "step": m.step,
+        "tokens": m.step * cfg.batch_size,
+        **stats,
+        "lr": m.opt.param_groups[0]["lr"],
+        "tokens_per_s": rate,
+    }
+    m.logf.write(json.dumps(row) + "\n")
+    m.logf.flush()
+    if m.wandb is not None:
+        m.wandb.log(row, step=m.step)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
-    """Train one SAE from cfg; resumes from the run directory's checkpoint when there is one."""
+    """Train the SAE (or the sweep of SAEs) of cfg; resume from checkpoints where they exist.
+
+    Returns the run directory (for a sweep, the directory holding one run per SAE).
+    """
     if not cfg.harvest:
         raise UserError("no harvest given; pass --harvest cached_activations/<name>")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     store = ActivationStore(cfg.harvest, cfg.hook or None)
-    plan = _plan(cfg, store)
-    out = Path(cfg.out) if cfg.out else _default_out(cfg)
-    old = _prepare_run_dir(out, plan)
-    if old and old.get("complete"):
-        log.info("%s is already trained; nothing to do", out)
-        return out
+    plans = _plans(cfg, store)
+    olds = [prepare_run_dir(out, plan) for out, plan in plans]
+    todo = [(o, p, old) for (o, p), old in zip(plans, olds) if not (old and old.get("complete"))]
+    root = plans[0][0].parent if cfg.sweep else plans[0][0]
+    if not todo:
+        log.info("%s is already trained; nothing to do", root)
+        return root
 
-    sae = _init_sae(store, cfg, plan, device)
-    if old:  # the scale is part of the run: keep the one the checkpoint was trained with
-        sae.input_scale = float(old["input_scale"])
-    opt = torch.optim.Adam(
-        sae.parameters(), lr=plan["lr"], betas=cfg.betas, fused=device.type in ("cpu", "cuda")
-    )
-    ckpt = out / CHECKPOINT
-    if ckpt.exists():
-        state = _load_checkpoint(ckpt, sae, opt, device)
-        log.info("resuming %s from step %d", out, state.step)
-    else:
-        state = TrainState(0, torch.zeros(sae.d_sae, dtype=torch.int64, device=device))
-    out.mkdir(parents=True, exist_ok=True)
-    sae.save(out, {**plan, "complete": False})
-    _trim_log(out / LOG, state.step)
+    plan0 = todo[0][1]
+    scale, median = _init_scale_and_median(store, cfg, plan0["train_range"], device)
+    members = [_make_member(o, p, old, scale, median, cfg, device) for o, p, old in todo]
+    for m in members:
+        m.out.mkdir(parents=True, exist_ok=True)
+        m.sae.save(m.out, {**m.plan, "complete": False})
+        trim_log(m.out / LOG, m.step)
+        m.logf = open(m.out / LOG, "a")  # noqa: SIM115 - closed in _finish
+        m.wandb = _wandb_init(cfg, m.out, m.plan)
+    try:
+        _run(members, store, cfg, device, progress)
+    finally:
+        for m in members:
+            m.logf.close()
+            if m.wandb is not None:
+                m.wandb.finish()
+    for m in members:
+        save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
+        dead = int((m.since_fired >= cfg.dead_tokens).sum())
+        m.sae.save(m.out, {**m.plan, "complete": True, "dead_latents": dead})
+    return root
 
-    wb = _wandb_init(cfg, out, plan)
-    n_steps, k_aux = plan["n_steps"], plan["k_aux"]
+
+def _run(
+    members: list[Member],
+    store: ActivationStore,
+    cfg: TrainConfig,
+    device: torch.device,
+    progress: bool,
+) -> None:
+    n_steps = members[0].plan["n_steps"]
+    start = min(m.step for m in members)
+    grads = any(m.spec.needs_grads for m in members)
     stream = store.batches(
         cfg.batch_size,
-        token_range=tuple(plan["train_range"]),
+        token_range=tuple(members[0].plan["train_range"]),
         seed=cfg.seed,
-        start_row=state.step * cfg.batch_size,
+        start_row=start * cfg.batch_size,
         shuffle_buffer=cfg.shuffle_buffer,
+        grads=grads,
     )
+    name = members[0].out.name if len(members) == 1 else f"sweep of {len(members)}"
     bar = tqdm(
         total=n_steps,
-        initial=state.step,
+        initial=start,
         unit="step",
         disable=not progress,
-        desc=f"train {out.name}",
+        desc=f"train {name}",
         dynamic_ncols=True,
     )
-    t0, tokens0 = time.perf_counter(), state.step * cfg.batch_size
+    t0, step = time.perf_counter(), start
     try:
-        with open(out / LOG, "a") as logf:
-            for x in stream:
-                if state.step >= n_steps:
-                    break
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(state.step, n_steps, cfg)
-                x = x.to(device, non_blocking=True).mul_(sae.input_scale)
-                stats = _train_step(sae, opt, x, state, cfg, k_aux)
-                bar.update(1)
-                if state.step % cfg.log_every == 0 or state.step == n_steps:
-                    tokens = state.step * cfg.batch_size
-                    rate = (tokens - tokens0) / (time.perf_counter() - t0)
-                    row = {
-                        "step": state.step,
-                        "tokens": tokens,
-                        **stats,
-                        "lr": opt.param_groups[0]["lr"],
-                        "tokens_per_s": rate,
-                    }
-                    logf.write(json.dumps(row) + "\n")
-                    logf.flush()
-                    bar.set_postfix(
-                        fvu=f"{stats['fvu']:.3f}",
-                        dead=f"{stats['dead_frac']:.1%}",
-                        tok_s=f"{rate:,.0f}",
-                    )
-                    if wb is not None:
-                        wb.log(row, step=state.step)
-                if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                    _save_checkpoint(ckpt, sae, opt, state)
+        for batch in stream:
+            if step >= n_steps:
+                break
+            x, g = batch if grads else (batch, None)
+            x = x.to(device, non_blocking=True)
+            g = g.to(device, non_blocking=True) if g is not None else None
+            rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
+            for m in members:
+                if m.step != step:  # resumed ahead of the others: it has done this batch
+                    continue
+                for group in m.opt.param_groups:
+                    group["lr"] = lr_at(m.step, n_steps, cfg)
+                xs = x * m.sae.input_scale
+                stats = _train_step(m, xs, g if m.spec.needs_grads else None, cfg)
+                if m.step % cfg.log_every == 0 or m.step == n_steps:
+                    _log_step(m, stats, cfg, rate)
+                    if len(members) == 1:
+                        bar.set_postfix(
+                            fvu=f"{stats['fvu']:.3f}",
+                            dead=f"{stats['dead_frac']:.1%}",
+                            tok_s=f"{rate:,.0f}",
+                        )
+                if cfg.checkpoint_every and m.step % cfg.checkpoint_every == 0:
+                    save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
+            step += 1
+            bar.update(1)
     finally:
         bar.close()
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-        if wb is not None:
-            wb.finish()
-    _save_checkpoint(ckpt, sae, opt, state)
-    sae.save(
-        out,
-        {
-            **plan,
-            "complete": True,
-            "dead_latents": int((state.since_fired >= cfg.dead_tokens).sum()),
-        },
-    )
-    return out
+        stream.close()
 
 
 def _wandb_init(cfg: TrainConfig, out: Path, plan: dict) -> Any:

@@ -21,16 +21,17 @@ def sae(request):
     with torch.no_grad():
         s.b_enc.normal_(0, 0.1)
         s.b_dec.normal_(0, 0.1)
+        if s.spec.threshold != "none":  # calibrate inference thresholds on one batch
+            s.encode_scaled(torch.randn(64, 12), EncodeArgs(training=True))
     return s
 
 
-def test_shapes_and_budget(sae):
+def test_code_shapes(sae):
     x = torch.randn(10, 12)
     code = sae.encode(x)
-    assert code.values.shape == code.indices.shape == (10, sae.k)
-    assert ((code.values != 0).sum(1) <= sae.k).all()
-    assert (code.values >= 0).all()
-    assert code.indices.dtype == torch.int64
+    assert code.values.shape == code.indices.shape and code.values.shape[0] == 10
+    assert (code.values >= 0).all() and code.indices.dtype == torch.int64
+    assert ((code.indices >= 0) & (code.indices < 48)).all()
 
 
 def test_forward_equals_decode_of_encode(sae):
@@ -67,7 +68,8 @@ def test_decoder_rows_unit_norm_after_a_step(sae):
     loss.backward()
     sae.project_decoder_grad()
     # The projected gradient is orthogonal to every row.
-    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
+    g = sae.W_dec.grad
+    assert ((g * sae.W_dec).sum(1).abs() <= 1e-6 * g.norm(dim=1) + 1e-7).all()
     opt.step()
     sae.normalize_decoder()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(48))
@@ -102,7 +104,7 @@ def test_input_scale_is_undone_by_decode():
         s.W_dec.copy_(torch.eye(4).repeat(4, 1))
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     code = s.encode(x)
-    assert float(code.values.max()) == pytest.approx(12.0)  # scaled units
+    assert float(code.values.max().detach()) == pytest.approx(12.0)  # scaled units
     # Each direction appears 4 times and k = 15 keeps them all but one, so x̂ ≠ x; the
     # point here is units: decode divides the scale back out.
     xs = s.decode_scaled(code) / 3.0

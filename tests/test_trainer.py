@@ -119,7 +119,7 @@ def test_auxk_revives_dead_latents(harvest, tmp_path):
     # A tiny dead_tokens makes latents count as dead quickly, so AuxK runs.
     run = train(_cfg(harvest, tmp_path / "r", dead_tokens=600, n_tokens=20_000), progress=False)
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert any(r["auxk"] > 0 for r in log)
+    assert any(r["aux"] > 0 for r in log)
 
 
 def test_split_is_disjoint_and_context_aligned(harvest):
@@ -176,3 +176,13 @@ def test_cli_bad_input_exits_2_without_writing(harvest, tmp_path, capsys, args, 
 def test_cli_missing_harvest(tmp_path, capsys):
     assert main(["train", "--harvest", str(tmp_path / "none"), "--out", str(tmp_path / "r")]) == 2
     assert "saelab harvest" in capsys.readouterr().err
+
+
+def test_wandb_offline_logging(harvest, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = train(_cfg(harvest, tmp_path / "r", n_tokens=5000, wandb=True), progress=False)
+    files = list((run / "wandb").rglob("*.wandb"))
+    assert files and files[0].stat().st_size > 0

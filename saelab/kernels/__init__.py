@@ -41,5 +41,9 @@ def topk_encode(*args, **kwargs):
     return _BACKENDS[BACKEND].topk_encode(*args, **kwargs)
 
 
+def sparse_encode(*args, **kwargs):
+    return _BACKENDS[BACKEND].sparse_encode(*args, **kwargs)
+
+
 def decode(*args, **kwargs):
     return _BACKENDS[BACKEND].decode(*args, **kwargs)

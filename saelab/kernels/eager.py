@@ -9,6 +9,7 @@ instead of three. The decoder is an embedding-bag (Gao et al. 2024, arXiv 2406.0
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,20 +56,32 @@ def _masked_topk(z: Tensor, k: int, mask: Tensor) -> tuple[Tensor, Tensor]:
     return vals.relu(), cols[local]
 
 
-class TopKEncode(torch.autograd.Function):
-    """z = (x − b_dec) W_encᵀ + b_enc; a = TopK_k(ReLU(z)), plus an optional AuxK selection.
+Selector = Callable[[Tensor], tuple[Tensor, Tensor]]
+"""Maps pre-activations z [B, n] to (values [B, K], indices [B, K]); a zero value is padding."""
 
-    Returns (values [B, k], indices [B, k], aux_values [B, k_aux], aux_indices [B, k_aux]).
-    The aux pair is the top-k_aux of ReLU(z) over latents where aux_mask is True (empty when
-    no mask is given). Gradients flow to x, W_enc, b_enc and b_dec through both value tensors.
+
+def topk_selector(k: int) -> Selector:
+    def select(z: Tensor) -> tuple[Tensor, Tensor]:
+        values, indices = torch.topk(z, k, dim=1, sorted=False)
+        return values.relu_(), indices
+
+    return select
+
+
+class SparseEncode(torch.autograd.Function):
+    """z = (x − b_dec) W_encᵀ + b_enc; (values, indices) = select(z), plus optional AuxK.
+
+    Returns (values, indices, aux_values, aux_indices). The aux pair is the top-k_aux of
+    ReLU(z) over latents where aux_mask is True ([B, 0] when no mask is given). Gradients
+    reach x, W_enc, b_enc and b_dec through both value tensors, touching only selected
+    latents; selected values that are zero (ReLU-clipped or padding) pass no gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k, aux_mask, k_aux):  # type: ignore[override]
+    def forward(ctx, x, W_enc, b_enc, b_dec, select, aux_mask, k_aux):  # type: ignore[override]
         x_c = x - b_dec
         z = torch.addmm(b_enc, x_c, W_enc.T)
-        values, indices = torch.topk(z, k, dim=1, sorted=False)
-        values = values.relu_()
+        values, indices = select(z)
         if aux_mask is not None and k_aux > 0 and bool(aux_mask.any()):
             aux_values, aux_indices = _masked_topk(z, k_aux, aux_mask)
         else:
@@ -81,7 +94,6 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values, _gi, grad_aux, _gai):  # type: ignore[override]
         x_c, W_enc, values, indices, aux_values, aux_indices = ctx.saved_tensors
-        # ReLU: no gradient where the selected value was clipped to zero.
         g = grad_values * (values > 0)
         if aux_indices.numel() and grad_aux is not None:
             g = torch.cat([g, grad_aux * (aux_values > 0)], dim=1)
@@ -103,6 +115,18 @@ class TopKEncode(torch.autograd.Function):
         return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None
 
 
+def sparse_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    select: Selector,
+    aux_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return SparseEncode.apply(x, W_enc, b_enc, b_dec, select, aux_mask, k_aux)  # type: ignore[return-value]
+
+
 def topk_encode(
     x: Tensor,
     W_enc: Tensor,
@@ -112,7 +136,8 @@ def topk_encode(
     aux_mask: Tensor | None = None,
     k_aux: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return TopKEncode.apply(x, W_enc, b_enc, b_dec, k, aux_mask, k_aux)  # type: ignore[return-value]
+    """a = TopK_k(ReLU(z)) per token (the rule a fused kernel implements in one pass)."""
+    return sparse_encode(x, W_enc, b_enc, b_dec, topk_selector(k), aux_mask, k_aux)
 
 
 class Decode(torch.autograd.Function):
