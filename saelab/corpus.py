@@ -181,7 +181,15 @@ def _local_files(path: Path) -> list[Path]:
 
 
 def _hf_texts(name: str, text_field: str, split: str, seed: int) -> Iterator[str]:
+    from saelab.models import hub_offline, hub_reachable
+
     hint = f"use a local .txt/.jsonl file or directory, or '{DEFAULT}'"
+    if not hub_offline() and not hub_reachable():
+        # Without this check `datasets` retries for half a minute before giving up.
+        raise UserError(
+            f"corpus '{name}' cannot be loaded: the HF hub is unreachable (set HF_HUB_OFFLINE=1 "
+            f"to use a cached copy); {hint}"
+        )
     try:
         import datasets
 

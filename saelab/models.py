@@ -118,12 +118,14 @@ def _offline_error(name: str) -> UserError:
     )
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+def hub_offline() -> bool:
+    """True when the user switched the HF hub off (HF_HUB_OFFLINE, or the per-library flags)."""
+    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    return any(os.environ.get(f, "0").lower() in ("1", "true", "yes") for f in flags)
 
 
 @functools.cache
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
     """A 3 s TCP probe: without it, an offline hub lookup retries for about a minute."""
     from urllib.parse import urlparse
 
@@ -159,7 +161,7 @@ def _hf_source(name: str) -> str:
         # Resolving to the cached snapshot keeps every later load off the network.
         return snapshot_download(name, local_files_only=True)
     except Exception:  # not cached, or not even a valid repo id
-        if _offline() or not _hub_reachable():
+        if hub_offline() or not hub_reachable():
             raise _offline_error(name) from None
     return name
 

@@ -89,3 +89,13 @@ def test_contexts_shape_bos_and_eos(tok):
 def test_contexts_too_little_text(tok):
     with pytest.raises(UserError, match=r"only \d+ tokens.*lower n_tokens or use a bigger corpus"):
         contexts(["a short text"], tok, 16, 10)
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    import saelab.models as M
+
+    for flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
+    monkeypatch.setattr(M, "hub_reachable", lambda: False)
+    with pytest.raises(UserError, match="unreachable.*HF_HUB_OFFLINE=1.*'default'"):
+        list(load_texts("nobody-org/no-such-dataset-xyz"))

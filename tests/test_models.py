@@ -110,3 +110,13 @@ def test_embedded_model_loads_from_cache():
     assert tok.decode([top]).strip() in ("heaven", "earth")  # a real model, not random weights
     with pytest.raises(UserError, match=r"layer 40 is beyond the model's 30 blocks \(0-29\)"):
         resolve_hook(model, "blocks.40.hook_resid_post")
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    import saelab.models as M
+
+    for flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
+    monkeypatch.setattr(M, "hub_reachable", lambda: False)
+    with pytest.raises(UserError, match="cannot be loaded offline"):
+        load_model("nobody-org/no-such-model-xyz")
