@@ -120,3 +120,17 @@ def test_unreachable_hub_fails_fast(monkeypatch):
     monkeypatch.setattr(M, "hub_reachable", lambda: False)
     with pytest.raises(UserError, match="cannot be loaded offline"):
         load_model("nobody-org/no-such-model-xyz")
+
+
+def test_cache_dir_appears_whole_or_not_at_all(tmp_path):
+    from saelab.models import _atomic_dir
+
+    def fill_then_die(tmp):
+        (tmp / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # stands in for a kill half-way through the first load
+
+    with pytest.raises(KeyboardInterrupt):
+        _atomic_dir(tmp_path / "cache", fill_then_die)
+    assert not (tmp_path / "cache").exists()
+    assert _atomic_dir(tmp_path / "cache", lambda tmp: (tmp / "ok").write_text("1")).is_dir()
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
