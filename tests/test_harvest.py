@@ -148,9 +148,9 @@ def test_crash_at_every_write_resumes_identically(tmp_path, reference, monkeypat
 
 
 def test_sigkill_resume_is_byte_identical(tmp_path):
-    cfg = cfg_for(tmp_path / "ref", n_tokens=15 * 40, shard_contexts=2, batch_size=1)
-    want = snapshot(H.harvest(cfg, progress=False))
-    killed = cfg_for(tmp_path / "killed", n_tokens=15 * 40, shard_contexts=2, batch_size=1)
+    slow = dict(n_tokens=15 * 80, shard_contexts=2, batch_size=1)  # 40 shards: time to kill
+    want = snapshot(H.harvest(cfg_for(tmp_path / "ref", **slow), progress=False))
+    killed = cfg_for(tmp_path / "killed", **slow)
     code = (
         "from saelab.config import HarvestConfig; from saelab.harvest import harvest; "
         f"harvest(HarvestConfig(**{killed.__dict__!r}), progress=False)"
@@ -162,7 +162,7 @@ def test_sigkill_resume_is_byte_identical(tmp_path):
         if meta.is_file() and json.loads(meta.read_text())["shards"]:
             break
         time.sleep(0.01)
-    time.sleep(0.05)
+    time.sleep(0.02)  # lands anywhere in the next shard: mid-forward, mid-write or mid-meta
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not json.loads(meta.read_text())["complete"], "the run ended before it was killed"
