@@ -36,7 +36,7 @@ from saelab import kernels
 if TYPE_CHECKING:
     from saelab.sae import SparseCoder
 
-THRESHOLD_EMA = 0.01
+THRESHOLD_EMA = 0.05
 """Weight of the newest batch in the inference-threshold EMAs."""
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -90,6 +91,24 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from saelab.compare import collect, find_runs, table
+    from saelab.viz import frontier_figure, save_figure
+
+    runs = find_runs(ns.runs)
+    eval_cfg = _config_from_args(C.EvalConfig, ns, {})
+    rows = collect(runs, eval_cfg)
+    out = Path(ns.out) if ns.out else runs[0].parent / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(rows, indent=2))
+    primary = [r for r in rows if r["mode"] == "inference"]
+    files = save_figure(frontier_figure(primary), out / "frontier")
+    sys.stdout.write(table(rows) + "\n\nwrote " + ", ".join(map(str, files)) + "\n")
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from saelab.demo import demo
 
@@ -104,6 +123,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], type | None]
     ),
     "train": ("train an SAE on a harvest", cmd_train, C.TrainConfig),
     "eval": ("evaluate a run on held-out tokens (writes eval.json)", cmd_eval, C.EvalConfig),
+    "compare": (
+        "runs side by side: table and FVU-vs-L0 figure (HTML, PNG)",
+        cmd_compare,
+        C.EvalConfig,
+    ),
     "demo": ("harvest, train and evaluate on the embedded default model", cmd_demo, None),
 }
 
@@ -114,8 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, _, cls) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
+        p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
         if name == "eval":
             p.add_argument("run_dir", nargs="?", help="run directory (same as --run)")
+        if name == "compare":
+            p.add_argument("runs", nargs="+", help="run directories, or sweep directories")
+            p.add_argument("--out", help="output folder (default: <first run's parent>/compare)")
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="a smaller, faster demo")
         if cls is not None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from saelab.archs import SparseCode
 from saelab.config import EvalConfig
 from saelab.errors import UserError
 from saelab.metrics import ReconStats
@@ -34,6 +36,29 @@ def load_run(run: str | Path) -> tuple[dict[str, Any], SparseCoder]:
     return cfg, SparseCoder.load(run)
 
 
+Encoder = Callable[[torch.Tensor, torch.Tensor | None], SparseCode]
+
+
+def eval_modes(sae: SparseCoder, cfg: EvalConfig, has_grads: bool) -> dict[str, Encoder]:
+    """The ways to encode held-out tokens: the inference rule first, then each alternative
+    the papers report (batch selection, with gradients, adaptive pursuit)."""
+    modes: dict[str, Encoder] = {"inference": lambda x, g: sae.encode(x)}
+    if sae.arch == "gradient_topk" and has_grads:
+        modes["with_grad"] = lambda x, g: sae.encode(x, grad=g)
+    if sae.spec.threshold != "none":
+
+        def batch_mode(x: torch.Tensor, g: torch.Tensor | None) -> SparseCode:
+            saved = sae.threshold.clone()  # batch selection must not move the thresholds
+            code = sae.encode(x, training=True)
+            sae.threshold.copy_(saved)
+            return code
+
+        modes["batch"] = batch_mode
+    if sae.arch == "matching_pursuit":
+        modes["adaptive"] = lambda x, g: sae.encode(x, mp_tol=cfg.mp_tol, mp_max_steps=4 * sae.k)
+    return modes
+
+
 @torch.no_grad()
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if not cfg.run:
@@ -47,11 +72,16 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         stop = min(stop, start + cfg.n_tokens)
     if stop <= start:
         raise UserError(f"{cfg.run} has no held-out tokens; retrain with --eval_tokens > 0")
-    stats = ReconStats(sae.d_sae)
+    modes = eval_modes(sae, cfg, store.has_grads)
+    stats = {name: ReconStats(sae.d_sae) for name in modes}
     for lo in tqdm(range(start, stop, cfg.batch_size), desc="eval", disable=not progress):
-        x = store.read(lo, min(lo + cfg.batch_size, stop)).to(device)
-        code = sae.encode(x)
-        stats.update(x, sae.decode(code), *code)
+        hi = min(lo + cfg.batch_size, stop)
+        x = store.read(lo, hi).to(device)
+        g = store.read(lo, hi, kind="grads").to(device) if "with_grad" in modes else None
+        for name, encode in modes.items():
+            code = encode(x, g)
+            stats[name].update(x, sae.decode(code), *code)
+    results = {name: s.result() for name, s in stats.items()}
     result = {
         "run": str(cfg.run),
         "arch": sae.arch,
@@ -59,7 +89,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "k": sae.k,
         "hook": run_cfg["hook"],
         "eval_range": [start, stop],
-        **stats.result(),
+        **results.pop("inference"),
+        "modes": results,
     }
     result["dead_window_tokens"] = result["n_tokens"]
     path = Path(cfg.run) / EVAL

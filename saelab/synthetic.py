@@ -78,10 +78,13 @@ def write_harvest(
     tokens_per_context: int = 127,
     shard_contexts: int = 256,
     dtype: str = "float32",
+    grads: bool = False,
 ) -> Path:
     """Write synthetic activations as a harvest directory that `ActivationStore` reads.
 
     tokens.npy holds placeholder token ids (BOS then zeros): there is no text behind them.
+    With grads, each token also gets a stand-in gradient (Gaussian, seeded), enough to
+    exercise gradient_topk's code paths.
     """
     from saelab.harvest import STORE_DTYPES, _save_npy, _write_shard
 
@@ -103,7 +106,7 @@ def write_harvest(
         "shard_contexts": shard_contexts,
         "corpus": {"synthetic": asdict(data)},
         "seed": data.seed,
-        "grads": False,
+        "grads": grads,
         "complete": False,
         "tokens_sha256": _save_npy(path / "tokens.npy", tokens),
         "shards": [],
@@ -112,5 +115,9 @@ def write_harvest(
     for i, block in enumerate(data.stream(n_contexts * tokens_per_context, chunk=rows)):
         c0 = i * shard_contexts
         c1 = c0 + block.shape[0] // tokens_per_context
-        _write_shard(path, meta, i, c0, c1, {"acts/synthetic": block.to(STORE_DTYPES[dtype])})
+        bufs = {"acts/synthetic": block.to(STORE_DTYPES[dtype])}
+        if grads:
+            g = torch.Generator().manual_seed(data.seed * 7919 + i)
+            bufs["grads/synthetic"] = torch.randn(block.shape, generator=g).to(STORE_DTYPES[dtype])
+        _write_shard(path, meta, i, c0, c1, bufs)
     return path

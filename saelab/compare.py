@@ -1,0 +1,78 @@
+"""`saelab compare`: runs side by side, as a table and a plotly figure.
+
+Each run contributes its held-out metrics (eval.json, computed first where missing) and,
+for batch-level rules and g-SAE, one extra row per evaluation mode.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from saelab.config import EvalConfig
+from saelab.errors import UserError
+from saelab.evaluate import EVAL, evaluate
+from saelab.sae import CFG
+
+COLUMNS = [
+    "name",
+    "arch",
+    "d_sae",
+    "k",
+    "mode",
+    "fvu",
+    "l0",
+    "dead_frac",
+    "below_1e-5_frac",
+    "delta_ce",
+]
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    """Run directories named directly, or found one level below (a sweep directory)."""
+    runs: list[Path] = []
+    for p in map(Path, paths):
+        if (p / CFG).is_file():
+            runs.append(p)
+        elif p.is_dir():
+            runs += sorted(q.parent for q in p.glob(f"*/{CFG}"))
+        else:
+            raise UserError(f"{p} is not a run directory; pass runs/<name> (or a sweep folder)")
+    if not runs:
+        raise UserError(f"no runs found in {' '.join(paths)}; train some with saelab train")
+    return runs
+
+
+def collect(runs: list[Path], eval_cfg: EvalConfig, progress: bool = True) -> list[dict]:
+    rows = []
+    for run in runs:
+        path = run / EVAL
+        cfg = json.loads((run / CFG).read_text())
+        if not cfg.get("complete"):
+            raise UserError(f"{run} has not finished training; finish it or leave it out")
+        res = json.loads(path.read_text()) if path.is_file() else None
+        if res is None:
+            res = evaluate(EvalConfig(**{**eval_cfg.__dict__, "run": str(run)}), progress)
+        base = {"name": run.name, "arch": res["arch"], "d_sae": res["d_sae"], "k": res["k"]}
+        rows.append({**base, "mode": "inference", **_pick(res)})
+        for mode, m in res.get("modes", {}).items():
+            rows.append({**base, "mode": mode, **_pick(m)})
+    return rows
+
+
+def _pick(res: dict[str, Any]) -> dict[str, Any]:
+    keys = ("fvu", "l0", "dead_frac", "below_1e-5_frac", "delta_ce")
+    return {k: res.get(k) for k in keys}
+
+
+def table(rows: list[dict]) -> str:
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r[c]) for c in COLUMNS] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(COLUMNS)]
+    line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs, widths))  # noqa: E731
+    return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *map(line, cells)])

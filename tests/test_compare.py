@@ -1,0 +1,105 @@
+"""A sweep of every architecture in one pass, then `saelab compare` over it."""
+
+import json
+
+import pytest
+import yaml
+
+from saelab.archs import ARCHS
+from saelab.cli import main
+from saelab.store import ActivationStore
+from saelab.synthetic import SyntheticData, write_harvest
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    h = write_harvest(
+        root / "h",
+        SyntheticData(d_in=16, n_features=64, k_true=3),
+        20_000,
+        tokens_per_context=31,
+        shard_contexts=32,
+        grads=True,
+    )
+    preset = root / "all.yaml"
+    preset.write_text(
+        yaml.safe_dump(
+            {
+                "harvest": str(h),
+                "out": str(root / "runs"),
+                "batch_size": 512,
+                "eval_tokens": 2000,
+                "dead_tokens": 4000,
+                "checkpoint_every": 0,
+                "n_tokens": 30_000,
+                "sweep": [{"arch": a, "d_sae": 64, "k": 3} for a in sorted(ARCHS)],
+            }
+        )
+    )
+    assert main(["train", "--config", str(preset), "-q"]) == 0
+    return root
+
+
+def test_sweep_trains_every_arch_on_one_read(sweep, monkeypatch):
+    runs = sorted(p.name for p in (sweep / "runs").iterdir())
+    assert runs == sorted(f"{a}-64-k3" for a in ARCHS)
+    for name in runs:
+        cfg = json.loads((sweep / "runs" / name / "cfg.json").read_text())
+        log = (sweep / "runs" / name / "train_log.jsonl").read_text().splitlines()
+        assert cfg["complete"] and json.loads(log[-1])["step"] == 30_000 // 512
+
+
+def test_sweep_reads_the_store_once(tmp_path, monkeypatch):
+    h = write_harvest(
+        tmp_path / "h",
+        SyntheticData(d_in=8, n_features=16, k_true=2),
+        3000,
+        tokens_per_context=15,
+        shard_contexts=16,
+    )
+    calls = []
+    real = ActivationStore.batches
+    monkeypatch.setattr(
+        ActivationStore, "batches", lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    )
+    preset = tmp_path / "s.yaml"
+    preset.write_text(
+        yaml.safe_dump(
+            {
+                "harvest": str(h),
+                "out": str(tmp_path / "r"),
+                "batch_size": 128,
+                "eval_tokens": 300,
+                "checkpoint_every": 0,
+                "sweep": [
+                    {"arch": "topk", "d_sae": 32, "k": 2},
+                    {"arch": "topk", "d_sae": 16, "k": 4},
+                ],
+            }
+        )
+    )
+    assert main(["train", "--config", str(preset), "-q"]) == 0
+    assert len(calls) == 1
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"topk-32-k2", "topk-16-k4"}
+
+
+def test_compare_writes_table_and_figure(sweep, capsys):
+    out = sweep / "cmp"
+    assert main(["compare", str(sweep / "runs"), "--out", str(out), "-q"]) == 0
+    text = capsys.readouterr().out
+    for arch in ARCHS:
+        assert arch in text
+    rows = json.loads((out / "compare.json").read_text())
+    modes = {(r["arch"], r["mode"]) for r in rows}
+    assert ("feature_choice", "batch") in modes and ("mutual_choice", "batch") in modes
+    assert ("gradient_topk", "with_grad") in modes and ("matching_pursuit", "adaptive") in modes
+    assert (out / "frontier.html").stat().st_size > 10_000
+    for r in rows:
+        assert 0 <= r["fvu"] < 1.5 and r["l0"] >= 0
+
+
+def test_feature_choice_threshold_mode_l0_near_k(sweep):
+    ev = json.loads((sweep / "runs" / "feature_choice-64-k3" / "eval.json").read_text())
+    assert ev["modes"]["batch"]["l0"] == pytest.approx(3, rel=0.35)
+    assert ev["l0"] == pytest.approx(3, rel=0.35)
