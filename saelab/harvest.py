@@ -164,9 +164,13 @@ def _check_same(out: Path, meta: dict[str, Any], want: dict[str, Any]) -> None:
         raise UserError(f"{out} has harvest format {meta.get('format')}, not {FORMAT}; delete it")
     for key in IDENTITY:
         if meta.get(key) != want[key]:
+            had, asked = meta.get(key), want[key]
+            if key == "n_contexts":  # users set n_tokens; n_contexts is derived from it
+                per = want["n_ctx"] - 1
+                key, had, asked = "n_tokens", meta.get("n_tokens_planned"), asked * per
             raise UserError(
-                f"{out} was harvested with {key}={meta.get(key)!r}, but {want[key]!r} was asked "
-                "for; pass another --name or delete the directory"
+                f"{out} was harvested with {key}={had!r}, but {asked!r} was asked for; pass "
+                "another --name or delete the directory"
             )
 
 
@@ -406,6 +410,15 @@ def _prepare(cfg: HarvestConfig, out: Path) -> tuple[Any, dict[str, Any], np.nda
     return model, meta, tokens, stop
 
 
+def _limit_threads() -> None:
+    # torch sizes its pool by the machine's cores; in a container limited to fewer, the extra
+    # threads only contend (with each other and with the writer thread).
+    if hasattr(os, "sched_getaffinity"):
+        usable = len(os.sched_getaffinity(0))
+        if torch.get_num_threads() > usable:
+            torch.set_num_threads(usable)
+
+
 def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
     """Harvest (or resume) ``cfg`` into `harvest_dir(cfg)` and return that directory."""
     out = harvest_dir(cfg)
@@ -416,6 +429,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
             log.info("%s is already complete", out)
             return out
     model, meta, tokens, stop = _prepare(cfg, out)
+    _limit_threads()
     out.mkdir(parents=True, exist_ok=True)
     _remove_temps(out)
     if not meta["tokens_sha256"]:

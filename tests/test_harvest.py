@@ -178,6 +178,7 @@ def test_other_config_is_refused_untouched(reference):
         (dict(n_ctx=32), "n_ctx"),
         (dict(corpus="other.txt"), "corpus"),
         (dict(model="smollm2-135m"), "model"),
+        (dict(n_tokens=1000), "n_tokens"),
     ]:
         with pytest.raises(UserError, match=f"{key}=.*another --name or delete"):
             H.harvest(cfg_for(reference.parent, **change), progress=False)
