@@ -26,6 +26,8 @@ heads concatenated.
 
 Gradients (``grads``) are ``dL/dx`` at each hooked activation ``x``, where ``L`` is the sum of
 the next-token cross-entropies over the context; they need the full forward and a backward.
+Each is taken through a zero perturbation added at its hook, so with several hooks every
+gradient is still the total derivative through all later layers.
 """
 
 from __future__ import annotations
