@@ -65,7 +65,7 @@ def main() -> None:
 
 def harvest_once(model, meta: dict, tokens, stop: int | None, out: Path) -> float:
     out.mkdir(parents=True)
-    meta["tokens_sha256"] = H._save_npy(out / "tokens.npy", tokens)
+    meta["tokens_sha256"] = H.save_npy(out / "tokens.npy", tokens)
     t0 = time.perf_counter()
     H._run_shards(model, meta, tokens, stop, out, progress=False)
     return time.perf_counter() - t0

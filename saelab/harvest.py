@@ -119,7 +119,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> str:
     return w.sha.hexdigest()
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> str:
+def save_npy(path: Path, arr: np.ndarray) -> str:
     """The same bytes as np.save, written and hashed straight from the array's memory."""
     arr = np.ascontiguousarray(arr)
 
@@ -311,7 +311,7 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _write_shard(
+def write_shard(
     out: Path, meta: dict[str, Any], index: int, c0: int, c1: int, bufs: dict[str, torch.Tensor]
 ) -> None:
     """Runs on the writer thread: shard files first, then the meta.json that lists them."""
@@ -319,7 +319,7 @@ def _write_shard(
     for key, buf in bufs.items():
         kind, hook = key.split("/", 1)
         rel = shard_path(kind, hook, index)
-        files[rel] = _save_npy(out / rel, _to_numpy(buf.cpu()))
+        files[rel] = save_npy(out / rel, _to_numpy(buf.cpu()))
     per = meta["tokens_per_context"]
     meta["shards"].append(
         {
@@ -435,7 +435,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     _remove_temps(out)
     if not meta["tokens_sha256"]:
-        meta["tokens_sha256"] = _save_npy(out / "tokens.npy", tokens)
+        meta["tokens_sha256"] = save_npy(out / "tokens.npy", tokens)
         _save_meta(out, meta)
     _run_shards(model, meta, tokens, stop, out, progress)
     return out
@@ -470,7 +470,7 @@ def _run_shards(
                 bar.update((b1 - b0) * per)
             if pending is not None:
                 pending.result()  # at most one shard in flight: bounded memory, ordered meta
-            pending = writer.submit(_write_shard, out, meta, index, c0, c1, rec.bufs)
+            pending = writer.submit(write_shard, out, meta, index, c0, c1, rec.bufs)
         if pending is not None:
             pending.result()
     bar.close()

@@ -86,7 +86,7 @@ def write_harvest(
     With grads, each token also gets a stand-in gradient (Gaussian, seeded), enough to
     exercise gradient_topk's code paths.
     """
-    from saelab.harvest import STORE_DTYPES, _save_npy, _write_shard
+    from saelab.harvest import STORE_DTYPES, save_npy, write_shard
 
     path = Path(path)
     n_contexts = -(-n_tokens // tokens_per_context)
@@ -108,7 +108,7 @@ def write_harvest(
         "seed": data.seed,
         "grads": grads,
         "complete": False,
-        "tokens_sha256": _save_npy(path / "tokens.npy", tokens),
+        "tokens_sha256": save_npy(path / "tokens.npy", tokens),
         "shards": [],
     }
     rows = shard_contexts * tokens_per_context
@@ -119,5 +119,5 @@ def write_harvest(
         if grads:
             g = torch.Generator().manual_seed(data.seed * 7919 + i)
             bufs["grads/synthetic"] = torch.randn(block.shape, generator=g).to(STORE_DTYPES[dtype])
-        _write_shard(path, meta, i, c0, c1, bufs)
+        write_shard(path, meta, i, c0, c1, bufs)
     return path

@@ -1,0 +1,93 @@
+"""saelab against EleutherAI's sparsify on the same synthetic batches, same machine.
+
+    pip install --no-deps eai-sparsify schedulefree simple-parsing docstring-parser natsort
+    python bench/vs_sparsify.py [--tokens 2000000]
+
+Both read the identical shuffled stream from the synthetic harvest of bench/train.py. The
+sparsify side follows its own trainer's recipe: its SparseCoder (eager path on CPU), b_dec
+at the mean of the first batch, and its default optimizer, SignSGD inside a ScheduleFree
+wrapper at lr 5e-3 / sqrt(n / 2^14), decoder rows renormalised before and the
+decoder-gradient projection after each forward.
+Prints tokens/s and the FVU on the same 100k held-out tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.train import EVAL_TOKENS, harvest_dir, run
+from saelab.store import ActivationStore
+
+
+def sparsify_run(path, tokens: int, args: argparse.Namespace) -> None:
+    try:
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify import SparseCoder, SparseCoderConfig
+        from sparsify.sign_sgd import SignSGD
+    except ImportError as e:
+        print(f"sparsify not importable ({e}); see this script's docstring to install it")
+        return
+    store = ActivationStore(path)
+    n = store.n_tokens
+    train_range = (0, n - EVAL_TOKENS // 127 * 127 - 127)
+    torch.manual_seed(0)
+    sae = SparseCoder(args.d_in, SparseCoderConfig(num_latents=args.d_sae, k=args.k))
+    opt = ScheduleFreeWrapper(
+        SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (args.d_sae / 2**14) ** 0.5}]),
+        momentum=0.95,
+    )
+    opt.train()
+    stream = store.batches(args.batch, token_range=train_range, seed=0)
+    steps = tokens // args.batch
+    t0 = None
+    for step, x in zip(range(steps), stream):
+        if step == 0:
+            sae.b_dec.data = x.mean(0)
+        sae.set_decoder_norm_to_unit_norm()  # sparsify's trainer does this before every step
+        if step == 1:
+            t0 = time.perf_counter()  # exclude the first step's one-off costs, as saelab's log does
+        out = sae(x)
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+    stream.close()
+    assert t0 is not None
+    rate = (steps - 1) * args.batch / (time.perf_counter() - t0)
+    opt.eval()  # ScheduleFree evaluates at its averaged weights
+    sae.set_decoder_norm_to_unit_norm()
+    x = store.read(train_range[1], n)
+    with torch.no_grad():
+        x_hat = torch.cat([sae(c).sae_out for c in x.split(4096)])
+    fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    print(
+        f"{'sparsify (SignSGD+SF)':28s} lr {5e-3 / (args.d_sae / 2**14) ** 0.5:.1e}  "
+        f"{rate:9,.0f} tok/s (loop)  held-out FVU {fvu:.3f}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=2_000_000)
+    p.add_argument("--d_in", type=int, default=512)
+    p.add_argument("--d_sae", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dead_tokens", type=int, default=1_000_000)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    path = harvest_dir(args.tokens, args.d_in)
+    print(
+        f"d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, batch {args.batch}, "
+        f"{args.tokens:,} tokens, {args.threads} threads"
+    )
+    run(path, "saelab defaults", args.tokens, args)
+    sparsify_run(path, args.tokens, args)
+
+
+if __name__ == "__main__":
+    main()
