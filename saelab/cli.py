@@ -109,6 +109,18 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_darkmatter(ns: argparse.Namespace) -> int:
+    from saelab.darkmatter import run_cli
+
+    return run_cli(ns, _config_from_args(C.DarkMatterConfig, ns, {}))
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from saelab.interop import export_cli
+
+    return export_cli(ns)
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from saelab.demo import demo
 
@@ -128,6 +140,12 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], type | None]
         cmd_compare,
         C.EvalConfig,
     ),
+    "darkmatter": (
+        "decompose a run's SAE error (darkmatter.json); --scaling across runs",
+        cmd_darkmatter,
+        C.DarkMatterConfig,
+    ),
+    "export": ("export a run to another SAE layout (SAELens)", cmd_export, None),
     "demo": ("harvest, train and evaluate on the embedded default model", cmd_demo, None),
 }
 
@@ -144,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "compare":
             p.add_argument("runs", nargs="+", help="run directories, or sweep directories")
             p.add_argument("--out", help="output folder (default: <first run's parent>/compare)")
+        if name == "darkmatter":
+            p.add_argument("runs", nargs="+", help="run directory (several with --scaling)")
+            p.add_argument(
+                "--scaling",
+                action="store_true",
+                help="per-token error-norm R² matrix across SAEs of one harvest",
+            )
+        if name == "export":
+            p.add_argument("run", help="run directory")
+            p.add_argument("dest", help="output directory")
+            p.add_argument("--format", default="saelens", choices=["saelens"], help="target layout")
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="a smaller, faster demo")
         if cls is not None:

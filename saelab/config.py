@@ -231,14 +231,50 @@ class EvalConfig:
     mp_tol: float = 0.1
     """matching_pursuit: residual tolerance of the adaptive-inference metrics, in (0, 1)."""
 
+    downstream: bool = True
+    """Also splice the SAE into the model and measure CE/KL on held-out contexts."""
+
+    downstream_contexts: int = 64
+    """Held-out contexts for the downstream (CE, KL) metrics."""
+
+    splice_from: int = 1
+    """First position that is spliced (1 skips BOS)."""
+
     device: str = "auto"
     """'auto', 'cpu' or 'cuda'."""
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size")
-        _nonnegative(self, "n_tokens")
+        _nonnegative(self, "n_tokens", "downstream_contexts")
+        if self.splice_from < 1:
+            raise UserError(f"splice_from={self.splice_from} would splice BOS; use 1 or more")
         if not 0 < self.mp_tol < 1:
             raise UserError(f"mp_tol={self.mp_tol} must lie in (0, 1), e.g. 0.1")
+
+
+@dataclass
+class DarkMatterConfig:
+    fit_tokens: int = 50_000
+    """Held-out tokens used to fit the linear predictor of the SAE error."""
+
+    eval_tokens: int = 50_000
+    """Further held-out tokens (disjoint from the fit tokens) the predictor is scored on."""
+
+    batch_size: int = 4096
+    """Tokens per batch."""
+
+    ce_contexts: int = 32
+    """Held-out contexts for the three-way CE splice."""
+
+    top_contexts: int = 20
+    """Contexts with the largest nonlinear error to list."""
+
+    device: str = "auto"
+    """'auto', 'cpu' or 'cuda'."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "fit_tokens", "eval_tokens", "batch_size")
+        _nonnegative(self, "ce_contexts", "top_contexts")
 
 
 # ---------------------------------------------------------------------------------------
