@@ -186,3 +186,20 @@ def test_wandb_offline_logging(harvest, tmp_path, monkeypatch):
     run = train(_cfg(harvest, tmp_path / "r", n_tokens=5000, wandb=True), progress=False)
     files = list((run / "wandb").rglob("*.wandb"))
     assert files and files[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
+def test_cli_damaged_shard_is_named(tmp_path, capsys, damage):
+    h = write_harvest(tmp_path / "h", SyntheticData(d_in=8, n_features=16, k_true=2), 3000,
+                      tokens_per_context=15, shard_contexts=16)
+    shard = sorted((h / "acts" / "synthetic").glob("shard_*.npy"))[1]
+    data = bytearray(shard.read_bytes())
+    if damage == "truncate":
+        shard.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[-100] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    rc = main(["train", "--harvest", str(h), "--out", str(tmp_path / "r"), "--sae.d_sae", "32",
+               "--sae.k", "2", "--batch_size", "128", "--eval_tokens", "300", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "shard_00001.npy" in err and len(err.splitlines()) == 1
