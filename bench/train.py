@@ -69,8 +69,9 @@ def run(path: Path, name: str, tokens: int, args: argparse.Namespace, **override
     )
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str, extra: bool = False) -> argparse.Namespace:
+    """The shared flags of the training benchmarks; sets torch's threads."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--tokens", type=int, default=2_000_000)
     p.add_argument("--d_in", type=int, default=512)
     p.add_argument("--d_sae", type=int, default=4096)
@@ -78,14 +79,20 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dead_tokens", type=int, default=1_000_000)
-    p.add_argument("--baseline", action="store_true", help="also run Adam lr 2e-4 constant")
+    if extra:
+        p.add_argument("--baseline", action="store_true", help="also run Adam lr 2e-4 constant")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    path = harvest_dir(args.tokens, args.d_in)
     print(
         f"d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, batch {args.batch}, "
         f"{args.tokens:,} tokens, {args.threads} threads"
     )
+    return args
+
+
+def main() -> None:
+    args = parse_args(__doc__, extra=True)
+    path = harvest_dir(args.tokens, args.d_in)
     run(path, "saelab defaults", args.tokens, args)
     if args.baseline:
         run(path, "Adam lr 2e-4 constant", args.tokens, args, lr=2e-4, lr_decay_frac=0.0)

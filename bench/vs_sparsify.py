@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench.train import EVAL_TOKENS, harvest_dir, run
+from bench.train import EVAL_TOKENS, harvest_dir, parse_args, run
 from saelab.store import ActivationStore
 
 
@@ -70,21 +70,8 @@ def sparsify_run(path, tokens: int, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=2_000_000)
-    p.add_argument("--d_in", type=int, default=512)
-    p.add_argument("--d_sae", type=int, default=4096)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dead_tokens", type=int, default=1_000_000)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__)
     path = harvest_dir(args.tokens, args.d_in)
-    print(
-        f"d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, batch {args.batch}, "
-        f"{args.tokens:,} tokens, {args.threads} threads"
-    )
     run(path, "saelab defaults", args.tokens, args)
     sparsify_run(path, args.tokens, args)
 
