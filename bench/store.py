@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saelab.store import ActivationStore, _sha256
+from saelab.shards import sha256_file
+from saelab.store import ActivationStore
 
 HOOK = "blocks.6.hook_resid_post"
 
@@ -68,7 +69,7 @@ def plain_read(files: list[Path]) -> tuple[float, int]:
 def hash_all(files: list[Path]) -> tuple[float, int]:
     t0 = time.perf_counter()
     for f in files:
-        _sha256(f)
+        sha256_file(f)
     return time.perf_counter() - t0, sum(f.stat().st_size for f in files)
 
 

@@ -53,14 +53,13 @@ from saelab.config import HarvestConfig
 from saelab.corpus import contexts, load_texts
 from saelab.errors import UserError
 from saelab.models import enable_hooks, load_model, resolve_hook, stop_layer
+from saelab.shards import FORMAT, STORE_DTYPES, sha256_file, shard_path, to_numpy
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Fields that define a harvest; a directory made with other values is never touched.
 IDENTITY = ("model", "hooks", "n_ctx", "dtype", "corpus", "seed", "grads", "n_contexts")
 # Heads-split hooks ([batch, pos, head, d_head]) are stored with the heads concatenated.
@@ -70,11 +69,6 @@ _HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")
 def harvest_dir(cfg: HarvestConfig) -> Path:
     name = cfg.name or f"{Path(cfg.model).name}-{cfg.hooks[0]}"
     return Path(cfg.out_dir) / name
-
-
-def shard_path(kind: str, hook: str, index: int) -> str:
-    """Path of a shard file relative to the harvest directory; kind is 'acts' or 'grads'."""
-    return f"{kind}/{hook}/shard_{index:05d}.npy"
 
 
 def n_contexts_for(cfg: HarvestConfig) -> int:
@@ -133,14 +127,6 @@ def save_npy(path: Path, arr: np.ndarray) -> str:
 def _save_meta(out: Path, meta: dict[str, Any]) -> None:
     text = json.dumps(meta, indent=1).encode()
     _atomic_write(out / "meta.json", lambda f: f.write(text))
-
-
-def _file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,12 +291,6 @@ class _Recorder:
             self._store("grads", h, self.live.pop(h).grad)  # type: ignore[arg-type]
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: keep the raw bits
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
-
-
 def write_shard(
     out: Path, meta: dict[str, Any], index: int, c0: int, c1: int, bufs: dict[str, torch.Tensor]
 ) -> None:
@@ -319,7 +299,7 @@ def write_shard(
     for key, buf in bufs.items():
         kind, hook = key.split("/", 1)
         rel = shard_path(kind, hook, index)
-        files[rel] = save_npy(out / rel, _to_numpy(buf.cpu()))
+        files[rel] = save_npy(out / rel, to_numpy(buf.cpu()))
     per = meta["tokens_per_context"]
     meta["shards"].append(
         {
@@ -360,7 +340,7 @@ def _new_meta(cfg: HarvestConfig, ident: dict[str, Any], d_in: int, tokens_sha: 
 
 def _load_tokens(out: Path, meta: dict[str, Any]) -> np.ndarray:
     path = out / "tokens.npy"
-    if not path.is_file() or _file_sha256(path) != meta["tokens_sha256"]:
+    if not path.is_file() or sha256_file(path) != meta["tokens_sha256"]:
         raise UserError(f"{path} is missing or corrupt; delete {out} and harvest again")
     return np.load(path)
 

@@ -19,15 +19,12 @@ never handed out before the hashes of the files it came from have been confirmed
 from __future__ import annotations
 
 import atexit
-import hashlib
-import json
 import logging
 import os
 import queue
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,102 +33,23 @@ import numpy as np
 import torch
 
 from saelab.errors import UserError
+from saelab.shards import (
+    NP_DTYPES,
+    REPAIR,
+    VERIFIER,
+    check_header,
+    read_meta,
+    to_torch,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
 CHUNK_ROWS = 4096
-_NP_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}
-_HEADER_READERS = {
-    (1, 0): np.lib.format.read_array_header_1_0,
-    (2, 0): np.lib.format.read_array_header_2_0,
-}
-_REQUIRED = ("format", "hooks", "d_in", "dtype", "n_ctx", "tokens_per_context", "shards")
-_REPAIR = (
-    "delete that shard's entry (and later ones) from meta.json's \"shards\" and re-run "
-    "`saelab harvest` with the same settings to redo them"
-)
 
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 # --------------------------------------------------------------------------- checksums
-
-
-class _Verifier:
-    """Process-wide sha256 cache: each file is hashed at most once per (size, mtime)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._futures: dict[tuple, Future] = {}
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def _key(self, path: Path, sha: str) -> tuple:
-        st = path.stat()
-        return (str(path.resolve()), st.st_size, st.st_mtime_ns, sha)
-
-    def _claim(self, path: Path, sha: str) -> tuple[Future, bool]:
-        key = self._key(path, sha)
-        with self._lock:
-            fut = self._futures.get(key)
-            if fut is not None:
-                return fut, False
-            fut = self._futures[key] = Future()
-            return fut, True
-
-    def submit(self, path: Path, sha: str) -> Future:
-        """Queue a background hash (a no-op if the file is already hashed or queued)."""
-        fut, mine = self._claim(path, sha)
-        if mine:
-            self._queue.put((path, sha, fut))
-            with self._lock:
-                if self._thread is None or not self._thread.is_alive():
-                    # Daemon: a pending queue must not delay interpreter exit.
-                    self._thread = threading.Thread(
-                        target=self._work, name="saelab-verify", daemon=True
-                    )
-                    self._thread.start()
-        return fut
-
-    def check(self, path: Path, sha: str) -> None:
-        """Hash now in this thread unless another thread already is; raise on mismatch."""
-        fut, mine = self._claim(path, sha)
-        if mine:
-            _run_hash(path, sha, fut)
-        fut.result()
-
-    def forget(self, path: Path, sha: str) -> None:
-        with self._lock:
-            self._futures.pop(self._key(path, sha), None)
-
-    def _work(self) -> None:
-        while True:
-            path, sha, fut = self._queue.get()
-            _run_hash(path, sha, fut)
-
-
-def _run_hash(path: Path, sha: str, fut: Future) -> None:
-    try:
-        digest = _sha256(path)
-        if digest != sha:
-            raise UserError(f"{path} is corrupted (sha256 differs from meta.json); {_REPAIR}")
-        log.debug("sha256 ok: %s", path)
-        fut.set_result(None)
-    except BaseException as exc:  # handed to whoever waits on the data
-        fut.set_exception(exc)
-
-
-def _sha256(path: Path) -> str:
-    h, block = hashlib.sha256(), bytearray(8 << 20)
-    view = memoryview(block)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(block):
-            h.update(view[:n])  # hashlib releases the GIL on large updates
-    return h.hexdigest()
-
-
-_VERIFIER = _Verifier()
 
 
 # --------------------------------------------------------------------------- meta
@@ -145,38 +63,6 @@ class _Shard:
     stop: int
     files: dict[str, str]
     """Path relative to the harvest -> sha256 hex."""
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    meta_path = path / "meta.json"
-    if not path.is_dir() or not meta_path.is_file():
-        raise UserError(
-            f"no harvest at {path} (missing {meta_path.name}); run `saelab harvest` to create it "
-            "or pass the path of an existing cached_activations/<name> directory"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(
-            f"{meta_path} is not valid JSON ({exc}); delete the harvest and re-run `saelab harvest`"
-        ) from None
-    missing = [k for k in _REQUIRED if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise UserError(
-            f"{meta_path} is not a saelab harvest (missing {', '.join(missing)}); "
-            "point at a directory written by `saelab harvest`"
-        )
-    if meta["format"] != FORMAT:
-        raise UserError(
-            f"{meta_path} has harvest format {meta['format']!r}, this saelab reads {FORMAT}; "
-            "use the saelab version that wrote it or re-run `saelab harvest`"
-        )
-    if meta["dtype"] not in _NP_DTYPES:
-        raise UserError(
-            f"{meta_path} has unknown dtype {meta['dtype']!r} (expected one of "
-            f"{', '.join(_NP_DTYPES)}); re-run `saelab harvest`"
-        )
-    return meta
 
 
 def _pick_hook(meta: dict[str, Any], hook: str | None, path: Path) -> str:
@@ -207,7 +93,7 @@ def _complete_shards(meta: dict[str, Any], path: Path) -> list[_Shard]:
         if shard.start != row or shard.stop <= shard.start:
             raise UserError(
                 f"{path / 'meta.json'} lists shard {shard.index} at rows "
-                f"[{shard.start}, {shard.stop}) after row {row}; {_REPAIR}"
+                f"[{shard.start}, {shard.stop}) after row {row}; {REPAIR}"
             )
         shards.append(shard)
         row = shard.stop
@@ -217,37 +103,6 @@ def _complete_shards(meta: dict[str, Any], path: Path) -> list[_Shard]:
             "until at least one shard is written"
         )
     return shards
-
-
-def _check_header(file: Path, rows: int, d_in: int, dtype: np.dtype) -> None:
-    """Shape, dtype and byte size against meta: catches truncated and mismatched files."""
-    if not file.is_file():
-        raise UserError(f"{file} is missing though meta.json lists it; {_REPAIR}")
-    with open(file, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            read_header = _HEADER_READERS.get(version)
-            if read_header is None:
-                raise ValueError(f"npy version {version}")
-            shape, fortran, got = read_header(f)
-        except ValueError:
-            raise UserError(f"{file} is not a readable .npy file (truncated?); {_REPAIR}") from None
-        header_len = f.tell()
-    expected = header_len + rows * d_in * dtype.itemsize
-    size = file.stat().st_size
-    if shape != (rows, d_in) or got != dtype or fortran:
-        raise UserError(
-            f"{file} holds {got}{list(shape)}, meta.json says {dtype}[{rows}, {d_in}]; {_REPAIR}"
-        )
-    if size != expected:
-        raise UserError(f"{file} is truncated ({size} of {expected} bytes); {_REPAIR}")
-
-
-def _to_torch(raw: np.ndarray, storage: str) -> torch.Tensor:
-    """Zero-copy view of storage-dtype rows as a torch tensor (bf16 is kept as uint16 bits)."""
-    if storage == "bfloat16":
-        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(raw)
 
 
 # --------------------------------------------------------------------------- shuffle plan
@@ -296,7 +151,7 @@ class ActivationStore:
 
     def __init__(self, path: str | os.PathLike, hook: str | None = None) -> None:
         self.path = Path(path)
-        self.meta = _read_meta(self.path)
+        self.meta = read_meta(self.path)
         self.hook = _pick_hook(self.meta, hook, self.path)
         self.d_in = int(self.meta["d_in"])
         self.n_ctx = int(self.meta["n_ctx"])
@@ -306,7 +161,7 @@ class ActivationStore:
         self.shards = _complete_shards(self.meta, self.path)
         self.n_tokens = self.shards[-1].stop
         self._stops = np.array([s.stop for s in self.shards], dtype=np.int64)
-        self._np_dtype = _NP_DTYPES[self.storage_dtype]
+        self._np_dtype = NP_DTYPES[self.storage_dtype]
         self._mmaps: dict[tuple[str, int], np.ndarray] = {}
 
     def __repr__(self) -> str:
@@ -317,7 +172,7 @@ class ActivationStore:
     def _relpath(self, kind: str, shard: _Shard) -> str:
         rel = f"{kind}/{self.hook}/shard_{shard.index:05d}.npy"
         if rel not in shard.files:
-            raise UserError(f"meta.json of {self.path} does not list {rel}; {_REPAIR}")
+            raise UserError(f"meta.json of {self.path} does not list {rel}; {REPAIR}")
         return rel
 
     def _check_kind(self, kind: str) -> None:
@@ -333,7 +188,7 @@ class ActivationStore:
         if key not in self._mmaps:
             shard = self.shards[i]
             file = self.path / self._relpath(kind, shard)
-            _check_header(file, shard.stop - shard.start, self.d_in, self._np_dtype)
+            check_header(file, shard.stop - shard.start, self.d_in, self._np_dtype)
             self._mmaps[key] = np.load(file, mmap_mode="r")
         return self._mmaps[key]
 
@@ -375,8 +230,8 @@ class ActivationStore:
         self._check_range(start, stop)
         raw = np.empty((stop - start, self.d_in), self._np_dtype)
         for i in self._copy_rows(kind, start, stop, raw):
-            _VERIFIER.check(*self._file_sha(kind, i))
-        return _to_torch(raw, self.storage_dtype).to(dtype)
+            VERIFIER.check(*self._file_sha(kind, i))
+        return to_torch(raw, self.storage_dtype).to(dtype)
 
     def sample(
         self, n: int, *, seed: int = 0, token_range: tuple[int, int] | None = None
@@ -388,10 +243,10 @@ class ActivationStore:
         shard_of = np.searchsorted(self._stops, rows, side="right")
         parts = [np.empty((0, self.d_in), self._np_dtype)]
         for i in np.unique(shard_of):
-            _VERIFIER.check(*self._file_sha("acts", int(i)))
+            VERIFIER.check(*self._file_sha("acts", int(i)))
             local = rows[shard_of == i] - self.shards[i].start
             parts.append(np.asarray(self._mmap("acts", int(i))[local]))
-        return _to_torch(np.concatenate(parts), self.storage_dtype).to(torch.float32)
+        return to_torch(np.concatenate(parts), self.storage_dtype).to(torch.float32)
 
     def tokens(self) -> np.ndarray:
         """Memmap of ``tokens.npy``: int32 ``[n_contexts, n_ctx]``."""
@@ -416,9 +271,9 @@ class ActivationStore:
         for shard in self.shards:
             for rel, sha in shard.files.items():
                 file = self.path / rel
-                _check_header(file, shard.stop - shard.start, self.d_in, self._np_dtype)
-                _VERIFIER.forget(file, sha)
-                _VERIFIER.check(file, sha)
+                check_header(file, shard.stop - shard.start, self.d_in, self._np_dtype)
+                VERIFIER.forget(file, sha)
+                VERIFIER.check(file, sha)
 
     # ----------------------------------------------------------------- streaming
 
@@ -592,7 +447,7 @@ def _prequeue_hashes(store: ActivationStore, spec: _StreamSpec, plan: list[np.nd
     for i in seen:
         for kind in spec.kinds:
             store._mmap(kind, i)  # header/size check up front: fail before any hashing
-            _VERIFIER.submit(*store._file_sha(kind, i))
+            VERIFIER.submit(*store._file_sha(kind, i))
 
 
 def _batches(store: ActivationStore, spec: _StreamSpec, stop: threading.Event) -> Iterator[Batch]:
@@ -601,7 +456,7 @@ def _batches(store: ActivationStore, spec: _StreamSpec, stop: threading.Event) -
     shape = (spec.chunk_rows * spec.chunks_per_buffer, store.d_in)
     # Reused across buffers: fresh 100 MB+ allocations cost more in page faults than the copy.
     raw = [np.empty(shape, store._np_dtype) for _ in spec.kinds]
-    shuffled = [_to_torch(np.empty(shape, store._np_dtype), store.storage_dtype) for _ in raw]
+    shuffled = [to_torch(np.empty(shape, store._np_dtype), store.storage_dtype) for _ in raw]
     pool = _BatchPool(spec.batch_size, store.d_in, spec.dtype, _queue_batches(spec) + 4)
     out = [pool.take() for _ in spec.kinds]
     have = 0
@@ -638,11 +493,11 @@ def _shuffled_buffers(
         offset = skip - (int(ends[b - 1]) if b else 0) if b == first else 0
         perm = torch.from_numpy(_buffer_perm(spec.seed, epoch, b, rows)[offset:])
         for src, dst in zip(raw, shuffled):
-            torch.index_select(_to_torch(src[:rows], store.storage_dtype), 0, perm,
+            torch.index_select(to_torch(src[:rows], store.storage_dtype), 0, perm,
                                out=dst[: rows - offset])  # fmt: skip
         for i in sorted(touched):  # shuffled before waiting: the hashes overlap the work
             for kind in spec.kinds:
-                _VERIFIER.submit(*store._file_sha(kind, i)).result()
+                VERIFIER.submit(*store._file_sha(kind, i)).result()
         yield rows - offset
 
 

@@ -86,7 +86,8 @@ def write_harvest(
     With grads, each token also gets a stand-in gradient (Gaussian, seeded), enough to
     exercise gradient_topk's code paths.
     """
-    from saelab.harvest import STORE_DTYPES, save_npy, write_shard
+    from saelab.harvest import save_npy, write_shard
+    from saelab.shards import STORE_DTYPES
 
     path = Path(path)
     n_contexts = -(-n_tokens // tokens_per_context)

@@ -1,0 +1,193 @@
+"""The harvest's file format: names, dtypes, checksums and validated reading of its parts.
+
+Written by `saelab.harvest`, read by `saelab.store` (see harvest.py for the layout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saelab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+NP_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}
+_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+_REQUIRED = ("format", "hooks", "d_in", "dtype", "n_ctx", "tokens_per_context", "shards")
+REPAIR = (
+    "delete that shard's entry (and later ones) from meta.json's \"shards\" and re-run "
+    "`saelab harvest` with the same settings to redo them"
+)
+
+
+def shard_path(kind: str, hook: str, index: int) -> str:
+    """Path of a shard file relative to the harvest directory; kind is 'acts' or 'grads'."""
+    return f"{kind}/{hook}/shard_{index:05d}.npy"
+
+
+def sha256_file(path: Path) -> str:
+    h, block = hashlib.sha256(), bytearray(8 << 20)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(block):
+            h.update(view[:n])  # hashlib releases the GIL on large updates
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Checksums, verified once per process
+
+
+class _Verifier:
+    """Process-wide sha256 cache: each file is hashed at most once per (size, mtime)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._futures: dict[tuple, Future] = {}
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def _key(self, path: Path, sha: str) -> tuple:
+        st = path.stat()
+        return (str(path.resolve()), st.st_size, st.st_mtime_ns, sha)
+
+    def _claim(self, path: Path, sha: str) -> tuple[Future, bool]:
+        key = self._key(path, sha)
+        with self._lock:
+            fut = self._futures.get(key)
+            if fut is not None:
+                return fut, False
+            fut = self._futures[key] = Future()
+            return fut, True
+
+    def submit(self, path: Path, sha: str) -> Future:
+        """Queue a background hash (a no-op if the file is already hashed or queued)."""
+        fut, mine = self._claim(path, sha)
+        if mine:
+            self._queue.put((path, sha, fut))
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    # Daemon: a pending queue must not delay interpreter exit.
+                    self._thread = threading.Thread(
+                        target=self._work, name="saelab-verify", daemon=True
+                    )
+                    self._thread.start()
+        return fut
+
+    def check(self, path: Path, sha: str) -> None:
+        """Hash now in this thread unless another thread already is; raise on mismatch."""
+        fut, mine = self._claim(path, sha)
+        if mine:
+            _run_hash(path, sha, fut)
+        fut.result()
+
+    def forget(self, path: Path, sha: str) -> None:
+        with self._lock:
+            self._futures.pop(self._key(path, sha), None)
+
+    def _work(self) -> None:
+        while True:
+            path, sha, fut = self._queue.get()
+            _run_hash(path, sha, fut)
+
+
+def _run_hash(path: Path, sha: str, fut: Future) -> None:
+    try:
+        digest = sha256_file(path)
+        if digest != sha:
+            raise UserError(f"{path} is corrupted (sha256 differs from meta.json); {REPAIR}")
+        log.debug("sha256 ok: %s", path)
+        fut.set_result(None)
+    except BaseException as exc:  # handed to whoever waits on the data
+        fut.set_exception(exc)
+
+
+VERIFIER = _Verifier()
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    meta_path = path / "meta.json"
+    if not path.is_dir() or not meta_path.is_file():
+        raise UserError(
+            f"no harvest at {path} (missing {meta_path.name}); run `saelab harvest` to create it "
+            "or pass the path of an existing cached_activations/<name> directory"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"{meta_path} is not valid JSON ({exc}); delete the harvest and re-run `saelab harvest`"
+        ) from None
+    missing = [k for k in _REQUIRED if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise UserError(
+            f"{meta_path} is not a saelab harvest (missing {', '.join(missing)}); "
+            "point at a directory written by `saelab harvest`"
+        )
+    if meta["format"] != FORMAT:
+        raise UserError(
+            f"{meta_path} has harvest format {meta['format']!r}, this saelab reads {FORMAT}; "
+            "use the saelab version that wrote it or re-run `saelab harvest`"
+        )
+    if meta["dtype"] not in NP_DTYPES:
+        raise UserError(
+            f"{meta_path} has unknown dtype {meta['dtype']!r} (expected one of "
+            f"{', '.join(NP_DTYPES)}); re-run `saelab harvest`"
+        )
+    return meta
+
+
+def check_header(file: Path, rows: int, d_in: int, dtype: np.dtype) -> None:
+    """Shape, dtype and byte size against meta: catches truncated and mismatched files."""
+    if not file.is_file():
+        raise UserError(f"{file} is missing though meta.json lists it; {REPAIR}")
+    with open(file, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = _HEADER_READERS.get(version)
+            if read_header is None:
+                raise ValueError(f"npy version {version}")
+            shape, fortran, got = read_header(f)
+        except ValueError:
+            raise UserError(f"{file} is not a readable .npy file (truncated?); {REPAIR}") from None
+        header_len = f.tell()
+    expected = header_len + rows * d_in * dtype.itemsize
+    size = file.stat().st_size
+    if shape != (rows, d_in) or got != dtype or fortran:
+        raise UserError(
+            f"{file} holds {got}{list(shape)}, meta.json says {dtype}[{rows}, {d_in}]; {REPAIR}"
+        )
+    if size != expected:
+        raise UserError(f"{file} is truncated ({size} of {expected} bytes); {REPAIR}")
+
+
+def to_torch(raw: np.ndarray, storage: str) -> torch.Tensor:
+    """Zero-copy view of storage-dtype rows as a torch tensor (bf16 is kept as uint16 bits)."""
+    if storage == "bfloat16":
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(raw)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: keep the raw bits
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
