@@ -106,6 +106,10 @@ class SAEConfig:
     beta: float = 1.0
     """gradient_topk: weight of the gradient term in the selection score."""
 
+    aux: Literal["default", "auxk", "zipf"] = "default"
+    """Auxiliary loss: the arch's own (aux_zipf for mutual_choice, AuxK otherwise), or force
+    AuxK on dead latents or aux_zipf on under-used ones."""
+
     def __post_init__(self) -> None:
         _positive(self, "d_sae", "k")
         _nonnegative(self, "beta")

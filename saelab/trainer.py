@@ -144,7 +144,7 @@ def _check_arch(s: SAEConfig, cfg: TrainConfig, store: ActivationStore) -> ArchS
 
 
 def _member_name(s: SAEConfig) -> str:
-    return f"{s.arch}-{s.d_sae}-k{s.k}"
+    return f"{s.arch}-{s.d_sae}-k{s.k}" + ("" if s.aux == "default" else f"-{s.aux}")
 
 
 def _plans(cfg: TrainConfig, store: ActivationStore) -> list[tuple[Path, dict[str, Any]]]:
@@ -177,7 +177,7 @@ def _plans(cfg: TrainConfig, store: ActivationStore) -> list[tuple[Path, dict[st
                     "n_steps": max(1, n_tokens // cfg.batch_size),
                     "lr": member_cfg.resolved_lr(),
                     "k_aux": cfg.k_aux or store.d_in // 2,
-                    "aux_loss": spec.aux,
+                    "aux_loss": spec.aux if s.aux == "default" else s.aux,
                     "feature_choice_m": feature_choice_m(s.k, cfg.batch_size, s.d_sae),
                     "train": to_dict(member_cfg),
                 },
@@ -215,7 +215,7 @@ def _train_step(
     dead = m.since_fired >= cfg.dead_tokens
     n_dead = int(dead.sum())
     weights = None
-    if m.spec.aux == "zipf":
+    if m.plan["aux_loss"] == "zipf":
         weights = zipf_deficit(m.freq, cfg.zipf_exponent)
         aux_mask = weights > 0
     else:

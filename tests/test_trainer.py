@@ -203,3 +203,16 @@ def test_cli_damaged_shard_is_named(tmp_path, capsys, damage):
                "--sae.k", "2", "--batch_size", "128", "--eval_tokens", "300", "-q"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "shard_00001.npy" in err and len(err.splitlines()) == 1
+
+
+def test_zipf_deficit_hand_worked():
+    from saelab.trainer import zipf_deficit
+
+    # Frequencies already ranked; exponent 1: targets ∝ (1, 1/2, 1/4·...) scaled to Σf.
+    freq = torch.tensor([0.5, 0.3, 0.0, 0.2])  # ranks 1, 2, 4, 3
+    t = torch.tensor([1, 1 / 2, 1 / 4, 1 / 3])
+    t = t * freq.sum() / t.sum()
+    w = zipf_deficit(freq, 1.0)
+    expected = ((t - freq) / t).clamp(0, 1) * (freq < t)
+    torch.testing.assert_close(w, expected)
+    assert w[2] == 1.0 and w[0] == 0.0  # a silent latent has full deficit; the top has none
