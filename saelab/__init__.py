@@ -1,6 +1,8 @@
 """saelab: a sparse-autoencoder workbench (harvest, train, evaluate, inspect, steer)."""
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("saelab")
@@ -9,4 +11,30 @@ except PackageNotFoundError:  # running from a source tree without install
 
 from saelab.errors import UserError  # noqa: E402
 
-__all__ = ["UserError", "__version__"]
+# The notebook API, imported on first use: `import saelab` (and so the CLI) stays free of
+# torch and transformer-lens until one of these is asked for.
+_LAZY = {
+    "SparseCoder": "saelab.sae",
+    "load_model": "saelab.steering",
+    "load_sae": "saelab.steering",
+    "steer": "saelab.steering",
+    "add": "saelab.steering",
+    "clamp": "saelab.steering",
+    "ablate": "saelab.steering",
+    "generate": "saelab.steering",
+    "compare_generations": "saelab.steering",
+    "top_latents": "saelab.steering",
+    "next_token_probs": "saelab.steering",
+    "export_saelens": "saelab.interop",
+    "load_saelens": "saelab.interop",
+    "load_sparsify": "saelab.interop",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'saelab' has no attribute {name!r}")
+
+
+__all__ = ["UserError", "__version__", *_LAZY]

@@ -1,0 +1,453 @@
+"""Steer, clamp or ablate SAE latents inside a `TransformerBridge`, from a notebook.
+
+An intervention edits the activation x at the SAE's hook, in the model's own units. With
+D_i = W_dec[i] / input_scale (latent i's decoder direction in those units) and a_i(x) the
+SAE's inference-mode code (thresholds for batch-level rules, no gradients for g-SAEs):
+
+- `add(sae, i, scale)`:     x' = x + scale·D_i                       (activation steering)
+- `clamp(sae, i, value)`:   x' = x + (value − a_i(x))·D_i where latent i fires, or at every
+                            token with everywhere=True
+- `ablate(sae, i)`:         x' = x − a_i(x)·D_i, i.e. x̂ without latent i plus the SAE error
+                            term (x − x̂), so the edit removes only what the latent wrote
+
+Each takes one latent or several (with one scale/value, or one per latent) and optional
+`positions`: indices into the whole token sequence (prompt, then generated tokens; 0 is BOS).
+`steer(model, *interventions)` applies them through `model.hooks(...)` and removes them on
+exit; the model's weights are never touched.
+
+Positions during generation: with the KV cache, each decoding step runs only the newest
+token, so a hook sees a one-token tensor whose index 0 is *not* position 0. `generate` therefore
+turns the KV cache off whenever an intervention names positions (every step then recomputes
+the whole sequence and indices stay absolute); interventions without positions apply to every
+token and keep the cache, which gives the same result because cached keys and values were
+computed from the already-steered residual stream. Inside your own `model.generate(...)`
+under `steer`, pass `use_past_kv_cache=False` if you use positions.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from saelab.errors import UserError
+from saelab.models import load_model, resolve_hook, stop_layer
+from saelab.sae import CFG, WEIGHTS, SparseCoder
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+__all__ = [
+    "Intervention",
+    "ablate",
+    "add",
+    "clamp",
+    "compare_generations",
+    "generate",
+    "load_model",
+    "load_sae",
+    "next_token_probs",
+    "steer",
+    "top_latents",
+]
+
+# Hooks whose width is d_model: a d_in mismatch there is caught before any forward pass.
+_RESIDUAL_WIDTH = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_in", "hook_out")
+_RESIDUAL_WIDTH += ("hook_attn_out", "hook_mlp_out", "hook_embed")
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def load_sae(path: str | Path, device: str = "cpu") -> SparseCoder:
+    """A saelab run, a SAELens-format or a sparsify-format directory, told apart by its files.
+
+    The SAE comes back with `sae.hook` (and `sae.model_name`) set from the file's metadata when
+    it names them, so that interventions know where they belong.
+    """
+    from saelab import interop
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory; pass a run or SAE directory")
+    if (path / interop.SAELENS_WEIGHTS).is_file():
+        return interop.load_saelens(path, device)
+    cfg = _read_json(path / CFG) if (path / CFG).is_file() else None
+    if cfg is not None and (path / WEIGHTS).is_file():
+        if "arch" in cfg and "input_scale" in cfg:
+            sae = SparseCoder.load(path, device)
+            sae.hook, sae.model_name = cfg.get("hook"), cfg.get("model")  # type: ignore[assignment]
+            return sae
+        return interop.load_sparsify(path, device=device)
+    subdirs = sorted(p.name for p in path.iterdir() if (p / CFG).is_file())
+    hint = f"; it holds SAEs in {', '.join(subdirs[:5])}: pass one" if subdirs else ""
+    raise UserError(
+        f"{path} holds no SAE (saelab: cfg.json + sae.safetensors, SAELens: cfg.json + "
+        f"sae_weights.safetensors){hint}"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON; re-export or re-train the SAE") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Interventions
+
+
+@dataclass(frozen=True, eq=False)
+class Intervention:
+    """One edit of the activation at `hook`; build it with `add`, `clamp` or `ablate`."""
+
+    kind: Literal["add", "clamp"]
+    """add: x + Σ c_i D_i; clamp: move latent i's activation to c_i (ablate is clamp to 0)."""
+
+    sae: SparseCoder
+    hook: str
+    latents: tuple[int, ...]
+    coefs: tuple[float, ...]
+    """The scale (add) or target value (clamp) of each latent, in the SAE's activation units."""
+
+    positions: tuple[int, ...] | None = None
+    """Absolute token positions to edit; None edits every token."""
+
+    everywhere: bool = False
+    """clamp only: also set the latent at tokens where it does not fire."""
+
+    directions: Tensor = field(init=False, repr=False)
+    """[L, d_in] decoder rows of `latents` in the model's units."""
+
+    def __post_init__(self) -> None:
+        rows = self.sae.W_dec.detach()[list(self.latents)] / self.sae.input_scale
+        object.__setattr__(self, "directions", rows)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """The edited activations for x [batch, pos, d_in]; a new tensor, x is left as is."""
+        if x.shape[-1] != self.sae.d_in:
+            raise UserError(_width_error(self.sae, self.hook, x.shape[-1]))
+        with torch.no_grad():
+            coef = self._coefficients(x)  # [..., L]
+            delta = coef @ self.directions.to(coef.dtype)
+            edited = (x.to(delta.dtype) + delta).to(x.dtype)
+            if self.positions is None:
+                return edited
+            keep = _position_mask(self.positions, x.shape[-2], x.device)
+            return torch.where(keep[:, None], edited, x)
+
+    def _coefficients(self, x: Tensor) -> Tensor:
+        """How much of each direction to add, per token: [..., L]."""
+        dtype = self.sae.W_dec.dtype
+        coefs = torch.tensor(self.coefs, dtype=dtype, device=x.device)
+        if self.kind == "add":
+            return coefs.expand(*x.shape[:-1], len(self.latents))
+        acts = latent_acts(self.sae, x, self.latents)
+        target = coefs.expand_as(acts) if self.everywhere else torch.where(acts > 0, coefs, acts)
+        return target - acts
+
+    def hook_fn(self, acts: Tensor, hook: Any) -> Tensor:
+        return self(acts)
+
+
+def latent_acts(sae: SparseCoder, x: Tensor, latents: Sequence[int]) -> Tensor:
+    """Inference-mode activations of `latents` for x [..., d_in], as a dense [..., L] tensor."""
+    code = sae.encode(x)
+    wanted = torch.as_tensor(list(latents), device=code.indices.device)
+    hit = code.indices[:, :, None] == wanted  # [N, K, L]
+    acts = (code.values[:, :, None] * hit).sum(1)
+    return acts.reshape(*x.shape[:-1], len(latents))
+
+
+def _position_mask(positions: tuple[int, ...], n: int, device: torch.device) -> Tensor:
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    inside = [p for p in positions if p < n]  # a prompt may be shorter than the positions
+    mask[inside] = True
+    return mask
+
+
+def _width_error(sae: SparseCoder, hook: str, width: int) -> str:
+    return (
+        f"the SAE expects d_in={sae.d_in} but {hook} has width {width}; "
+        "use an SAE trained on this model and hook"
+    )
+
+
+def _as_tuple(values: int | float | Sequence[Any] | None, n: int, what: str) -> tuple[Any, ...]:
+    if values is None or isinstance(values, (int, float)):
+        return (values,) * n
+    values = tuple(values)
+    if len(values) != n:
+        raise UserError(f"{len(values)} {what}s for {n} latents; give one, or one per latent")
+    return values
+
+
+def _make(
+    kind: Literal["add", "clamp"],
+    sae: SparseCoder,
+    latents: int | Sequence[int],
+    coefs: float | Sequence[float],
+    positions: Iterable[int] | None,
+    hook: str | None,
+    everywhere: bool = False,
+) -> Intervention:
+    ids = (latents,) if isinstance(latents, int) else tuple(int(i) for i in latents)
+    bad = [i for i in ids if not 0 <= i < sae.d_sae]
+    if bad or not ids:
+        raise UserError(
+            f"latent id {bad[0] if bad else '(none)'} is out of range; this SAE has latents "
+            f"0-{sae.d_sae - 1}"
+        )
+    pos = None if positions is None else tuple(int(p) for p in positions)
+    if pos is not None and any(p < 0 for p in pos):
+        raise UserError("positions must be >= 0 (0 is the first token, BOS when prepended)")
+    values = tuple(float(c) for c in _as_tuple(coefs, len(ids), "value"))
+    return Intervention(kind, sae, _sae_hook(sae, hook), ids, values, pos, everywhere)
+
+
+def _sae_hook(sae: SparseCoder, hook: str | None) -> str:
+    trained = getattr(sae, "hook", None)
+    if hook is not None and trained is not None and hook != trained:
+        raise UserError(
+            f"this SAE was trained on {trained}, not {hook}; use hook={trained!r} or another SAE"
+        )
+    if hook is None and trained is None:
+        raise UserError("this SAE does not record its hook; pass hook='blocks.N.hook_...'")
+    return hook or trained  # type: ignore[return-value]
+
+
+def add(
+    sae: SparseCoder,
+    latents: int | Sequence[int],
+    scale: float | Sequence[float],
+    positions: Iterable[int] | None = None,
+    hook: str | None = None,
+) -> Intervention:
+    """x' = x + Σ scale_i·D_i: write each latent's decoder direction, as if it fired at `scale`."""
+    return _make("add", sae, latents, scale, positions, hook)
+
+
+def clamp(
+    sae: SparseCoder,
+    latents: int | Sequence[int],
+    value: float | Sequence[float],
+    positions: Iterable[int] | None = None,
+    everywhere: bool = False,
+    hook: str | None = None,
+) -> Intervention:
+    """Set each latent to `value` where it fires (or at every token), keeping the SAE error."""
+    return _make("clamp", sae, latents, value, positions, hook, everywhere)
+
+
+def ablate(
+    sae: SparseCoder,
+    latents: int | Sequence[int],
+    positions: Iterable[int] | None = None,
+    hook: str | None = None,
+) -> Intervention:
+    """x' = x − Σ a_i(x)·D_i: remove the latents, keep the rest of x̂ and the error term."""
+    return _make("clamp", sae, latents, 0.0, positions, hook)
+
+
+def _check(model: TransformerBridge, iv: Intervention) -> None:
+    resolve_hook(model, iv.hook)
+    width = int(model.cfg.d_model)
+    if iv.hook.endswith(_RESIDUAL_WIDTH) and iv.sae.d_in != width:
+        raise UserError(_width_error(iv.sae, iv.hook, width))
+
+
+@contextmanager
+def steer(model: TransformerBridge, *interventions: Intervention) -> Iterator[TransformerBridge]:
+    """Apply the interventions inside the block (in the order given, when they share a hook)."""
+    for iv in interventions:
+        _check(model, iv)
+    with model.hooks(fwd_hooks=[(iv.hook, iv.hook_fn) for iv in interventions]):
+        yield model
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the effect
+
+
+def _device_rng(model: TransformerBridge) -> list[Any]:
+    device = next(model.parameters()).device
+    return [device] if device.type == "cuda" else []
+
+
+def generate(
+    model: TransformerBridge,
+    prompt: str,
+    interventions: Sequence[Intervention] = (),
+    max_new_tokens: int = 20,
+    seed: int = 0,
+    temperature: float = 1.0,
+) -> str:
+    """The continuation of `prompt` (new text only) under the interventions.
+
+    Sampling is seeded with `seed` on a forked RNG, so the same call gives the same text and
+    the caller's RNG state is left alone; temperature=0 decodes greedily.
+    """
+    use_cache = all(iv.positions is None for iv in interventions)
+    with torch.random.fork_rng(devices=_device_rng(model)), steer(model, *interventions):
+        torch.manual_seed(seed)
+        tokens = model.generate(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else 1.0,
+            use_past_kv_cache=use_cache,
+            return_type="tokens",
+            verbose=False,
+        )
+    n_prompt = model.to_tokens(prompt).shape[-1]
+    return model.tokenizer.decode(tokens[0, n_prompt:], skip_special_tokens=False)
+
+
+@dataclass
+class Comparison:
+    """Generations of one prompt under named sets of interventions; prints as a table."""
+
+    prompt: str
+    texts: dict[str, str]
+
+    def __str__(self) -> str:
+        width = max(len(name) for name in self.texts)
+        lines = [f"prompt: {self.prompt!r}"]
+        lines += [f"{name:<{width}} | {_one_line(t)}" for name, t in self.texts.items()]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td><b>{html.escape(n)}</b></td><td>{html.escape(_one_line(t))}</td></tr>"
+            for n, t in self.texts.items()
+        )
+        return f"<p>prompt: <code>{html.escape(self.prompt)}</code></p><table>{rows}</table>"
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\n", "⏎")
+
+
+def compare_generations(
+    model: TransformerBridge,
+    prompt: str,
+    interventions: dict[str, Sequence[Intervention]],
+    max_new_tokens: int = 20,
+    seed: int = 0,
+    temperature: float = 1.0,
+) -> Comparison:
+    """Generate once per entry with the same seed; a "baseline" row comes first unless some
+    entry already has no interventions."""
+    runs = dict(interventions)
+    if all(runs.values()):
+        runs = {"baseline": [], **runs}
+    texts = {
+        name: generate(model, prompt, ivs, max_new_tokens, seed, temperature)
+        for name, ivs in runs.items()
+    }
+    return Comparison(prompt, texts)
+
+
+class TokenLatents(NamedTuple):
+    """The strongest latents at one token."""
+
+    position: int
+    token: str
+    latents: list[int]
+    """Latent ids, strongest first."""
+
+    values: list[float]
+    """Their activations, in the SAE's units."""
+
+
+@dataclass
+class TopLatents:
+    """`top_latents`' answer: one row per token."""
+
+    rows: list[TokenLatents]
+
+    def __iter__(self) -> Iterator[TokenLatents]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> TokenLatents:
+        return self.rows[i]
+
+    def __str__(self) -> str:
+        lines = []
+        for r in self.rows:
+            pairs = "  ".join(f"{i}:{v:.2f}" for i, v in zip(r.latents, r.values))
+            lines.append(f"{r.position:>4} {r.token!r:<16} {pairs}")
+        return "\n".join(lines)
+
+
+def hook_activations(model: TransformerBridge, prompt: str, hook: str) -> Tensor:
+    """The activations [pos, d] at `hook` for `prompt` (BOS prepended), running no further."""
+    resolve_hook(model, hook)
+    seen: list[Tensor] = []
+
+    def capture(acts: Tensor, hook: Any) -> None:
+        seen.append(acts.detach())
+
+    with torch.no_grad():
+        model.run_with_hooks(
+            prompt, fwd_hooks=[(hook, capture)], stop_at_layer=stop_layer(model, [hook])
+        )
+    return seen[0][0]
+
+
+def top_latents(
+    model: TransformerBridge, sae: SparseCoder, prompt: str, k: int = 5, hook: str | None = None
+) -> TopLatents:
+    """For each token of `prompt`: the k latents with the largest activations (firing only)."""
+    hook = _sae_hook(sae, hook)
+    acts = hook_activations(model, prompt, hook)
+    if acts.shape[-1] != sae.d_in:
+        raise UserError(_width_error(sae, hook, acts.shape[-1]))
+    with torch.no_grad():
+        code = sae.encode(acts)
+    order = code.values.argsort(dim=1, descending=True)
+    values, ids = code.values.gather(1, order), code.indices.gather(1, order)
+    tokens = model.to_str_tokens(prompt)
+    rows = []
+    for pos, token in enumerate(tokens):
+        firing = values[pos] > 0
+        rows.append(
+            TokenLatents(
+                pos, token, ids[pos][firing][:k].tolist(), values[pos][firing][:k].tolist()
+            )
+        )
+    return TopLatents(rows)
+
+
+def next_token_probs(
+    model: TransformerBridge,
+    prompt: str,
+    interventions: Sequence[Intervention] = (),
+    k: int = 10,
+    tokens: Sequence[str] = (),
+) -> dict[str, float]:
+    """The k most likely next tokens after `prompt` under the interventions, with their
+    probabilities, plus any `tokens` asked for by name (each must be a single token)."""
+    with torch.no_grad(), steer(model, *interventions):
+        logits = model(prompt, return_type="logits")[0, -1]
+    probs = logits.float().softmax(-1)
+    top = probs.topk(k)
+    out = {model.tokenizer.decode([int(i)]): float(p) for p, i in zip(top.values, top.indices)}
+    for tok in tokens:
+        ids = model.tokenizer.encode(tok, add_special_tokens=False)
+        if len(ids) != 1:
+            raise UserError(f"{tok!r} is {len(ids)} tokens, not one; pick a single token")
+        out[tok] = float(probs[ids[0]])
+    return out
