@@ -151,7 +151,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], type | None]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="saelab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="saelab", description=(__doc__ or "saelab").splitlines()[0]
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, _, cls) in COMMANDS.items():

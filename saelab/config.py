@@ -338,7 +338,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             if dataclasses.is_dataclass(args[0]):
                 if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                     raise UserError(f"{key} must be a YAML list of mappings (set it in --config)")
-                return [from_dict(args[0], v, f"{key}[{i}].") for i, v in enumerate(value)]
+                item_cls = typing.cast(type, args[0])
+                return [from_dict(item_cls, v, f"{key}[{i}].") for i, v in enumerate(value)]
             return [coerce(v, args[0], key) for v in value]
         if origin in (typing.Union, types.UnionType):
             return coerce(value, next(a for a in args if a is not type(None)), key)

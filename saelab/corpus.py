@@ -253,7 +253,9 @@ def special_ids(tokenizer: Any) -> tuple[int, int]:
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is None and eos is None:
         raise UserError("the tokenizer has neither a BOS nor an EOS token; use another model")
-    return (eos if bos is None else bos), (bos if eos is None else eos)
+    first, last = (eos if bos is None else bos), (bos if eos is None else eos)
+    assert first is not None and last is not None
+    return int(first), int(last)
 
 
 def _next_batch(texts: Iterator[str], max_chars: int) -> list[str]:

@@ -119,7 +119,7 @@ def save_npy(path: Path, arr: np.ndarray) -> str:
 
     def write(f: Any) -> None:
         np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
-        f.write(memoryview(arr).cast("B"))
+        f.write(memoryview(arr).cast("B"))  # type: ignore[arg-type]  # ndarray is a buffer
 
     return _atomic_write(path, write)
 

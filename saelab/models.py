@@ -108,7 +108,7 @@ def _embedded_model_dir() -> Path:
         hf = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
         # save_pretrained refuses GGUF-quantized models; the weights are plain float32 by now.
         if getattr(hf.config, "quantization_config", None) is not None:
-            del hf.config.quantization_config
+            del hf.config.quantization_config  # type: ignore[attr-defined]
         hf.config.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(_embedded_tokenizer_dir())).save_pretrained(tmp)
         save_model(hf, str(tmp / "model.safetensors"))
@@ -210,7 +210,7 @@ def _load_tiny(device: str, dtype: torch.dtype) -> TransformerBridge:
 
     tok = load_tokenizer(TINY)
     cfg = TransformerBridgeConfig(d_vocab=len(tok), **TINY_CONFIG)  # type: ignore[arg-type]
-    return TransformerBridge.boot_native(
+    return TransformerBridge.boot_native(  # type: ignore[attr-defined]  # set by tl's native source
         cfg, tokenizer=tok, device=device, dtype=dtype, model_name=TINY
     )
 

@@ -30,6 +30,9 @@ CFG = "cfg.json"
 
 
 class SparseCoder(nn.Module):
+    threshold: Tensor
+    """Inference threshold(s) of batch-level rules (a buffer; absent for other rules)."""
+
     def __init__(
         self,
         d_in: int,

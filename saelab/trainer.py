@@ -255,7 +255,9 @@ def _train_step(
 def _init_scale_and_median(
     store: ActivationStore, cfg: TrainConfig, train_range: list[int], device: torch.device
 ) -> tuple[float, torch.Tensor]:
-    sample = store.sample(cfg.scale_sample, seed=cfg.seed, token_range=tuple(train_range))
+    sample = store.sample(
+        cfg.scale_sample, seed=cfg.seed, token_range=(train_range[0], train_range[1])
+    )
     sample = sample.to(device, torch.float32)
     scale = math.sqrt(store.d_in / float(sample.pow(2).sum(1).mean()))
     return scale, geometric_median(sample * scale)
@@ -380,7 +382,7 @@ def _run(
         for batch in stream:
             if step >= n_steps:
                 break
-            x, g = batch if grads else (batch, None)
+            x, g = batch if isinstance(batch, tuple) else (batch, None)
             x = x.to(device, non_blocking=True)
             g = g.to(device, non_blocking=True) if g is not None else None
             rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
