@@ -258,27 +258,49 @@ class EvalConfig:
 
 @dataclass
 class DarkMatterConfig:
-    fit_tokens: int = 50_000
-    """Held-out tokens used to fit the linear predictor of the SAE error."""
+    fit_tokens: int = 0
+    """Held-out tokens used to fit the linear predictor of the SAE error; 0: half of the
+    run's held-out split, at most 150k (the paper's fit size)."""
 
-    eval_tokens: int = 50_000
-    """Further held-out tokens (disjoint from the fit tokens) the predictor is scored on."""
+    eval_tokens: int = 0
+    """Further held-out tokens (disjoint from the fit tokens) the predictor is scored on;
+    0: the rest of the held-out split, at most 300k (the paper's)."""
 
     batch_size: int = 4096
     """Tokens per batch."""
 
+    ridge: float = 1e-6
+    """Ridge added to the normal equations, relative to their mean diagonal (stability only)."""
+
     ce_contexts: int = 32
-    """Held-out contexts for the three-way CE splice."""
+    """Held-out contexts for the three-way CE splice (0 skips it)."""
+
+    splice_from: int = 1
+    """First position that is spliced in the CE comparison (1 skips BOS)."""
 
     top_contexts: int = 20
     """Contexts with the largest nonlinear error to list."""
+
+    pursuit: Literal["support", "greedy", "none"] = "support"
+    """Inference-time gradient pursuit at the SAE's own L0: 'support' refits the coefficients
+    on the latents the SAE chose, 'greedy' also picks the latents (slow: one dense pass over
+    W_dec per step), 'none' skips it."""
+
+    pursuit_steps: int = 10
+    """Projected gradient steps (exact line search) refining the pursuit's coefficients."""
+
+    figures: bool = True
+    """Write the figures (HTML, and PNG when a browser is available)."""
 
     device: str = "auto"
     """'auto', 'cpu' or 'cuda'."""
 
     def __post_init__(self) -> None:
-        _positive(self, "fit_tokens", "eval_tokens", "batch_size")
-        _nonnegative(self, "ce_contexts", "top_contexts")
+        _positive(self, "batch_size")
+        _nonnegative(self, "fit_tokens", "eval_tokens", "ce_contexts", "top_contexts")
+        _nonnegative(self, "pursuit_steps", "ridge")
+        if self.splice_from < 1:
+            raise UserError(f"splice_from={self.splice_from} would splice BOS; use 1 or more")
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,18 +1,27 @@
-"""Evaluation on the run's held-out tokens: reconstruction and sparsity, in model units.
+"""Evaluation on the run's held-out tokens: reconstruction, sparsity and downstream loss.
 
 Reads the held-out row range the trainer recorded in cfg.json, streams it in order and
-writes eval.json atomically.
+writes eval.json atomically. Downstream metrics (ALGORITHMS.md §7) splice the SAE's
+reconstruction into the model at its hook through forward hooks, on whole held-out contexts:
+CE score = (L_abl − L_sae)/(L_abl − L_clean) with zero-ablation as L_abl (Gao et al. 2024,
+arXiv 2406.04093), ΔCE = L_sae − L_clean, KL score = (KL_abl − KL_sae)/KL_abl. The g-SAE's
+"with gradients" variant takes ∂CE/∂x from one backward per batch (Olmo et al., arXiv
+2411.10397), since the harvest stores gradients only for training rows.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelab.archs import SparseCode
@@ -23,7 +32,18 @@ from saelab.sae import CFG, SparseCoder
 from saelab.store import ActivationStore
 from saelab.trainer import resolve_device
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+log = logging.getLogger(__name__)
+
 EVAL = "eval.json"
+SYNTHETIC = "synthetic"
+"""The model name of synthetic harvests: no model behind them, so nothing to splice into."""
+
+SPLICE_TOKENS = 1024
+"""Tokens per spliced forward: the [tokens, d_vocab] float32 logits (and their copies)
+dominate memory, about 200 MB each at SmolLM2's 49k vocabulary."""
 
 
 def load_run(run: str | Path) -> tuple[dict[str, Any], SparseCoder]:
@@ -57,6 +77,183 @@ def eval_modes(sae: SparseCoder, cfg: EvalConfig, has_grads: bool) -> dict[str, 
     if sae.arch == "matching_pursuit":
         modes["adaptive"] = lambda x, g: sae.encode(x, mp_tol=cfg.mp_tol, mp_max_steps=4 * sae.k)
     return modes
+
+
+# ---------------------------------------------------------------------------------------
+# Downstream: splicing a replacement for the hooked activation into the model.
+
+Splice = Callable[[Tensor, Tensor | None], Tensor]
+"""Replacement of hooked activations: (x [N, d_in], ∂CE/∂x [N, d_in] or None) → [N, d_in]."""
+
+
+def heldout_contexts(store: ActivationStore, rows: tuple[int, int], limit: int) -> list[int]:
+    """The first `limit` contexts all of whose activation rows lie in [rows[0], rows[1])."""
+    start, stop = rows
+    if stop <= start or limit <= 0:
+        return []
+    c0, p0 = store.locate(start)
+    c1, p1 = store.locate(stop - 1)
+    first = c0 if p0 == 1 else c0 + 1
+    last = c1 if p1 == store.tokens_per_context else c1 - 1
+    return list(range(first, min(last + 1, first + limit)))
+
+
+def _splice_hook(fn: Splice, splice_from: int, grads: Tensor | None) -> Callable[..., Tensor]:
+    def hook_fn(act: Tensor, hook: Any) -> Tensor:
+        if act.ndim != 3:
+            shape = tuple(act.shape)
+            raise UserError(f"cannot splice into a hook of shape {shape}; need [B, P, d]")
+        tail = act[:, splice_from:]
+        g = None if grads is None else grads[:, splice_from:].reshape(-1, act.shape[-1])
+        new = fn(tail.reshape(-1, act.shape[-1]), g).reshape(tail.shape).to(act.dtype)
+        # A new tensor, never an in-place edit: the clean activation stays intact upstream.
+        return torch.cat([act[:, :splice_from], new], 1)
+
+    return hook_fn
+
+
+def spliced_logits(
+    model: TransformerBridge,
+    hook: str,
+    tokens: Tensor,
+    fn: Splice,
+    splice_from: int = 1,
+    grads: Tensor | None = None,
+) -> Tensor:
+    """Logits [B, P, V] with positions ≥ splice_from of `hook` replaced by fn; hooks are
+    removed on exit, so the model itself is never changed."""
+    with model.hooks(fwd_hooks=[(hook, _splice_hook(fn, splice_from, grads))]):
+        return model(tokens)
+
+
+def clean_logits_and_grads(
+    model: TransformerBridge, hook: str, tokens: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Clean logits and ∂L/∂x at `hook`, L the summed next-token CE (as the harvest's grads),
+    taken through a zero perturbation so that every path through the hook is counted."""
+    box: dict[str, Tensor] = {}
+
+    def add_delta(act: Tensor, hook: Any) -> Tensor:
+        box["delta"] = torch.zeros_like(act, requires_grad=True)
+        return act + box["delta"]
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(hook, add_delta)]):
+        logits = model(tokens)
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum"
+        )
+        (grad,) = torch.autograd.grad(loss, box["delta"])
+    return logits.detach(), grad
+
+
+def _log_probs(logits: Tensor, splice_from: int) -> Tensor:
+    # Logits at positions ≥ splice_from are the ones the splice can change.
+    return logits[:, splice_from:-1].float().log_softmax(-1)
+
+
+@torch.no_grad()
+def downstream_ce(
+    model: TransformerBridge,
+    hook: str,
+    tokens: Tensor,
+    splices: dict[str, Splice],
+    splice_from: int = 1,
+    with_grads: bool = False,
+) -> dict[str, Any]:
+    """Clean, zero-ablated and spliced next-token CE (and KL from clean) on `tokens` [C, n_ctx].
+
+    CE and KL are averaged over predictions made at positions splice_from … n_ctx − 2.
+    with_grads: pass each splice ∂CE/∂x of the clean model (one extra backward per batch).
+    """
+    n_ctx = tokens.shape[1]
+    if not 1 <= splice_from < n_ctx - 1:
+        raise UserError(f"splice_from={splice_from} leaves nothing to predict at n_ctx={n_ctx}")
+    variants = {"zero_ablation": lambda x, g: torch.zeros_like(x), **splices}
+    ce = dict.fromkeys(["clean", *variants], 0.0)
+    kl = dict.fromkeys(variants, 0.0)
+    per_batch = max(1, SPLICE_TOKENS // n_ctx)
+    n = 0
+    for lo in range(0, tokens.shape[0], per_batch):
+        toks = tokens[lo : lo + per_batch]
+        targets = toks[:, splice_from + 1 :, None]
+        grads = None
+        if with_grads:
+            logits, grads = clean_logits_and_grads(model, hook, toks)
+        else:
+            logits = model(toks)
+        clean = _log_probs(logits, splice_from)
+        ce["clean"] -= float(clean.gather(-1, targets).sum())
+        for name, fn in variants.items():
+            lp = _log_probs(spliced_logits(model, hook, toks, fn, splice_from, grads), splice_from)
+            ce[name] -= float(lp.gather(-1, targets).sum())
+            kl[name] += float((clean.exp() * (clean - lp)).sum())
+        n += targets.numel()
+    return _scores({k: v / n for k, v in ce.items()}, {k: v / n for k, v in kl.items()}) | {
+        "n_contexts": int(tokens.shape[0]),
+        "n_tokens": n,
+        "positions": [splice_from, n_ctx - 2],
+        "splice_from": splice_from,
+    }
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den > 0 else None
+
+
+def _scores(ce: dict[str, float], kl: dict[str, float]) -> dict[str, Any]:
+    clean, abl, kl_abl = ce["clean"], ce["zero_ablation"], kl["zero_ablation"]
+    variants = {
+        name: {
+            "ce": ce[name],
+            "kl": kl[name],
+            "delta_ce": ce[name] - clean,
+            "ce_score": _ratio(abl - ce[name], abl - clean),
+            "kl_score": _ratio(kl_abl - kl[name], kl_abl),
+        }
+        for name in kl
+        if name != "zero_ablation"
+    }
+    return {"ce_clean": clean, "ce_ablation": abl, "kl_ablation": kl_abl, "variants": variants}
+
+
+def context_tokens(store: ActivationStore, contexts: list[int], device: torch.device) -> Tensor:
+    return torch.from_numpy(np.asarray(store.tokens()[contexts], dtype=np.int64)).to(device)
+
+
+def load_spliceable_model(run_cfg: dict[str, Any], device: torch.device) -> Any:
+    """The run's model with its hook enabled, or None (logged) when there is no model."""
+    from saelab.models import enable_hooks, load_model, resolve_hook
+
+    name = run_cfg.get("model")
+    if not name or name == SYNTHETIC:
+        log.info("downstream metrics skipped: the harvest has no model behind it (%s)", name)
+        return None
+    model = load_model(name, device=str(device))
+    resolve_hook(model, run_cfg["hook"])
+    enable_hooks(model, [run_cfg["hook"]])
+    return model
+
+
+def run_downstream(
+    cfg: EvalConfig, run_cfg: dict[str, Any], sae: SparseCoder, store: ActivationStore
+) -> dict[str, Any]:
+    """The `downstream` section of eval.json: the SAE (inference rule) spliced on whole
+    held-out contexts, and for gradient_topk also with on-the-fly gradients."""
+    contexts = heldout_contexts(store, tuple(run_cfg["eval_range"]), cfg.downstream_contexts)
+    if not contexts:
+        log.info("downstream metrics skipped: no whole context inside the held-out rows")
+        return {"skipped": "no whole held-out context"}
+    device = sae.W_dec.device
+    model = load_spliceable_model(run_cfg, device)
+    if model is None:
+        return {"skipped": f"model '{run_cfg.get('model')}' cannot be run"}
+    splices: dict[str, Splice] = {"sae": lambda x, g: sae(x)}
+    grads = sae.arch == "gradient_topk"
+    if grads:
+        splices["with_grad"] = lambda x, g: sae(x, grad=g)
+    tokens = context_tokens(store, contexts, device)
+    res = downstream_ce(model, run_cfg["hook"], tokens, splices, cfg.splice_from, grads)
+    return {**res, "contexts": contexts}
 
 
 @torch.no_grad()
@@ -93,11 +290,22 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "modes": results,
     }
     result["dead_window_tokens"] = result["n_tokens"]
+    if cfg.downstream and cfg.downstream_contexts:
+        _add_downstream(result, run_downstream(cfg, run_cfg, sae, store))
     path = Path(cfg.run) / EVAL
     tmp = path.with_name(EVAL + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, path)
     return result
+
+
+def _add_downstream(result: dict[str, Any], ds: dict[str, Any]) -> None:
+    """Headline CE/KL numbers at the top level (and per mode), details under `downstream`."""
+    result["downstream"] = ds
+    keys = ("delta_ce", "ce_score", "kl_score")
+    for name, v in ds.get("variants", {}).items():
+        target = result if name == "sae" else result["modes"].setdefault(name, {})
+        target.update({k: v[k] for k in keys})
 
 
 def summary_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
