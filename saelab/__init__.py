@@ -2,7 +2,7 @@
 
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = version("saelab")
@@ -10,6 +10,22 @@ except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0"
 
 from saelab.errors import UserError  # noqa: E402
+
+if TYPE_CHECKING:  # what _LAZY provides, for type checkers and editors
+    from saelab.interop import export_saelens, load_saelens, load_sparsify
+    from saelab.sae import SparseCoder
+    from saelab.steering import (
+        ablate,
+        add,
+        clamp,
+        compare_generations,
+        generate,
+        load_model,
+        load_sae,
+        next_token_probs,
+        steer,
+        top_latents,
+    )
 
 # The notebook API, imported on first use: `import saelab` (and so the CLI) stays free of
 # torch and transformer-lens until one of these is asked for.
@@ -37,4 +53,21 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'saelab' has no attribute {name!r}")
 
 
-__all__ = ["UserError", "__version__", *_LAZY]
+__all__ = [
+    "UserError",
+    "__version__",
+    "SparseCoder",
+    "load_model",
+    "load_sae",
+    "steer",
+    "add",
+    "clamp",
+    "ablate",
+    "generate",
+    "compare_generations",
+    "top_latents",
+    "next_token_probs",
+    "export_saelens",
+    "load_saelens",
+    "load_sparsify",
+]

@@ -261,7 +261,11 @@ def load_saelens(path: str | Path, device: str = "cpu") -> SparseCoder:
 
 
 def _jumprelu(
-    theta: Tensor, meta: dict[str, Any], k: int, weights: tuple[Tensor, ...], device: str
+    theta: Tensor,
+    meta: dict[str, Any],
+    k: int,
+    weights: tuple[Tensor, Tensor, Tensor, Tensor],
+    device: str,
 ) -> SparseCoder:
     """feature_choice inference is JumpReLU with per-latent θ; a saelab mutual_choice export
     (one θ for every latent) comes back as mutual_choice."""

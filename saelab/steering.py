@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -308,6 +308,7 @@ def generate(
             return_type="tokens",
             verbose=False,
         )
+    assert isinstance(tokens, Tensor)  # return_type="tokens"
     n_prompt = model.to_tokens(prompt).shape[-1]
     return model.tokenizer.decode(tokens[0, n_prompt:], skip_special_tokens=False)
 
@@ -419,7 +420,7 @@ def top_latents(
         code = sae.encode(acts)
     order = code.values.argsort(dim=1, descending=True)
     values, ids = code.values.gather(1, order), code.indices.gather(1, order)
-    tokens = model.to_str_tokens(prompt)
+    tokens = cast(list[str], model.to_str_tokens(prompt))  # one string in, one list out
     rows = []
     for pos, token in enumerate(tokens):
         firing = values[pos] > 0

@@ -26,9 +26,7 @@ def test_steering_notebook_runs(tmp_path, monkeypatch):
         nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": NOTEBOOK.parent}}
     )
     client.execute()
-    text = "\n".join(
-        out.get("text", "") for cell in nb.cells for out in cell.get("outputs", [])
-    )
+    text = "\n".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
     assert "topk SAE with 128 latents (k=8) at blocks.1.hook_resid_post" in text
     assert "baseline |" in text and "+10 " in text
     assert "ablated: P(' earth'" in text
