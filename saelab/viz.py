@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -72,6 +73,7 @@ def save_figure(fig: go.Figure, stem: Path) -> list[Path]:
     fig.write_html(html, include_plotlyjs=True)  # self-contained: viewable offline
     written = [html]
     try:
+        _quiet_kaleido()
         fig.write_image(stem.with_suffix(".png"), scale=2)
         written.append(stem.with_suffix(".png"))
     except Exception as e:  # noqa: BLE001 - PNG export is optional (needs a browser)
@@ -79,3 +81,173 @@ def save_figure(fig: go.Figure, stem: Path) -> list[Path]:
             "PNG not written (%s); install chromium for PNG export", type(e).__name__
         )
     return written
+
+
+def _quiet_kaleido() -> None:
+    # kaleido and its browser driver log every temp-dir cleanup at INFO; the CLI logs at INFO.
+    for name in ("kaleido", "choreographer"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def save_figures(figs: dict[str, go.Figure], folder: Path) -> list[Path]:
+    """Write <name>.html for each figure, and the PNGs in one kaleido call (one browser start
+    instead of one per figure) when a Chromium is available."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fig in figs.items():
+        fig.write_html(folder / f"{name}.html", include_plotlyjs=True)
+        written.append(folder / f"{name}.html")
+    pngs = [folder / f"{name}.png" for name in figs]
+    try:
+        import plotly.io as pio
+
+        _quiet_kaleido()
+        pio.write_images(list(figs.values()), pngs, scale=2)
+        written += pngs
+    except Exception as e:  # noqa: BLE001 - PNG export is optional (needs a browser)
+        logging.getLogger(__name__).warning(
+            "PNGs not written (%s); install chromium for PNG export", type(e).__name__
+        )
+    return written
+
+
+# ---------------------------------------------------------------------------------------
+# Dark matter (saelab.darkmatter; Engels et al., arXiv 2410.14670)
+
+ERROR_COLORS = {"e_norm": "#444444", "e_lin_norm": "#1f77b4", "e_nl_norm": "#d62728"}
+ERROR_LABELS = {"e_norm": "‖e‖", "e_lin_norm": "‖e_lin‖", "e_nl_norm": "‖e_nl‖"}
+
+
+def error_norms_figure(
+    norms: dict[str, Any], title: str = "SAE error norms per token", bins: int = 80
+) -> go.Figure:
+    """Histograms of per-token norms (‖e‖, ‖e_lin‖, ‖e_nl‖) on shared bins; binned here so
+    that the HTML stays small for hundreds of thousands of tokens."""
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in norms.items()}
+    hi = max((float(v.max()) for v in arrays.values() if v.size), default=1.0)
+    edges = np.linspace(0.0, hi, bins + 1)
+    mids = (edges[:-1] + edges[1:]) / 2
+    fig = go.Figure()
+    for key, values in arrays.items():
+        counts, _ = np.histogram(values, edges)
+        fig.add_trace(
+            go.Scatter(
+                x=mids.tolist(),
+                y=counts.tolist(),
+                mode="lines",
+                line={"shape": "hvh", "color": ERROR_COLORS.get(key)},
+                fill="tozeroy",
+                opacity=0.5,
+                name=ERROR_LABELS.get(key, key),
+            )
+        )
+    fig.update_layout(
+        title=title,
+        xaxis_title="norm (model units)",
+        yaxis_title="tokens",
+        template="plotly_white",
+        height=420,
+        width=720,
+    )
+    return fig
+
+
+def predicted_vs_actual_figure(
+    actual: Any, predicted: Any, r2: float, max_points: int = 5000
+) -> go.Figure:
+    """‖e‖² against its linear prediction from x, on held-out tokens (an even subsample)."""
+    step = max(1, len(actual) // max_points)
+    a, p = [float(v) for v in actual[::step]], [float(v) for v in predicted[::step]]
+    hi = max(a + p) if a else 1.0
+    fig = go.Figure(
+        [
+            go.Scattergl(
+                x=a, y=p, mode="markers", marker={"size": 3, "opacity": 0.4}, name="token"
+            ),
+            go.Scatter(x=[0, hi], y=[0, hi], mode="lines", name="y = x", line={"dash": "dash"}),
+        ]
+    )
+    fig.update_layout(
+        title=f"‖e‖² predicted linearly from x (R² = {r2:.3f})",
+        xaxis_title="actual ‖e‖²",
+        yaxis_title="predicted ‖e‖²",
+        template="plotly_white",
+        height=480,
+        width=520,
+    )
+    return fig
+
+
+def error_split_figure(rows: list[dict[str, Any]]) -> go.Figure:
+    """Linear and nonlinear parts of the error as fractions of the activations' variance,
+    one bar per SAE (rows need name, fvu_linear, fvu_nonlinear; fvu optional)."""
+    names = [r["name"] for r in rows]
+    fig = go.Figure(
+        [
+            go.Bar(
+                x=names,
+                y=[r["fvu_linear"] for r in rows],
+                name="linear ‖e_lin‖²",
+                marker_color=ERROR_COLORS["e_lin_norm"],
+            ),
+            go.Bar(
+                x=names,
+                y=[r["fvu_nonlinear"] for r in rows],
+                name="nonlinear ‖e_nl‖²",
+                marker_color=ERROR_COLORS["e_nl_norm"],
+            ),
+        ]  # fmt: skip
+    )
+    if all("fvu" in r for r in rows):
+        fig.add_trace(
+            go.Scatter(
+                x=names,
+                y=[r["fvu"] for r in rows],
+                mode="markers",
+                name="FVU (total)",
+                marker={"symbol": "diamond", "size": 11, "color": "#222"},
+            )  # fmt: skip
+        )
+    fig.update_layout(
+        barmode="stack",
+        title="SAE error: linearly predictable vs nonlinear (fraction of variance)",
+        yaxis_title="fraction of variance of x",
+        template="plotly_white",
+        height=420,
+        width=max(480, 140 * len(rows) + 260),
+    )
+    return fig
+
+
+def scaling_heatmap(names: list[str], r2: list[list[float]], r2_nl: list[list[float]]) -> go.Figure:
+    """R² of ‖e_i‖ (row) predicting ‖e_j‖ (column) per token, alone and with ‖e_nl,i‖."""
+    fig = make_subplots(
+        rows=1, cols=2, horizontal_spacing=0.14,
+        subplot_titles=["‖e_i‖ → ‖e_j‖", "‖e_i‖ + ‖e_nl,i‖ → ‖e_j‖"],
+    )  # fmt: skip
+    for col, z in enumerate((r2, r2_nl), start=1):
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x=names,
+                y=names,
+                zmin=0,
+                zmax=1,
+                colorscale="Viridis",
+                text=[[f"{v:.2f}" for v in row] for row in z],
+                texttemplate="%{text}",
+                showscale=col == 2,
+            ),  # fmt: skip
+            row=1,
+            col=col,
+        )
+        fig.update_xaxes(title_text="predicted SAE j", row=1, col=col)
+    fig.update_yaxes(title_text="predictor SAE i", autorange="reversed", row=1, col=1)
+    fig.update_yaxes(autorange="reversed", row=1, col=2)
+    fig.update_layout(
+        title="Per-token error norms across SAE widths (R²)",
+        template="plotly_white",
+        height=460,
+        width=1000,
+    )
+    return fig

@@ -1,0 +1,629 @@
+"""Dark matter: how much of an SAE's error is linearly predictable from its input.
+
+Engels, Riggs & Tegmark, "Decomposing the dark matter of sparse autoencoders", arXiv
+2410.14670 (ALGORITHMS.md §6). With e = x − x̂ on a run's held-out rows, split into
+disjoint fit and evaluation rows:
+
+- e ≈ [x, 1]·W by least squares on the fit rows (normal equations streamed in float64, a tiny
+  ridge for stability); R²(e) and R² of ‖e‖² on the evaluation rows. The paper: about half,
+  and over 90%.
+- e_lin = [x, 1]·W, e_nl = e − e_lin: FVU(x̂) against FVU(x̂ + e_lin), per-token norms
+  (an SQLite table the app reads), the contexts with the largest nonlinear error, and the
+  CE of splicing x̂, x̂ + e_lin and x̂ + e_nl into the model.
+- Inference-time gradient pursuit over W_dec at the SAE's own L0, and how it changes the
+  linear and the nonlinear error (the paper: the nonlinear part only slightly).
+- `--scaling`: per-token error norms of several SAEs on the same rows, and the R² of
+  ‖e_i‖ predicting ‖e_j‖, with and without ‖e_nl,i‖ as a second regressor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sqlite3
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saelab.config import DarkMatterConfig
+from saelab.errors import UserError
+from saelab.evaluate import (
+    SYNTHETIC,
+    context_tokens,
+    downstream_ce,
+    heldout_contexts,
+    load_run,
+    load_spliceable_model,
+)
+from saelab.sae import SparseCoder
+from saelab.store import ActivationStore
+from saelab.trainer import resolve_device
+
+log = logging.getLogger(__name__)
+
+OUT = "darkmatter.json"
+TOKENS_DB = "darkmatter_tokens.sqlite"
+SCALING_DIR = "darkmatter-scaling"
+FIT_CAP, EVAL_CAP = 150_000, 300_000
+"""Default fit and evaluation sizes are capped at the paper's."""
+ROWS_PER_PARAM = 2
+"""Fewest rows per predictor parameter (d_in + 1) for either split: below this the fit
+over-fits and its held-out R² says little."""
+WARN_ROWS_PER_PARAM = 20
+"""Below this many fit rows per parameter, held-out R² is noticeably understated."""
+
+
+# ---------------------------------------------------------------------------------------
+# Streamed least squares and R²
+
+
+def affine(x: Tensor) -> Tensor:
+    """[x, 1] in float64."""
+    x = x.double()
+    return torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
+
+
+@dataclass
+class LinearFit:
+    """Least squares y ≈ [x, 1]·W from streamed batches; XᵀX and Xᵀy accumulate in float64,
+    so no more than one batch of rows is ever in memory."""
+
+    xtx: Tensor | None = None
+    xty: Tensor | None = None
+    n: int = 0
+
+    def update(self, x: Tensor, y: Tensor) -> None:
+        xa, y = affine(x), y.double()
+        xtx, xty = xa.T @ xa, xa.T @ y
+        self.xtx = xtx if self.xtx is None else self.xtx + xtx
+        self.xty = xty if self.xty is None else self.xty + xty
+        self.n += x.shape[0]
+
+    def solve(self, ridge: float = 1e-6) -> Tensor:
+        """W [d_in + 1, outputs]; the ridge is relative to the mean diagonal, bias unshrunk."""
+        assert self.xtx is not None and self.xty is not None, "no rows seen"
+        a = self.xtx.cpu().clone()
+        a.diagonal()[:-1] += ridge * float(a.diagonal()[:-1].mean())
+        # gelsd (SVD) copes with a rank-deficient XᵀX when ridge = 0.
+        w = torch.linalg.lstsq(a, self.xty.cpu(), driver="gelsd").solution
+        return w.to(self.xty.device)
+
+
+def predict(w: Tensor, x: Tensor) -> Tensor:
+    return affine(x) @ w
+
+
+@dataclass
+class R2:
+    """Streamed R² = 1 − Σ‖y − ŷ‖² / Σ‖y − ȳ‖², summed over outputs (ȳ over the rows seen)."""
+
+    sse: float = 0.0
+    sum_sq: float = 0.0
+    sum_y: Tensor | None = None
+    n: int = 0
+
+    def update(self, y: Tensor, y_hat: Tensor) -> None:
+        y = y.double()
+        self.sse += float((y - y_hat.double()).pow(2).sum())
+        self.sum_sq += float(y.pow(2).sum())
+        s = y.sum(0)
+        self.sum_y = s if self.sum_y is None else self.sum_y + s
+        self.n += y.shape[0]
+
+    @property
+    def value(self) -> float:
+        assert self.sum_y is not None, "no rows seen"
+        sst = self.sum_sq - float(self.sum_y.pow(2).sum()) / self.n
+        return 1.0 - self.sse / sst if sst > 0 else float("nan")
+
+
+def r2_regression(y: np.ndarray, *xs: np.ndarray) -> float:
+    """In-sample R² of y on [xs…, 1] (few regressors, many rows: the bias is ~p/n)."""
+    a = np.column_stack([*xs, np.ones_like(y)]).astype(np.float64)
+    coef, *_ = np.linalg.lstsq(a, y.astype(np.float64), rcond=None)
+    resid = y - a @ coef
+    sst = float(((y - y.mean()) ** 2).sum())
+    return 1.0 - float((resid**2).sum()) / sst if sst > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------
+# Inference-time gradient pursuit
+
+
+def _refine(y: Tensor, atoms: Tensor, a: Tensor, mask: Tensor, steps: int) -> Tensor:
+    """Projected gradient steps on ½‖y − Σ a_k atom_k‖² over the masked slots, a ≥ 0.
+
+    The step is the exact line search of gradient pursuit (Blumensath & Davies 2008); a step
+    that the projection onto a ≥ 0 makes worse is not taken, so the error never grows.
+    """
+    mask = mask.to(a.dtype)
+    a = a * mask
+    for _ in range(steps):
+        r = y - torch.einsum("bk,bkd->bd", a, atoms)
+        p = torch.einsum("bkd,bd->bk", atoms, r) * mask
+        dp = torch.einsum("bk,bkd->bd", p, atoms)
+        alpha = p.pow(2).sum(1) / dp.pow(2).sum(1).clamp_min(1e-30)
+        a_new = (a + alpha[:, None] * p).clamp_min(0) * mask
+        r_new = y - torch.einsum("bk,bkd->bd", a_new, atoms)
+        better = r_new.pow(2).sum(1) < r.pow(2).sum(1)
+        a = torch.where(better[:, None], a_new, a)
+    return a
+
+
+def _greedy_support(y: Tensor, W_dec: Tensor, l0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradient pursuit choosing its own latents: l0[b] greedy picks per token, each followed
+    by one refinement step of all chosen coefficients."""
+    B, K = y.shape[0], int(l0.max()) if l0.numel() else 0
+    idx = torch.zeros(B, K, dtype=torch.int64, device=y.device)
+    mask = torch.zeros(B, K, dtype=torch.bool, device=y.device)
+    a = y.new_zeros(B, K)
+    for t in range(K):
+        r = y - torch.einsum("bk,bkd->bd", a, W_dec[idx])
+        c = r @ W_dec.T
+        c.scatter_(1, idx[:, :t], float("-inf"))  # no repeats
+        cj, j = c.max(1)
+        take = (t < l0) & (cj > 0)
+        idx[:, t] = torch.where(take, j, torch.zeros_like(j))
+        mask[:, t] = take
+        a = _refine(y, W_dec[idx], a, mask, 1)
+    return idx, a, mask
+
+
+@torch.no_grad()
+def gradient_pursuit(sae: SparseCoder, x: Tensor, steps: int = 10, greedy: bool = False) -> Tensor:
+    """Reconstruction [N, d_in] (model units) by pursuit over W_dec at the SAE's own per-token
+    L0: on the latents the SAE chose, or (greedy) on latents picked by the pursuit itself."""
+    x = x.reshape(-1, sae.d_in)
+    code = sae.encode(x)
+    y = x.to(sae.W_dec.dtype) * sae.input_scale - sae.b_dec
+    active = code.values != 0
+    if greedy:
+        idx, a, mask = _greedy_support(y, sae.W_dec, active.sum(1))
+    else:
+        idx, a, mask = code.indices, code.values, active
+    atoms = sae.W_dec[idx]
+    a = _refine(y, atoms, a, mask, steps)
+    x_hat = torch.einsum("bk,bkd->bd", a, atoms) + sae.b_dec
+    return (x_hat / sae.input_scale).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The analysis of one run
+
+
+@dataclass
+class Subject:
+    """One run ready to analyse: its SAE, its harvest and its fit/evaluation row split."""
+
+    run: Path
+    cfg: dict[str, Any]
+    sae: SparseCoder
+    store: ActivationStore
+    fit_rows: tuple[int, int]
+    eval_rows: tuple[int, int]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def split_rows(
+    heldout: tuple[int, int], cfg: DarkMatterConfig, d_in: int, where: str = "the run"
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Disjoint (fit, eval) row ranges, fit first, both inside the held-out rows."""
+    start, stop = heldout
+    n = stop - start
+    n_fit = cfg.fit_tokens or min(n // 2, FIT_CAP)
+    n_eval = cfg.eval_tokens or min(n - n_fit, EVAL_CAP)
+    need = ROWS_PER_PARAM * (d_in + 1)
+    if n_fit + n_eval > n or min(n_fit, n_eval) < need:
+        raise UserError(
+            f"{where} has {n:,} held-out tokens; dark matter needs at least {need:,} to fit and "
+            f"{need:,} to evaluate (asked {n_fit:,} + {n_eval:,}); retrain with a larger "
+            f"--eval_tokens or lower --fit_tokens/--eval_tokens"
+        )
+    if n_fit < WARN_ROWS_PER_PARAM * (d_in + 1):
+        log.warning(
+            "%s: only %s fit tokens for %s parameters per output; held-out R² will be "
+            "understated (the paper fit on 150k)",
+            where,
+            f"{n_fit:,}",
+            d_in + 1,
+        )
+    return (start, start + n_fit), (start + n_fit, start + n_fit + n_eval)
+
+
+def prepare(run: str | Path, cfg: DarkMatterConfig) -> Subject:
+    """Every check that can fail, before anything is computed or written."""
+    s = prepare_unsplit(Path(run), cfg)
+    fit, ev = split_rows(tuple(s.cfg["eval_range"]), cfg, s.sae.d_in, str(run))
+    return replace(s, fit_rows=fit, eval_rows=ev)
+
+
+def _batches(s: Subject, rows: tuple[int, int], batch_size: int) -> Iterator[tuple[int, Tensor]]:
+    for lo in range(rows[0], rows[1], batch_size):
+        yield lo, s.store.read(lo, min(lo + batch_size, rows[1])).to(s.device)
+
+
+@torch.no_grad()
+def fit_pass(s: Subject, cfg: DarkMatterConfig) -> dict[str, Tensor]:
+    """Predictors from the fit rows only: W for e, w for ‖e‖², and W_gp for the pursuit's
+    error; one shared XᵀX, so all are one least-squares solve."""
+    fit = LinearFit()
+    for _, x in _batches(s, s.fit_rows, cfg.batch_size):
+        e = x - s.sae(x)
+        ys = [e, e.pow(2).sum(1, keepdim=True)]
+        if cfg.pursuit != "none":
+            ys.append(x - gradient_pursuit(s.sae, x, cfg.pursuit_steps, cfg.pursuit == "greedy"))
+        fit.update(x, torch.cat(ys, 1))
+    w, d = fit.solve(cfg.ridge), s.sae.d_in
+    out = {"e": w[:, :d], "e_sq": w[:, d : d + 1]}
+    if cfg.pursuit != "none":
+        out["gp"] = w[:, d + 1 :]
+    return out
+
+
+def _sq(t: Tensor) -> Tensor:
+    return t.pow(2).sum(1)
+
+
+@dataclass
+class _EvalSums:
+    n: int = 0
+    sum_x: Tensor | None = None
+    sums: dict[str, float] = field(default_factory=dict)
+    r2: dict[str, R2] = field(default_factory=dict)
+    tokens: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def add(self, **terms: Tensor) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.sum())
+
+    def keep(self, **cols: Tensor) -> None:
+        for k, v in cols.items():
+            self.tokens.setdefault(k, []).append(v.detach().cpu().numpy())
+
+    def score(self, name: str, y: Tensor, y_hat: Tensor) -> None:
+        self.r2.setdefault(name, R2()).update(y, y_hat)
+
+
+@torch.no_grad()
+def eval_pass(
+    s: Subject, w: dict[str, Tensor], cfg: DarkMatterConfig
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Scores on the evaluation rows only, and the per-token table."""
+    acc = _EvalSums()
+    for lo, x in _batches(s, s.eval_rows, cfg.batch_size):
+        xd = x.double()
+        e = xd - s.sae(x).double()
+        e_lin = predict(w["e"], x)
+        e_nl = e - e_lin
+        e_sq_pred = predict(w["e_sq"], x)[:, 0]
+        acc.n += x.shape[0]
+        acc.sum_x = xd.sum(0) if acc.sum_x is None else acc.sum_x + xd.sum(0)
+        acc.add(x_sq=_sq(xd), e=_sq(e), lin=_sq(e_lin), nl=_sq(e_nl))
+        acc.score("e", e, e_lin)
+        acc.score("e_sq", _sq(e)[:, None], e_sq_pred[:, None])
+        rows = torch.arange(lo, lo + x.shape[0])
+        acc.keep(row=rows, e_norm=_sq(e).sqrt(), e_nl_norm=_sq(e_nl).sqrt())
+        acc.keep(e_lin_norm=_sq(e_lin).sqrt(), e_sq_pred=e_sq_pred)
+        if "gp" in w:
+            e_gp = (
+                xd - gradient_pursuit(s.sae, x, cfg.pursuit_steps, cfg.pursuit == "greedy").double()
+            )
+            gp_lin = predict(w["gp"], x)
+            acc.add(gp=_sq(e_gp), gp_lin=_sq(gp_lin), gp_nl=_sq(e_gp - gp_lin))
+            acc.add(gp_nl_reused=_sq(e_gp - e_lin))
+            acc.score("gp", e_gp, gp_lin)
+    tokens = {k: np.concatenate(v) for k, v in acc.tokens.items()}
+    return _summary(acc, cfg), tokens
+
+
+def _summary(acc: _EvalSums, cfg: DarkMatterConfig) -> dict[str, Any]:
+    assert acc.sum_x is not None
+    sst = acc.sums["x_sq"] - float(acc.sum_x.pow(2).sum()) / acc.n
+    f = {k: v / sst for k, v in acc.sums.items()}
+    out: dict[str, Any] = {
+        "r2_e": acc.r2["e"].value,
+        "r2_e_norm_sq": acc.r2["e_sq"].value,
+        "fvu": f["e"],
+        "fvu_with_e_lin": f["nl"],
+        "fvu_linear": f["lin"],
+        "fvu_nonlinear": f["nl"],
+        "nonlinear_share": acc.sums["nl"] / acc.sums["e"],
+    }
+    if "gp" in acc.r2:
+        out["pursuit"] = {
+            "mode": cfg.pursuit,
+            "steps": cfg.pursuit_steps,
+            "fvu": f["gp"],
+            "r2_e": acc.r2["gp"].value,
+            "fvu_linear": f["gp_lin"],
+            "fvu_nonlinear": f["gp_nl"],
+            "fvu_nonlinear_reused_predictor": f["gp_nl_reused"],
+            "change_linear": f["gp_lin"] - f["lin"],
+            "change_nonlinear": f["gp_nl"] - f["nl"],
+        }
+    return out
+
+
+def _norm_stats(v: np.ndarray) -> dict[str, float]:
+    q = np.quantile(v, [0.5, 0.9, 0.99])
+    return {"mean": float(v.mean()), "p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2])}
+
+
+def top_contexts(s: Subject, tokens: dict[str, np.ndarray], n: int) -> list[dict[str, Any]]:
+    """The tokens with the largest ‖e_nl‖, one per context, with their text when there is
+    a tokenizer (a synthetic harvest has none)."""
+    tok = None
+    if n and s.cfg.get("model") not in (None, SYNTHETIC):
+        from saelab.models import load_tokenizer
+
+        tok = load_tokenizer(s.cfg["model"])
+    out: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for i in np.argsort(-tokens["e_nl_norm"], kind="stable"):
+        row = int(tokens["row"][i])
+        ctx, pos = s.store.locate(row)
+        if ctx in seen:
+            continue
+        seen.add(ctx)
+        item = {
+            "row": row,
+            "context": ctx,
+            "position": pos,
+            "e_norm": float(tokens["e_norm"][i]),
+            "e_nl_norm": float(tokens["e_nl_norm"][i]),
+        }
+        if tok is not None:
+            window, at = s.store.context(row, before=24, after=4)
+            item["token"] = tok.decode(window[at : at + 1])
+            item["text"] = tok.decode(window[:at]) + "«" + item["token"] + "»"
+            item["text"] += tok.decode(window[at + 1 :])
+        out.append(item)
+        if len(out) >= n:
+            break
+    return out
+
+
+def three_way_ce(s: Subject, w: dict[str, Tensor], cfg: DarkMatterConfig) -> dict[str, Any]:
+    """CE of splicing x̂, x̂ + e_lin and x̂ + e_nl (= x − e_lin) on evaluation-row contexts."""
+    contexts = heldout_contexts(s.store, s.eval_rows, cfg.ce_contexts)
+    if not contexts:
+        return {"skipped": "no whole context inside the evaluation rows"}
+    model = load_spliceable_model(s.cfg, s.device)
+    if model is None:
+        return {"skipped": f"model '{s.cfg.get('model')}' cannot be run"}
+    sae, w_e = s.sae, w["e"]
+
+    def lin(x: Tensor) -> Tensor:
+        return predict(w_e, x).to(x.dtype)
+
+    splices = {
+        "sae": lambda x, g: sae(x),
+        "sae+e_lin": lambda x, g: sae(x) + lin(x),
+        "sae+e_nl": lambda x, g: x - lin(x),
+    }
+    tokens = context_tokens(s.store, contexts, s.device)
+    return {
+        **downstream_ce(model, s.cfg["hook"], tokens, splices, cfg.splice_from),
+        "contexts": contexts,
+    }
+
+
+def analyse(s: Subject, cfg: DarkMatterConfig) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """darkmatter.json's content and the per-token table, for one prepared run."""
+    w = fit_pass(s, cfg)
+    result, tokens = eval_pass(s, w, cfg)
+    result = {
+        "run": str(s.run),
+        "arch": s.sae.arch,
+        "d_sae": s.sae.d_sae,
+        "k": s.sae.k,
+        "hook": s.cfg["hook"],
+        "fit_rows": list(s.fit_rows),
+        "eval_rows": list(s.eval_rows),
+        "n_fit": s.fit_rows[1] - s.fit_rows[0],
+        "n_eval": s.eval_rows[1] - s.eval_rows[0],
+        "ridge": cfg.ridge,
+        **result,
+        "norms": {k: _norm_stats(tokens[k]) for k in ("e_norm", "e_nl_norm", "e_lin_norm")},
+        "top_nonlinear": top_contexts(s, tokens, cfg.top_contexts),
+    }
+    if cfg.ce_contexts:
+        result["ce"] = three_way_ce(s, w, cfg)
+    return result, tokens
+
+
+# ---------------------------------------------------------------------------------------
+# Files
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+TABLE_COLUMNS = ("row", "context", "position", "e_norm", "e_nl_norm", "e_lin_norm", "e_sq_pred")
+
+
+def write_token_table(path: Path, store: ActivationStore, tokens: dict[str, np.ndarray]) -> None:
+    """SQLite table `tokens` (one row per evaluation token, keyed by activation row), built in
+    a temporary file and moved into place, so a reader never sees half a table."""
+    rows = tokens["row"].astype(np.int64)
+    tpc = store.tokens_per_context
+    cols = {
+        "row": rows,
+        "context": rows // tpc,
+        "position": 1 + rows % tpc,  # as store.locate: BOS is position 0
+        **{k: tokens[k].astype(np.float64) for k in TABLE_COLUMNS[3:]},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    con = sqlite3.connect(tmp)
+    try:
+        con.execute(
+            "CREATE TABLE tokens (row INTEGER PRIMARY KEY, context INTEGER, position INTEGER, "
+            "e_norm REAL, e_nl_norm REAL, e_lin_norm REAL, e_sq_pred REAL)"
+        )
+        data = zip(*(cols[c].tolist() for c in TABLE_COLUMNS))
+        con.executemany(f"INSERT INTO tokens VALUES ({', '.join('?' * 7)})", data)
+        con.execute("CREATE INDEX tokens_e_nl ON tokens (e_nl_norm)")
+        con.commit()
+    finally:
+        con.close()
+    os.replace(tmp, path)
+
+
+def read_token_table(path: str | Path) -> dict[str, np.ndarray]:
+    """The per-token table as numpy columns, ordered by row."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        got = con.execute(f"SELECT {', '.join(TABLE_COLUMNS)} FROM tokens ORDER BY row").fetchall()
+    finally:
+        con.close()
+    arr = np.array(got, dtype=np.float64).reshape(-1, len(TABLE_COLUMNS))
+    return {c: arr[:, i] for i, c in enumerate(TABLE_COLUMNS)}
+
+
+def run_figures(result: dict[str, Any], tokens: dict[str, np.ndarray], out: Path) -> list[Path]:
+    from saelab import viz
+
+    split = [{"name": "SAE", **result}]
+    if "pursuit" in result:
+        split.append({"name": "gradient pursuit", **result["pursuit"]})
+    figs = {
+        "darkmatter_norms": viz.error_norms_figure(
+            {k: tokens[k] for k in ("e_norm", "e_lin_norm", "e_nl_norm")}
+        ),
+        "darkmatter_norm_sq": viz.predicted_vs_actual_figure(
+            tokens["e_norm"] ** 2, tokens["e_sq_pred"], result["r2_e_norm_sq"]
+        ),
+        "darkmatter_split": viz.error_split_figure(split),
+    }
+    return viz.save_figures(figs, out)
+
+
+# ---------------------------------------------------------------------------------------
+# Scaling across SAEs of one harvest and hook
+
+
+def prepare_scaling(runs: list[Path], cfg: DarkMatterConfig) -> list[Subject]:
+    """Runs on one harvest and hook, on their common held-out rows."""
+    if len(runs) < 2:
+        raise UserError("--scaling compares SAEs: pass two or more runs of one harvest and hook")
+    subjects = [prepare_unsplit(r, cfg) for r in runs]
+    key = lambda s: (str(Path(s.cfg["harvest"]).resolve()), s.cfg["hook"])  # noqa: E731
+    if len({key(s) for s in subjects}) > 1:
+        names = ", ".join(f"{s.run} ({s.cfg['harvest']}, {s.cfg['hook']})" for s in subjects)
+        raise UserError(f"--scaling needs runs on one harvest and hook; got {names}")
+    lo = max(s.cfg["eval_range"][0] for s in subjects)
+    hi = min(s.cfg["eval_range"][1] for s in subjects)
+    fit, ev = split_rows((lo, max(lo, hi)), cfg, subjects[0].sae.d_in, "the runs' common rows")
+    return [replace(s, fit_rows=fit, eval_rows=ev) for s in subjects]
+
+
+def prepare_unsplit(run: Path, cfg: DarkMatterConfig) -> Subject:
+    run_cfg, sae = load_run(run)
+    if "eval_range" not in run_cfg:
+        raise UserError(f"{run} records no held-out rows (eval_range); retrain it")
+    device = resolve_device(cfg.device)
+    store = ActivationStore(run_cfg["harvest"], run_cfg["hook"])
+    return Subject(run, run_cfg, sae.to(device).eval(), store, (0, 0), (0, 0), device)
+
+
+def scaling(subjects: list[Subject], cfg: DarkMatterConfig) -> dict[str, Any]:
+    """R²[i][j] of ‖e_j‖ regressed on ‖e_i‖ per token, and with ‖e_nl,i‖ added."""
+    cfg = replace(cfg, pursuit="none")
+    subjects = sorted(subjects, key=lambda s: s.sae.d_sae)
+    norms, nl, rows = [], [], []
+    for s in subjects:
+        summary, tokens = eval_pass(s, fit_pass(s, cfg), cfg)
+        norms.append(tokens["e_norm"])
+        nl.append(tokens["e_nl_norm"])
+        rows.append({"run": str(s.run), "d_sae": s.sae.d_sae, "k": s.sae.k, **summary})
+    n = len(subjects)
+    r2 = [[r2_regression(norms[j], norms[i]) for j in range(n)] for i in range(n)]
+    r2_nl = [[r2_regression(norms[j], norms[i], nl[i]) for j in range(n)] for i in range(n)]
+    return {
+        "runs": rows,
+        "names": [f"{s.run.name} ({s.sae.d_sae})" for s in subjects],
+        "eval_rows": list(subjects[0].eval_rows),
+        "fit_rows": list(subjects[0].fit_rows),
+        "r2_norm": r2,
+        "r2_norm_with_nonlinear": r2_nl,
+        "note": "row i predicts column j; in-sample fits of 2 or 3 parameters on the eval rows",
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+
+
+def summary_lines(result: dict[str, Any]) -> str:
+    lines = [
+        f"dark matter of {result['run']} ({result['n_fit']:,} fit + {result['n_eval']:,} "
+        "eval tokens, held out)",
+        f"  R²(e) = {result['r2_e']:.3f}   R²(‖e‖²) = {result['r2_e_norm_sq']:.3f}"
+        "   (paper: about 0.5 and over 0.9)",
+        f"  FVU(x̂) = {result['fvu']:.4f}   FVU(x̂ + e_lin) = {result['fvu_with_e_lin']:.4f}",
+    ]
+    if gp := result.get("pursuit"):
+        lines.append(
+            f"  gradient pursuit ({gp['mode']}): FVU {gp['fvu']:.4f}, linear part "
+            f"{result['fvu_linear']:.4f} → {gp['fvu_linear']:.4f}, nonlinear "
+            f"{result['fvu_nonlinear']:.4f} → {gp['fvu_nonlinear']:.4f}"
+        )
+    ce = result.get("ce", {})
+    if "variants" in ce:
+        parts = [f"{k} {v['ce']:.3f}" for k, v in ce["variants"].items()]
+        lines.append(
+            f"  CE (nats, {ce['n_tokens']:,} tokens): clean {ce['ce_clean']:.3f}, "
+            f"{', '.join(parts)}, zero-ablation {ce['ce_ablation']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+def run_one(s: Subject, cfg: DarkMatterConfig) -> dict[str, Any]:
+    result, tokens = analyse(s, cfg)
+    write_token_table(s.run / TOKENS_DB, s.store, tokens)
+    write_json(s.run / OUT, result)
+    if cfg.figures:
+        result["figures"] = [str(p) for p in run_figures(result, tokens, s.run / "figures")]
+    return result
+
+
+def run_cli(ns: argparse.Namespace, cfg: DarkMatterConfig) -> int:
+    runs = [Path(r) for r in ns.runs]
+    if ns.scaling:
+        subjects = prepare_scaling(runs, cfg)
+        res = scaling(subjects, cfg)
+        out = runs[0].parent / SCALING_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "scaling.json", res)
+        text = f"wrote {out / 'scaling.json'}\n"
+        if cfg.figures:
+            from saelab import viz
+
+            figs = {
+                "scaling_r2": viz.scaling_heatmap(
+                    res["names"], res["r2_norm"], res["r2_norm_with_nonlinear"]
+                ),
+                "scaling_split": viz.error_split_figure(
+                    [{"name": n, **r} for n, r in zip(res["names"], res["runs"])]
+                ),
+            }
+            text += "".join(f"wrote {p}\n" for p in viz.save_figures(figs, out))
+        sys.stdout.write(text)
+        return 0
+    subjects = [prepare(r, cfg) for r in runs]  # all checks before any work
+    for s in subjects:
+        result = run_one(s, cfg)
+        sys.stdout.write(summary_lines(result) + f"\n  wrote {s.run / OUT}\n")
+    return 0

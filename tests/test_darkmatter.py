@@ -1,0 +1,320 @@
+"""Dark matter: the streamed fits on constructed errors with known answers, gradient pursuit,
+held-out discipline, the files the app reads, --scaling, and refusals of bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import saelab.darkmatter as D
+from saelab.cli import main
+from saelab.config import DarkMatterConfig, HarvestConfig, SAEConfig, TrainConfig
+from saelab.errors import UserError
+from saelab.harvest import harvest
+from saelab.sae import SparseCoder
+from saelab.store import ActivationStore
+from saelab.synthetic import SyntheticData, write_harvest
+from saelab.trainer import train
+
+D_IN = 16
+
+
+# ---------------------------------------------------------------------------------------
+# The fitting functions on constructed x and e
+
+
+def _x(n, d=D_IN, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) * 2 + 0.5
+
+
+def test_streamed_fit_equals_one_shot_least_squares():
+    x, y = _x(600), _x(600, 5, seed=1)
+    fit = D.LinearFit()
+    for lo in range(0, 600, 128):
+        fit.update(x[lo : lo + 128], y[lo : lo + 128])
+    want = torch.linalg.lstsq(D.affine(x), y.double()).solution
+    torch.testing.assert_close(fit.solve(ridge=0.0), want, atol=1e-8, rtol=1e-8)
+    assert fit.n == 600
+
+
+def _fit_and_score(x_fit, e_fit, x_ev, e_ev):
+    fit = D.LinearFit()
+    fit.update(x_fit, e_fit)
+    w = fit.solve()
+    r2 = D.R2()
+    for lo in range(0, len(x_ev), 100):  # streamed in batches, as the eval pass does
+        r2.update(e_ev[lo : lo + 100], D.predict(w, x_ev[lo : lo + 100]))
+    return w, r2.value
+
+
+def test_linear_error_is_fully_predicted():
+    A, c = _x(D_IN, seed=2), torch.randn(D_IN)
+    x_fit, x_ev = _x(2000, seed=3), _x(1000, seed=4)
+    w, r2 = _fit_and_score(x_fit, x_fit @ A + c, x_ev, x_ev @ A + c)
+    assert r2 == pytest.approx(1.0, abs=1e-9)
+    e_nl = (x_ev @ A + c).double() - D.predict(w, x_ev)
+    assert float(e_nl.norm()) < 1e-5 * float((x_ev @ A).norm())  # float32 targets
+
+
+def test_noise_error_is_not_predicted():
+    x_fit, x_ev = _x(4000, seed=5), _x(4000, seed=6)
+    e_fit, e_ev = torch.randn(4000, D_IN), torch.randn(4000, D_IN)
+    _, r2 = _fit_and_score(x_fit, e_fit, x_ev, e_ev)
+    assert abs(r2) < 0.02
+
+
+def test_norm_can_be_linear_while_the_direction_is_not():
+    """The paper's finding in miniature: ‖e‖² linear in x, e's direction random."""
+    x = _x(6000, seed=7)
+    b = torch.rand(D_IN) * 0.1
+    norm_sq = x @ b + 3.0  # > 0 for these x
+    u = torch.randn(6000, D_IN)
+    e = u / u.norm(dim=1, keepdim=True) * norm_sq.clamp_min(0).sqrt()[:, None]
+    y = torch.cat([e, e.pow(2).sum(1, keepdim=True)], 1)
+    w, _ = _fit_and_score(x[:3000], y[:3000], x[3000:], y[3000:])
+    r2_e, r2_sq = D.R2(), D.R2()
+    pred = D.predict(w, x[3000:])
+    r2_e.update(e[3000:], pred[:, :D_IN])
+    r2_sq.update(y[3000:, D_IN:], pred[:, D_IN:])
+    assert abs(r2_e.value) < 0.02 and r2_sq.value > 0.99
+
+
+def test_r2_regression():
+    a = np.linspace(0, 1, 200)
+    assert D.r2_regression(3 * a + 1, a) == pytest.approx(1.0)
+    noise = np.random.default_rng(0).normal(size=200)
+    assert D.r2_regression(noise, a) < 0.05
+    assert D.r2_regression(a + noise, a, noise) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Gradient pursuit
+
+
+def test_greedy_pursuit_recovers_a_sparse_sum():
+    sae = SparseCoder(8, 16, 2)
+    eye = torch.eye(8)
+    pairs = (eye + eye.roll(1, 1)) / 2**0.5
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.cat([eye, pairs]))
+        sae.W_enc.copy_(sae.W_dec)
+    x = 3 * eye[0] + 2 * eye[4]
+    got = D.gradient_pursuit(sae, x[None], steps=5, greedy=True)
+    torch.testing.assert_close(got[0], x, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """Two trained TopK SAEs of different widths on one synthetic harvest."""
+    root = tmp_path_factory.mktemp("dm")
+    h = write_harvest(
+        root / "h", SyntheticData(d_in=D_IN, n_features=64, k_true=3), 9_000,
+        tokens_per_context=31, shard_contexts=32,
+    )  # fmt: skip
+    runs = []
+    for width in (32, 64):
+        cfg = TrainConfig(
+            harvest=str(h), out=str(root / f"r{width}"), sae=SAEConfig("topk", width, 3),
+            batch_size=256, eval_tokens=3000, dead_tokens=2000, checkpoint_every=0,
+        )  # fmt: skip
+        runs.append(train(cfg, progress=False))
+    return runs
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_pursuit_never_worse_than_the_sae(synth, greedy):
+    sae = SparseCoder.load(synth[0])
+    x = ActivationStore(json.loads((synth[0] / "cfg.json").read_text())["harvest"]).read(0, 500)
+    with torch.no_grad():
+        err_sae = (x - sae(x)).pow(2).sum(1)
+    err_gp = (x - D.gradient_pursuit(sae, x, steps=10, greedy=greedy)).pow(2).sum(1)
+    if not greedy:  # refining the SAE's own support only ever lowers the error
+        assert (err_gp <= err_sae * (1 + 1e-5) + 1e-6).all()
+    assert err_gp.mean() < err_sae.mean()
+
+
+# ---------------------------------------------------------------------------------------
+# The pipeline on a stand-in SAE whose error is known
+
+
+class FixedError(nn.Module):
+    """A stand-in "SAE" with x − x̂ = err(x)."""
+
+    def __init__(self, err):
+        super().__init__()
+        self.err, self.d_in, self.d_sae, self.k, self.arch = err, D_IN, 1, 1, "stand-in"
+
+    def forward(self, x):
+        return x - self.err(x)
+
+
+def _subject(run, sae, cfg):
+    s = D.prepare(run, cfg)
+    return D.Subject(s.run, s.cfg, sae, s.store, s.fit_rows, s.eval_rows)
+
+
+def test_exactly_linear_error_leaves_no_nonlinear_part(synth):
+    A = _x(D_IN, seed=8) * 0.1
+    cfg = DarkMatterConfig(pursuit="none", batch_size=500)
+    s = _subject(synth[0], FixedError(lambda x: x @ A + 0.3), cfg)
+    res, tokens = D.eval_pass(s, D.fit_pass(s, cfg), cfg)
+    assert res["r2_e"] == pytest.approx(1.0, abs=1e-6)
+    assert res["fvu_with_e_lin"] < 1e-8 * res["fvu"] and res["nonlinear_share"] < 1e-8
+    assert np.all(tokens["e_nl_norm"] < 1e-5 * tokens["e_norm"].mean())
+
+
+def test_noise_error_is_all_nonlinear(synth):
+    def scrambled(x):  # deterministic in x, but no linear trace of it
+        return torch.sin(1e3 * x @ _x(D_IN, seed=9))
+
+    cfg = DarkMatterConfig(pursuit="none", batch_size=500)
+    s = _subject(synth[0], FixedError(scrambled), cfg)
+    res, _ = D.eval_pass(s, D.fit_pass(s, cfg), cfg)
+    assert abs(res["r2_e"]) < 0.05 and res["nonlinear_share"] > 0.95
+
+
+# ---------------------------------------------------------------------------------------
+# The command
+
+
+def test_fit_and_eval_rows_are_disjoint_held_out(synth, monkeypatch):
+    run = synth[0]
+    cfg = json.loads((run / "cfg.json").read_text())
+    reads = {"fit": [], "eval": []}
+    phase = ["eval"]
+    real_read, real_fit = ActivationStore.read, D.fit_pass
+
+    def read(self, start, stop, kind="acts", **kw):
+        reads[phase[0]].append((start, stop))
+        return real_read(self, start, stop, kind, **kw)
+
+    def fit_pass(s, c):
+        phase[0] = "fit"
+        try:
+            return real_fit(s, c)
+        finally:
+            phase[0] = "eval"
+
+    monkeypatch.setattr(ActivationStore, "read", read)
+    monkeypatch.setattr(D, "fit_pass", fit_pass)
+    assert main(["darkmatter", str(run), "--figures", "false", "-q"]) == 0
+    res = json.loads((run / D.OUT).read_text())
+    (f0, f1), (e0, e1) = res["fit_rows"], res["eval_rows"]
+    start, stop = cfg["eval_range"]
+    assert cfg["train_range"][1] <= start <= f0 < f1 <= e0 < e1 <= stop
+    assert all(f0 <= a < b <= f1 for a, b in reads["fit"]) and reads["fit"]
+    assert all(e0 <= a < b <= e1 for a, b in reads["eval"]) and reads["eval"]
+    assert res["n_fit"] == (stop - start) // 2 and e1 == stop  # defaults: half each
+    assert 0 <= res["r2_e"] <= 1 and res["pursuit"]["fvu"] < res["fvu"]
+    assert "ce" not in res or "skipped" in res["ce"]  # synthetic: no model to splice into
+    top = res["top_nonlinear"]
+    assert len({t["context"] for t in top}) == len(top) and "text" not in top[0]
+    table = D.read_token_table(run / D.TOKENS_DB)
+    assert table["row"].tolist() == list(range(e0, e1))
+    i = int(np.argmax(table["e_nl_norm"]))
+    assert (table["context"][i], table["position"][i]) == ActivationStore(cfg["harvest"]).locate(
+        int(table["row"][i])
+    )
+    assert top[0]["e_nl_norm"] == pytest.approx(table["e_nl_norm"][i])
+
+
+def test_figures_are_written(synth, monkeypatch):
+    import plotly.io as pio
+
+    def no_browser(*a, **k):
+        raise RuntimeError("no browser in this test")
+
+    monkeypatch.setattr(pio, "write_images", no_browser)
+    assert main(["darkmatter", str(synth[1]), "--eval_tokens", "1000", "-q"]) == 0
+    names = {p.name for p in (synth[1] / "figures").iterdir()}
+    assert {"darkmatter_norms.html", "darkmatter_norm_sq.html", "darkmatter_split.html"} <= names
+    assert json.loads((synth[1] / D.OUT).read_text())["n_eval"] == 1000
+
+
+def test_scaling_matrix(synth, monkeypatch):
+    monkeypatch.setattr("plotly.io.write_images", lambda *a, **k: None)
+    argv = ["darkmatter", "--scaling", str(synth[1]), str(synth[0]), "-q"]
+    assert main(argv) == 0
+    out = synth[0].parent / D.SCALING_DIR
+    res = json.loads((out / "scaling.json").read_text())
+    assert [r["d_sae"] for r in res["runs"]] == [32, 64]  # ordered by width
+    r2, r2_nl = np.array(res["r2_norm"]), np.array(res["r2_norm_with_nonlinear"])
+    assert r2.shape == (2, 2) and np.allclose(np.diag(r2), 1.0)
+    assert (r2_nl >= r2 - 1e-9).all() and (r2 <= 1 + 1e-9).all()
+    assert (out / "scaling_r2.html").is_file()
+
+
+def _files(root):
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+
+def test_bad_input_returns_2_and_writes_nothing(synth, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(synth[0], runs / "a", ignore=shutil.ignore_patterns("darkmatter*", "fig*"))
+    cfg = json.loads((runs / "a/cfg.json").read_text())
+    (runs / "half").mkdir()
+    (runs / "half/cfg.json").write_text(json.dumps({**cfg, "complete": False}))
+    other = write_harvest(tmp_path / "h2", SyntheticData(d_in=D_IN, n_features=8), 3_100)
+    shutil.copytree(runs / "a", runs / "b")
+    (runs / "b/cfg.json").write_text(json.dumps({**cfg, "harvest": str(other)}))
+    before = _files(tmp_path)
+    a = str(runs / "a")
+    cases = {
+        # A valid run first: nothing is written for it either when a later one is bad.
+        "not a run": [a, str(tmp_path / "nowhere")],
+        "not finished": [a, str(runs / "half")],
+        "held-out tokens": [a, "--fit_tokens", "2000", "--eval_tokens", "2000"],
+        "one harvest": ["--scaling", a, str(runs / "b")],
+        "two or more": ["--scaling", a],
+    }
+    for msg, argv in cases.items():
+        assert main(["darkmatter", *argv]) == 2
+        assert msg in capsys.readouterr().err
+    assert _files(tmp_path) == before
+    with pytest.raises(UserError, match="must not be negative"):
+        DarkMatterConfig(ridge=-1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# The three-way CE splice on the tiny model
+
+
+def test_three_way_ce_on_the_tiny_model(tmp_path):
+    h = harvest(
+        HarvestConfig(
+            model="tiny",
+            hooks=["blocks.0.hook_resid_post"],
+            n_tokens=15 * 120,
+            n_ctx=16,
+            batch_size=32,
+            dtype="float32",
+            out_dir=str(tmp_path),
+            name="h",
+        ),  # fmt: skip
+        progress=False,
+    )
+    run = train(
+        TrainConfig(
+            harvest=str(h),
+            out=str(tmp_path / "r"),
+            sae=SAEConfig("topk", 128, 8),
+            batch_size=256,
+            eval_tokens=15 * 60,
+            dead_tokens=2000,
+            checkpoint_every=0,
+        ),  # fmt: skip
+        progress=False,
+    )
+    cfg = DarkMatterConfig(ce_contexts=3, top_contexts=2, pursuit_steps=3)
+    res, _ = D.analyse(D.prepare(run, cfg), cfg)
+    ce = res["ce"]
+    assert set(ce["variants"]) == {"sae", "sae+e_lin", "sae+e_nl"}
+    assert ce["n_contexts"] == 3 and ce["positions"] == [1, 14]
+    e0, e1 = res["eval_rows"]
+    assert all(e0 <= c * 15 and (c + 1) * 15 <= e1 for c in ce["contexts"])
+    assert all(np.isfinite(v["ce"]) for v in ce["variants"].values())
+    assert np.isfinite(ce["ce_clean"]) and np.isfinite(ce["ce_ablation"])
+    assert "«" in res["top_nonlinear"][0]["text"]  # a real tokenizer: text around the token
