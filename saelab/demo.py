@@ -1,9 +1,10 @@
-"""The main job: harvest → train → eval on the embedded default model, offline.
+"""The main job: harvest → train → eval → dark matter on the embedded default model, offline.
 
 SmolLM2-135M at blocks.6.hook_resid_post (see config.DEFAULT_HOOK for why that layer),
 400k activations from the embedded corpus, a TopK SAE with 4096 latents and k = 32 trained
-for two epochs. Budgeted to finish in under 10 minutes on 2 CPU cores; every stage resumes
-if interrupted.
+for two epochs, then held-out reconstruction and downstream CE (spliced on 64 contexts) and
+the dark-matter analysis (Engels et al., arXiv 2410.14670) on the held-out rows. Budgeted to
+finish in under 10 minutes on 2 CPU cores; harvest and training resume if interrupted.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import logging
 import sys
 import time
 
-from saelab.config import EvalConfig, HarvestConfig, SAEConfig, TrainConfig
+from saelab.config import DarkMatterConfig, EvalConfig, HarvestConfig, SAEConfig, TrainConfig
+from saelab.darkmatter import prepare, run_one, summary_lines
 from saelab.evaluate import evaluate, summary_table
 from saelab.harvest import harvest
 from saelab.trainer import train
@@ -41,11 +43,33 @@ def demo(quick: bool = False, runs_dir: str = "runs") -> int:
     run = train(tcfg)
     t_train = time.perf_counter() - t0 - t_harvest
 
-    result = evaluate(EvalConfig(run=str(run)))
+    result = evaluate(EvalConfig(run=str(run), downstream_contexts=16 if quick else 64))
+    t_eval = time.perf_counter() - t0 - t_harvest - t_train
+
+    dcfg = DarkMatterConfig(ce_contexts=8 if quick else 32)
+    dark = run_one(prepare(run, dcfg), dcfg)
+    t_dark = time.perf_counter() - t0 - t_harvest - t_train - t_eval
     total = time.perf_counter() - t0
-    sys.stdout.write(
-        "\n" + summary_table([(str(run), result)]) + "\n\n"
-        f"harvest {t_harvest:.0f} s, train {t_train:.0f} s, total {total:.0f} s\n"
-        f"run: {run}  (eval.json, train_log.jsonl, cfg.json)\n"
-    )
+    parts = [
+        summary_table([(str(run), result)]),
+        _downstream_line(result) + "\n",
+        summary_lines(dark) + "\n",
+        f"harvest {t_harvest:.0f} s, train {t_train:.0f} s, eval {t_eval:.0f} s, "
+        f"dark matter {t_dark:.0f} s, total {total:.0f} s",
+        f"run: {run}  (eval.json, darkmatter.json, darkmatter_tokens.sqlite, figures/, "
+        "train_log.jsonl, cfg.json)",
+    ]
+    sys.stdout.write("\n" + "\n".join(parts) + "\n")
     return 0
+
+
+def _downstream_line(result: dict) -> str:
+    ds = result.get("downstream", {})
+    if "variants" not in ds:
+        return f"downstream: skipped ({ds.get('skipped', 'off')})"
+    return (
+        f"downstream ({ds['n_contexts']} held-out contexts, {ds['n_tokens']:,} tokens): "
+        f"CE score {result['ce_score']:.3f}, ΔCE {result['delta_ce']:.3f} nats "
+        f"(clean {ds['ce_clean']:.3f}, zero-ablation {ds['ce_ablation']:.3f}), "
+        f"KL score {result['kl_score']:.3f}"
+    )
