@@ -10,14 +10,17 @@ import torch
 
 from saelab.config import EvalConfig, HarvestConfig, SAEConfig, TrainConfig
 from saelab.evaluate import (
+    _add_downstream,
     clean_logits_and_grads,
     downstream_ce,
     evaluate,
     heldout_contexts,
+    run_downstream,
     spliced_logits,
 )
 from saelab.harvest import harvest
 from saelab.models import load_model
+from saelab.sae import SparseCoder
 from saelab.store import ActivationStore
 from saelab.trainer import train
 
@@ -149,3 +152,15 @@ def test_eval_writes_downstream_section(tiny_run):
     assert on_disk["delta_ce"] == res["delta_ce"] and "kl_score" in on_disk
     off = evaluate(EvalConfig(run=str(tiny_run), downstream=False), progress=False)
     assert "downstream" not in off and "delta_ce" not in off
+
+
+def test_gradient_topk_also_reports_with_gradients(tiny_run):
+    run_cfg = json.loads((tiny_run / "cfg.json").read_text())
+    sae = SparseCoder(64, 128, 8, "gradient_topk", beta=4.0)
+    store = ActivationStore(run_cfg["harvest"], run_cfg["hook"])
+    ds = run_downstream(EvalConfig(downstream_contexts=2), run_cfg, sae, store)
+    plain, with_grad = ds["variants"]["sae"], ds["variants"]["with_grad"]
+    assert plain["ce"] != with_grad["ce"]  # the gradients changed which latents fire
+    result = {"modes": {}}
+    _add_downstream(result, ds)
+    assert result["modes"]["with_grad"]["delta_ce"] == with_grad["delta_ce"]

@@ -71,3 +71,10 @@ def test_eval_errors(tmp_path, run, capsys):
         evaluate(EvalConfig(run=str(half)))
     assert main(["eval"]) == 2
     assert "no run given" in capsys.readouterr().err
+
+
+def test_downstream_skipped_without_a_model(run, caplog):
+    caplog.set_level("INFO")
+    res = evaluate(EvalConfig(run=str(run), n_tokens=300), progress=False)
+    assert "skipped" in res["downstream"] and "delta_ce" not in res
+    assert "downstream metrics skipped" in caplog.text
