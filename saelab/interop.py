@@ -150,7 +150,8 @@ def _check_dest(dest: Path, source: str) -> None:
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
-    """Put `new` at `dest`; an existing dest is moved aside first, so readers see old or new."""
+    """Put `new` at `dest`. A non-empty dest is moved aside first (rename cannot replace it), so
+    a reader finds the old export, briefly none, or the new one, never a half-written one."""
     if dest.exists() and any(dest.iterdir()):
         trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}-old-", dir=dest.parent))
         os.replace(dest, trash / dest.name)

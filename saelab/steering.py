@@ -207,11 +207,23 @@ def _make(
             f"latent id {bad[0] if bad else '(none)'} is out of range; this SAE has latents "
             f"0-{sae.d_sae - 1}"
         )
+    if kind == "clamp":
+        _check_thresholds(sae)
     pos = None if positions is None else tuple(int(p) for p in positions)
     if pos is not None and any(p < 0 for p in pos):
         raise UserError("positions must be >= 0 (0 is the first token, BOS when prepended)")
     values = tuple(float(c) for c in _as_tuple(coefs, len(ids), "value"))
     return Intervention(kind, sae, _sae_hook(sae, hook), ids, values, pos, everywhere)
+
+
+def _check_thresholds(sae: SparseCoder) -> None:
+    # Batch-level rules encode single tokens through thresholds; NaN ones fire nothing.
+    theta = getattr(sae, "threshold", None)
+    if theta is not None and bool(torch.isnan(theta).any()):
+        raise UserError(
+            f"this {sae.arch} SAE has no inference thresholds yet, so no latent fires; "
+            "use a trained run"
+        )
 
 
 def _sae_hook(sae: SparseCoder, hook: str | None) -> str:
@@ -260,6 +272,12 @@ def ablate(
 
 def _check(model: TransformerBridge, iv: Intervention) -> None:
     resolve_hook(model, iv.hook)
+    device = next(model.parameters()).device
+    if iv.sae.W_dec.device != device:
+        raise UserError(
+            f"the SAE is on {iv.sae.W_dec.device} and the model on {device}; "
+            f"move the SAE with sae.to('{device}')"
+        )
     width = int(model.cfg.d_model)
     if iv.hook.endswith(_RESIDUAL_WIDTH) and iv.sae.d_in != width:
         raise UserError(_width_error(iv.sae, iv.hook, width))
@@ -413,6 +431,7 @@ def top_latents(
 ) -> TopLatents:
     """For each token of `prompt`: the k latents with the largest activations (firing only)."""
     hook = _sae_hook(sae, hook)
+    _check_thresholds(sae)
     acts = hook_activations(model, prompt, hook)
     if acts.shape[-1] != sae.d_in:
         raise UserError(_width_error(sae, hook, acts.shape[-1]))

@@ -135,6 +135,11 @@ def test_errors_name_the_problem(model):
     with pytest.raises(UserError, match="beyond the model"):
         with steering.steer(model, steering.add(make_sae(hook="blocks.9.hook_resid_post"), 0, 1)):
             pass
+    untrained = SparseCoder(64, 128, 8, "feature_choice")
+    untrained.hook = HOOK
+    with pytest.raises(UserError, match="no inference thresholds yet"):
+        steering.ablate(untrained, 0)
+    assert steering.add(untrained, 0, 1.0).latents == (0,)  # adding needs no encoding
     unnamed = make_sae(hook=None)
     with pytest.raises(UserError, match="pass hook="):
         steering.add(unnamed, 0, 1.0)
