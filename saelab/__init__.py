@@ -12,7 +12,7 @@ except PackageNotFoundError:  # running from a source tree without install
 from saelab.errors import UserError  # noqa: E402
 
 if TYPE_CHECKING:  # what _LAZY provides, for type checkers and editors
-    from saelab.interop import export_saelens, load_saelens, load_sparsify
+    from saelab.interop import export_saelens, load_sae, load_saelens, load_sparsify
     from saelab.sae import SparseCoder
     from saelab.steering import (
         ablate,
@@ -21,7 +21,6 @@ if TYPE_CHECKING:  # what _LAZY provides, for type checkers and editors
         compare_generations,
         generate,
         load_model,
-        load_sae,
         next_token_probs,
         steer,
         top_latents,
@@ -32,7 +31,7 @@ if TYPE_CHECKING:  # what _LAZY provides, for type checkers and editors
 _LAZY = {
     "SparseCoder": "saelab.sae",
     "load_model": "saelab.steering",
-    "load_sae": "saelab.steering",
+    "load_sae": "saelab.interop",
     "steer": "saelab.steering",
     "add": "saelab.steering",
     "clamp": "saelab.steering",

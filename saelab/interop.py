@@ -1,4 +1,5 @@
-"""SAEs in other libraries' layouts: export to SAELens, import from SAELens and sparsify.
+"""SAEs in other libraries' layouts: export to SAELens, import from SAELens and sparsify, and
+`load_sae`, which tells a saelab run, a SAELens and a sparsify directory apart by their files.
 
 SAELens (v6 `cfg.json` schema; `SAE.load_from_disk` reads it):
     cfg.json                  architecture, d_in, d_sae, dtype, device, apply_b_dec_to_input,
@@ -331,3 +332,33 @@ def load_sparsify(path: str | Path, hook: str | None = None, device: str = "cpu"
     sae.hook = hook or sparsify_hook(path.name)  # type: ignore[assignment]
     sae.model_name = None  # type: ignore[assignment]
     return sae
+
+
+# ---------------------------------------------------------------------------------------
+# Any layout
+
+
+def load_sae(path: str | Path, device: str = "cpu") -> SparseCoder:
+    """A saelab run, a SAELens-format or a sparsify-format directory, told apart by its files.
+
+    The SAE comes back with `sae.hook` (and `sae.model_name`) set from the file's metadata when
+    it names them, so that interventions know where they belong.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory; pass a run or SAE directory")
+    if (path / SAELENS_WEIGHTS).is_file():
+        return load_saelens(path, device)
+    if (path / CFG).is_file() and (path / WEIGHTS).is_file():
+        cfg = _read_cfg(path)
+        if "arch" not in cfg or "input_scale" not in cfg:  # not ours: sparsify names no arch
+            return load_sparsify(path, device=device)
+        sae = SparseCoder.load(path, device)
+        sae.hook, sae.model_name = cfg.get("hook"), cfg.get("model")  # type: ignore[assignment]
+        return sae
+    subdirs = sorted(p.name for p in path.iterdir() if (p / CFG).is_file())
+    hint = f"; it holds SAEs in {', '.join(subdirs[:5])}: pass one" if subdirs else ""
+    raise UserError(
+        f"{path} holds no SAE (saelab: cfg.json + sae.safetensors, SAELens: cfg.json + "
+        f"sae_weights.safetensors){hint}"
+    )

@@ -27,19 +27,18 @@ under `steer`, pass `use_past_kv_cache=False` if you use positions.
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor
 
 from saelab.errors import UserError
+from saelab.interop import load_sae
 from saelab.models import load_model, resolve_hook, stop_layer
-from saelab.sae import CFG, WEIGHTS, SparseCoder
+from saelab.sae import SparseCoder
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -61,45 +60,6 @@ __all__ = [
 # Hooks whose width is d_model: a d_in mismatch there is caught before any forward pass.
 _RESIDUAL_WIDTH = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_in", "hook_out")
 _RESIDUAL_WIDTH += ("hook_attn_out", "hook_mlp_out", "hook_embed")
-
-
-# ---------------------------------------------------------------------------------------
-# Loading
-
-
-def load_sae(path: str | Path, device: str = "cpu") -> SparseCoder:
-    """A saelab run, a SAELens-format or a sparsify-format directory, told apart by its files.
-
-    The SAE comes back with `sae.hook` (and `sae.model_name`) set from the file's metadata when
-    it names them, so that interventions know where they belong.
-    """
-    from saelab import interop
-
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path} is not a directory; pass a run or SAE directory")
-    if (path / interop.SAELENS_WEIGHTS).is_file():
-        return interop.load_saelens(path, device)
-    cfg = _read_json(path / CFG) if (path / CFG).is_file() else None
-    if cfg is not None and (path / WEIGHTS).is_file():
-        if "arch" in cfg and "input_scale" in cfg:
-            sae = SparseCoder.load(path, device)
-            sae.hook, sae.model_name = cfg.get("hook"), cfg.get("model")  # type: ignore[assignment]
-            return sae
-        return interop.load_sparsify(path, device=device)
-    subdirs = sorted(p.name for p in path.iterdir() if (p / CFG).is_file())
-    hint = f"; it holds SAEs in {', '.join(subdirs[:5])}: pass one" if subdirs else ""
-    raise UserError(
-        f"{path} holds no SAE (saelab: cfg.json + sae.safetensors, SAELens: cfg.json + "
-        f"sae_weights.safetensors){hint}"
-    )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not valid JSON; re-export or re-train the SAE") from None
 
 
 # ---------------------------------------------------------------------------------------
