@@ -183,16 +183,34 @@ def feature_choice_m(k: int, batch: int, d_sae: int) -> int:
     return max(1, (k * batch) // d_sae)
 
 
+def global_topk(z: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The K largest entries of z [B, n] as (values, rows, cols), exactly.
+
+    Each row's top-c candidates (c = 4·K/B) go into one global top-K, which is far cheaper
+    than a top-K over all B·n entries. It is exact unless some row had all c of its
+    candidates selected (it might hold more winners); then the full top-K runs instead.
+    """
+    B, n = z.shape
+    c = min(n, 4 * max(1, K // B))
+    if c < n:
+        cand, cols = torch.topk(z, c, dim=1, sorted=False)
+        top, flat = torch.topk(cand.reshape(-1), K, sorted=False)
+        rows = torch.div(flat, c, rounding_mode="floor")
+        if not bool((torch.bincount(rows, minlength=B) >= c).any()):
+            return top, rows, cols.reshape(-1)[flat]
+    top, flat = torch.topk(z.reshape(-1), K, sorted=False)
+    return top, torch.div(flat, n, rounding_mode="floor"), flat % n
+
+
 def mutual_choice(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     if not args.training:
         return _encode_with(sae, x, args, lambda z: _thresholded(z, sae.threshold.clamp_min(0)))
 
     def select(z: Tensor) -> tuple[Tensor, Tensor]:
-        n = z.shape[1]
-        top, flat = torch.topk(z.reshape(-1), sae.k * z.shape[0], sorted=False)
+        top, rows, cols = global_topk(z, sae.k * z.shape[0])
         with torch.no_grad():
             _ema_(sae.threshold, top.min().relu().reshape(1))
-        return mask_to_code(z, flat // n, flat % n)
+        return mask_to_code(z, rows, cols)
 
     return _encode_with(sae, x, args, select)
 

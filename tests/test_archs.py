@@ -235,3 +235,18 @@ def test_short_training_learns_synthetic_dictionary(arch):
         fvus.append(loss.item())
     first, last = sum(fvus[:10]) / 10, sum(fvus[-20:]) / 20
     assert last < 0.25 and last < 0.5 * first, (arch, first, last)
+
+
+@pytest.mark.parametrize("skew", [False, True])
+def test_global_topk_is_exact(skew):
+    from saelab.archs import global_topk
+
+    torch.manual_seed(5)
+    z = torch.randn(64, 200)
+    if skew:  # one token holds far more than its share of the winners: the fallback path
+        z[3] += 10
+    K = 64 * 4
+    top, rows, cols = global_topk(z, K)
+    assert torch.equal(z[rows, cols], top)
+    assert len(set(zip(rows.tolist(), cols.tolist()))) == K
+    assert torch.equal(top.sort().values, z.flatten().topk(K).values.sort().values)
