@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from saelab.config import TrainConfig, to_dict
 from saelab.errors import UserError
 from saelab.sae import CFG, SparseCoder
 
@@ -39,8 +40,21 @@ _RUNTIME_ONLY = {
 }
 
 
+def _with_defaults(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with fields added since it was written filled in at their defaults,
+    so that runs from an older saelab still count as the same run."""
+    out = dict(given)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(out[key], value)
+    return out
+
+
 def signature(plan: dict[str, Any]) -> dict[str, Any]:
-    train = {k: v for k, v in plan["train"].items() if k not in _RUNTIME_ONLY}
+    train = _with_defaults(plan["train"], to_dict(TrainConfig()))
+    train = {k: v for k, v in train.items() if k not in _RUNTIME_ONLY}
     return {"harvest": plan["harvest"], "hook": plan["hook"], **train}
 
 

@@ -190,8 +190,13 @@ def test_wandb_offline_logging(harvest, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage", ["truncate", "corrupt"])
 def test_cli_damaged_shard_is_named(tmp_path, capsys, damage):
-    h = write_harvest(tmp_path / "h", SyntheticData(d_in=8, n_features=16, k_true=2), 3000,
-                      tokens_per_context=15, shard_contexts=16)
+    h = write_harvest(
+        tmp_path / "h",
+        SyntheticData(d_in=8, n_features=16, k_true=2),
+        3000,
+        tokens_per_context=15,
+        shard_contexts=16,
+    )
     shard = sorted((h / "acts" / "synthetic").glob("shard_*.npy"))[1]
     data = bytearray(shard.read_bytes())
     if damage == "truncate":
@@ -199,8 +204,24 @@ def test_cli_damaged_shard_is_named(tmp_path, capsys, damage):
     else:
         data[-100] ^= 0xFF
         shard.write_bytes(bytes(data))
-    rc = main(["train", "--harvest", str(h), "--out", str(tmp_path / "r"), "--sae.d_sae", "32",
-               "--sae.k", "2", "--batch_size", "128", "--eval_tokens", "300", "-q"])
+    rc = main(
+        [
+            "train",
+            "--harvest",
+            str(h),
+            "--out",
+            str(tmp_path / "r"),
+            "--sae.d_sae",
+            "32",
+            "--sae.k",
+            "2",
+            "--batch_size",
+            "128",
+            "--eval_tokens",
+            "300",
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "shard_00001.npy" in err and len(err.splitlines()) == 1
 
@@ -216,3 +237,11 @@ def test_zipf_deficit_hand_worked():
     expected = ((t - freq) / t).clamp(0, 1) * (freq < t)
     torch.testing.assert_close(w, expected)
     assert w[2] == 1.0 and w[0] == 0.0  # a silent latent has full deficit; the top has none
+
+
+def test_run_from_before_a_new_config_field_still_matches(harvest, tmp_path):
+    run = train(_cfg(harvest, tmp_path / "r", n_tokens=5000), progress=False)
+    cfg = json.loads((run / "cfg.json").read_text())
+    del cfg["train"]["sae"]["aux"], cfg["train"]["zipf_exponent"]  # as an older saelab wrote it
+    (run / "cfg.json").write_text(json.dumps(cfg))
+    assert train(_cfg(harvest, tmp_path / "r", n_tokens=5000), progress=False) == run
