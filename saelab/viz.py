@@ -97,7 +97,7 @@ def save_figures(figs: dict[str, go.Figure], folder: Path) -> list[Path]:
     for name, fig in figs.items():
         fig.write_html(folder / f"{name}.html", include_plotlyjs=True)
         written.append(folder / f"{name}.html")
-    pngs = [folder / f"{name}.png" for name in figs]
+    pngs: list[str | Path] = [folder / f"{name}.png" for name in figs]
     try:
         import plotly.io as pio
 

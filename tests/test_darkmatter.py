@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import saelab.darkmatter as D
+import saelab.fitting as FIT
 from saelab.cli import main
 from saelab.config import DarkMatterConfig, HarvestConfig, SAEConfig, TrainConfig
 from saelab.errors import UserError
@@ -32,21 +33,21 @@ def _x(n, d=D_IN, seed=0):
 
 def test_streamed_fit_equals_one_shot_least_squares():
     x, y = _x(600), _x(600, 5, seed=1)
-    fit = D.LinearFit()
+    fit = FIT.LinearFit()
     for lo in range(0, 600, 128):
         fit.update(x[lo : lo + 128], y[lo : lo + 128])
-    want = torch.linalg.lstsq(D.affine(x), y.double()).solution
+    want = torch.linalg.lstsq(FIT.affine(x), y.double()).solution
     torch.testing.assert_close(fit.solve(ridge=0.0), want, atol=1e-8, rtol=1e-8)
     assert fit.n == 600
 
 
 def _fit_and_score(x_fit, e_fit, x_ev, e_ev):
-    fit = D.LinearFit()
+    fit = FIT.LinearFit()
     fit.update(x_fit, e_fit)
     w = fit.solve()
-    r2 = D.R2()
+    r2 = FIT.R2()
     for lo in range(0, len(x_ev), 100):  # streamed in batches, as the eval pass does
-        r2.update(e_ev[lo : lo + 100], D.predict(w, x_ev[lo : lo + 100]))
+        r2.update(e_ev[lo : lo + 100], FIT.predict(w, x_ev[lo : lo + 100]))
     return w, r2.value
 
 
@@ -55,7 +56,7 @@ def test_linear_error_is_fully_predicted():
     x_fit, x_ev = _x(2000, seed=3), _x(1000, seed=4)
     w, r2 = _fit_and_score(x_fit, x_fit @ A + c, x_ev, x_ev @ A + c)
     assert r2 == pytest.approx(1.0, abs=1e-9)
-    e_nl = (x_ev @ A + c).double() - D.predict(w, x_ev)
+    e_nl = (x_ev @ A + c).double() - FIT.predict(w, x_ev)
     assert float(e_nl.norm()) < 1e-5 * float((x_ev @ A).norm())  # float32 targets
 
 
@@ -75,8 +76,8 @@ def test_norm_can_be_linear_while_the_direction_is_not():
     e = u / u.norm(dim=1, keepdim=True) * norm_sq.clamp_min(0).sqrt()[:, None]
     y = torch.cat([e, e.pow(2).sum(1, keepdim=True)], 1)
     w, _ = _fit_and_score(x[:3000], y[:3000], x[3000:], y[3000:])
-    r2_e, r2_sq = D.R2(), D.R2()
-    pred = D.predict(w, x[3000:])
+    r2_e, r2_sq = FIT.R2(), FIT.R2()
+    pred = FIT.predict(w, x[3000:])
     r2_e.update(e[3000:], pred[:, :D_IN])
     r2_sq.update(y[3000:, D_IN:], pred[:, D_IN:])
     assert abs(r2_e.value) < 0.02 and r2_sq.value > 0.99
@@ -84,10 +85,10 @@ def test_norm_can_be_linear_while_the_direction_is_not():
 
 def test_r2_regression():
     a = np.linspace(0, 1, 200)
-    assert D.r2_regression(3 * a + 1, a) == pytest.approx(1.0)
+    assert FIT.r2_regression(3 * a + 1, a) == pytest.approx(1.0)
     noise = np.random.default_rng(0).normal(size=200)
-    assert D.r2_regression(noise, a) < 0.05
-    assert D.r2_regression(a + noise, a, noise) == pytest.approx(1.0)
+    assert FIT.r2_regression(noise, a) < 0.05
+    assert FIT.r2_regression(a + noise, a, noise) == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def test_greedy_pursuit_recovers_a_sparse_sum():
         sae.W_dec.copy_(torch.cat([eye, pairs]))
         sae.W_enc.copy_(sae.W_dec)
     x = 3 * eye[0] + 2 * eye[4]
-    got = D.gradient_pursuit(sae, x[None], steps=5, greedy=True)
+    got = FIT.gradient_pursuit(sae, x[None], steps=5, greedy=True)
     torch.testing.assert_close(got[0], x, atol=1e-5, rtol=0)
 
 
@@ -130,7 +131,7 @@ def test_pursuit_never_worse_than_the_sae(synth, greedy):
     x = ActivationStore(json.loads((synth[0] / "cfg.json").read_text())["harvest"]).read(0, 500)
     with torch.no_grad():
         err_sae = (x - sae(x)).pow(2).sum(1)
-    err_gp = (x - D.gradient_pursuit(sae, x, steps=10, greedy=greedy)).pow(2).sum(1)
+    err_gp = (x - FIT.gradient_pursuit(sae, x, steps=10, greedy=greedy)).pow(2).sum(1)
     if not greedy:  # refining the SAE's own support only ever lowers the error
         assert (err_gp <= err_sae * (1 + 1e-5) + 1e-6).all()
     assert err_gp.mean() < err_sae.mean()
