@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from bench.train import EVAL_TOKENS, harvest_dir
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
+from bench.train import  # noqa: E402 EVAL_TOKENS, harvest_dir
 from saelab.config import SAEConfig, TrainConfig
 from saelab.store import ActivationStore
 from saelab.trainer import train

@@ -14,11 +14,14 @@ Prints tokens/s and the FVU on the same 100k held-out tokens.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 import time
 
 import torch
 
-from bench.train import EVAL_TOKENS, harvest_dir, parse_args, run
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
+from bench.train import  # noqa: E402 EVAL_TOKENS, harvest_dir, parse_args, run
 from saelab.store import ActivationStore
 
 
