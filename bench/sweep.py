@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
-from bench.train import  # noqa: E402 EVAL_TOKENS, harvest_dir
+from bench.train import EVAL_TOKENS, harvest_dir  # noqa: E402
 from saelab.config import SAEConfig, TrainConfig
 from saelab.store import ActivationStore
 from saelab.trainer import train

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 import time
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
-from bench.train import  # noqa: E402 EVAL_TOKENS, harvest_dir, parse_args, run
+from bench.train import EVAL_TOKENS, harvest_dir, parse_args, run  # noqa: E402
 from saelab.store import ActivationStore
 
 
