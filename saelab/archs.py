@@ -99,12 +99,17 @@ class ArchSpec:
     """Auxiliary loss: AuxK on dead latents, or aux_zipf on under-used ones."""
 
 
-def _encode_with(sae: SparseCoder, x: Tensor, args: EncodeArgs, select) -> Encoding:
-    values, indices, aux_values, aux_indices = kernels.sparse_encode(
-        x, sae.W_enc, sae.b_enc, sae.b_dec, select, args.aux_mask, args.k_aux
-    )
+def _encoding(values: Tensor, indices: Tensor, aux_values: Tensor, aux_indices: Tensor) -> Encoding:
     aux = SparseCode(aux_values, aux_indices) if aux_indices.shape[1] else None
     return Encoding(SparseCode(values, indices), aux)
+
+
+def _encode_with(sae: SparseCoder, x: Tensor, args: EncodeArgs, select) -> Encoding:
+    return _encoding(
+        *kernels.sparse_encode(
+            x, sae.W_enc, sae.b_enc, sae.b_dec, select, args.aux_mask, args.k_aux
+        )
+    )
 
 
 def mask_to_code(z: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
@@ -128,11 +133,10 @@ def mask_to_code(z: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]
 
 
 def topk(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
-    values, indices, aux_values, aux_indices = kernels.topk_encode(
-        x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, args.aux_mask, args.k_aux
+    # Its own kernel entry point: the rule a fused top-k encoder implements in one pass.
+    return _encoding(
+        *kernels.topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, args.aux_mask, args.k_aux)
     )
-    aux = SparseCode(aux_values, aux_indices) if aux_indices.shape[1] else None
-    return Encoding(SparseCode(values, indices), aux)
 
 
 def gradient_topk(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:

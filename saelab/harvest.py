@@ -356,13 +356,14 @@ def _planned_bytes(meta: dict[str, Any], start_contexts: int, itemsize: int) -> 
     return rows * meta["d_in"] * itemsize * kinds * len(meta["hooks"])
 
 
-def _prepare(cfg: HarvestConfig, out: Path) -> tuple[Any, dict[str, Any], np.ndarray, int | None]:
-    """Validate everything and load the model; write only once nothing can fail any more."""
-    ident = _identity(cfg, n_contexts_for(cfg))
-    meta = read_meta(out)
-    if meta is not None:
-        _check_same(out, meta, ident)
-    else:
+def _prepare(
+    cfg: HarvestConfig, out: Path, meta: dict[str, Any] | None, ident: dict[str, Any]
+) -> tuple[Any, dict[str, Any], np.ndarray, int | None]:
+    """Validate everything and load the model; write only once nothing can fail any more.
+
+    meta: the directory's meta.json, already checked against ident (None if there is none).
+    """
+    if meta is None:
         _check_foreign(out)
     texts = load_texts(cfg.corpus, cfg.text_field, cfg.split, cfg.seed)
     model = load_model(cfg.model, device=_device(cfg.device))
@@ -405,12 +406,13 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
     """Harvest (or resume) ``cfg`` into `harvest_dir(cfg)` and return that directory."""
     out = harvest_dir(cfg)
     meta = read_meta(out)
+    ident = _identity(cfg, n_contexts_for(cfg))
     if meta is not None:
-        _check_same(out, meta, _identity(cfg, n_contexts_for(cfg)))
+        _check_same(out, meta, ident)
         if meta["complete"]:
             log.info("%s is already complete", out)
             return out
-    model, meta, tokens, stop = _prepare(cfg, out)
+    model, meta, tokens, stop = _prepare(cfg, out, meta, ident)
     _limit_threads()
     out.mkdir(parents=True, exist_ok=True)
     _remove_temps(out)
