@@ -64,6 +64,27 @@ def test_identity_is_clean_and_zeros_is_ablation(tiny, tokens, splice_from):
     assert res["positions"] == [splice_from, tokens.shape[1] - 2]
 
 
+def test_ce_and_kl_match_brute_force_on_a_noisy_splice(tiny, tokens):
+    """The one-pass CE/KL accumulation equals log_softmax + kl_div done the long way."""
+    g = torch.Generator().manual_seed(1)
+    noise = {}
+
+    def noisy(x, _g):
+        noise.setdefault("n", torch.randn(x.shape, generator=g) * 0.5)
+        return x + noise["n"]
+
+    s = 2
+    res = downstream_ce(tiny, HOOK, tokens, {"noisy": noisy}, splice_from=s)
+    with torch.no_grad():
+        p = tiny(tokens)[:, s:-1].float().log_softmax(-1)
+        q = spliced_logits(tiny, HOOK, tokens, noisy, s)[:, s:-1].float().log_softmax(-1)
+    kl = float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum")) / p.shape[0]
+    kl /= p.shape[1]
+    ce = float(-q.gather(-1, tokens[:, s + 1 :, None]).mean())
+    assert res["variants"]["noisy"]["kl"] == pytest.approx(kl, rel=1e-4) and kl > 1e-3
+    assert res["variants"]["noisy"]["ce"] == pytest.approx(ce, rel=1e-5)
+
+
 def test_splice_keeps_early_positions_and_never_mutates(tiny, tokens):
     with torch.no_grad():
         clean = tiny(tokens)
