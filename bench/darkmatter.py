@@ -37,7 +37,7 @@ def timed(label: str, times: dict[str, float], fn, *args):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default="runs/demo-topk")
-    p.add_argument("--ce_contexts", type=int, default=32)
+    p.add_argument("--ce_contexts", type=int, default=DarkMatterConfig.ce_contexts)
     p.add_argument("--pursuit", default="support", choices=["support", "greedy", "none"])
     args = p.parse_args()
     run = Path(args.run)

@@ -272,8 +272,10 @@ class DarkMatterConfig:
     ridge: float = 1e-6
     """Ridge added to the normal equations, relative to their mean diagonal (stability only)."""
 
-    ce_contexts: int = 32
-    """Held-out contexts for the three-way CE splice (0 skips it)."""
+    ce_contexts: int = 16
+    """Held-out contexts for the three-way CE splice (0 skips it). Each costs five model
+    forwards; the splices are paired on the same contexts, so ΔCE is reported with its
+    standard error over contexts: raise this when the error bars overlap."""
 
     splice_from: int = 1
     """First position that is spliced in the CE comparison (1 skips BOS)."""
@@ -301,6 +303,64 @@ class DarkMatterConfig:
         _nonnegative(self, "pursuit_steps", "ridge")
         if self.splice_from < 1:
             raise UserError(f"splice_from={self.splice_from} would splice BOS; use 1 or more")
+
+
+@dataclass
+class IndexConfig:
+    run: str = ""
+    """Run directory to index."""
+
+    rows: Literal["all", "heldout"] = "all"
+    """Harvest rows to index: 'all' (more text, so better contexts for rare latents; the SAE
+    was trained on most of it) or 'heldout' (only the run's held-out split)."""
+
+    tokens: int = 0
+    """Index only the first this many of those rows; 0 means all of them."""
+
+    top_n: int = 20
+    """Top-activating contexts kept per latent."""
+
+    quantile_samples: int = 2
+    """Contexts kept near each of the activation quantiles 0.75, 0.5 and 0.25 of a latent."""
+
+    quantile_pool: int = 64
+    """Firing tokens per latent sampled uniformly during the pass, to pick quantile contexts."""
+
+    context_before: int = 16
+    """Tokens shown before the peak token of a context."""
+
+    context_after: int = 4
+    """Tokens shown after the peak token of a context."""
+
+    hist_bins: int = 64
+    """Histogram bins per latent; empty bins above the maximum are trimmed, so between half
+    and all of them remain."""
+
+    neighbours: int = 10
+    """Nearest latents by decoder cosine kept per latent."""
+
+    logit_tokens: int = 10
+    """Logit-lens tokens kept at each end (most promoted and most suppressed)."""
+
+    logit_lens: bool = True
+    """Load the model for the logit lens (false skips it)."""
+
+    token_latents: int = 32
+    """Latents kept per token id for token search, most frequent on that token first."""
+
+    batch_size: int = 4096
+    """Tokens per batch."""
+
+    seed: int = 0
+    """Seed of the quantile sampling."""
+
+    device: str = "auto"
+    """'auto', 'cpu' or 'cuda'."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "top_n", "quantile_pool", "hist_bins", "batch_size", "token_latents")
+        _nonnegative(self, "tokens", "quantile_samples", "context_before", "context_after")
+        _nonnegative(self, "neighbours", "logit_tokens")
 
 
 # ---------------------------------------------------------------------------------------

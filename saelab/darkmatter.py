@@ -449,7 +449,10 @@ def summary_lines(result: dict[str, Any]) -> str:
         )
     ce = result.get("ce", {})
     if "variants" in ce:
-        parts = [f"{k} {v['ce']:.3f}" for k, v in ce["variants"].items()]
+        parts = [
+            f"{k} {v['ce']:.3f} (Δ {v['delta_ce']:+.3f} ± {v['delta_ce_se'] or 0:.3f})"
+            for k, v in ce["variants"].items()
+        ]
         lines.append(
             f"  CE (nats, {ce['n_tokens']:,} tokens): clean {ce['ce_clean']:.3f}, "
             f"{', '.join(parts)}, zero-ablation {ce['ce_ablation']:.3f}"

@@ -46,7 +46,7 @@ def demo(quick: bool = False, runs_dir: str = "runs") -> int:
     result = evaluate(EvalConfig(run=str(run), downstream_contexts=16 if quick else 64))
     t_eval = time.perf_counter() - t0 - t_harvest - t_train
 
-    dcfg = DarkMatterConfig(ce_contexts=8 if quick else 32)
+    dcfg = DarkMatterConfig(ce_contexts=8 if quick else 16)
     dark = run_one(prepare(run, dcfg), dcfg)
     t_dark = time.perf_counter() - t0 - t_harvest - t_train - t_eval
     total = time.perf_counter() - t0
@@ -69,7 +69,8 @@ def _downstream_line(result: dict) -> str:
         return f"downstream: skipped ({ds.get('skipped', 'off')})"
     return (
         f"downstream ({ds['n_contexts']} held-out contexts, {ds['n_tokens']:,} tokens): "
-        f"CE score {result['ce_score']:.3f}, ΔCE {result['delta_ce']:.3f} nats "
+        f"CE score {result['ce_score']:.3f}, ΔCE {result['delta_ce']:.3f} "
+        f"± {result['delta_ce_se'] or 0:.3f} nats "
         f"(clean {ds['ce_clean']:.3f}, zero-ablation {ds['ce_ablation']:.3f}), "
         f"KL score {result['kl_score']:.3f}"
     )

@@ -186,7 +186,7 @@ def downstream_ce(
     if not 1 <= splice_from < n_ctx - 1:
         raise UserError(f"splice_from={splice_from} leaves nothing to predict at n_ctx={n_ctx}")
     variants = {"zero_ablation": lambda x, g: torch.zeros_like(x), **splices}
-    ce = dict.fromkeys(["clean", *variants], 0.0)
+    ce: dict[str, list[Tensor]] = {name: [] for name in ["clean", *variants]}
     kl = dict.fromkeys(variants, 0.0)
     per_batch = max(1, SPLICE_TOKENS // n_ctx)
     n = 0
@@ -199,7 +199,7 @@ def downstream_ce(
         else:
             logits = model(toks)
         clean = _scored(logits, targets, splice_from)
-        ce["clean"] -= float(clean.target_logprob.sum())
+        ce["clean"].append(-clean.target_logprob.mean(-1))
         # KL(p‖q) per row = Σ p·log p − Σ p·logits_q + lse_q (as Σ p = 1): p and the
         # Σ p·log p term are computed once per batch, each variant costs one product.
         p = (clean.logits - clean.lse[..., None]).exp_()
@@ -208,11 +208,12 @@ def downstream_ce(
             q = _scored(
                 spliced_logits(model, hook, toks, fn, splice_from, grads), targets, splice_from
             )
-            ce[name] -= float(q.target_logprob.sum())
+            ce[name].append(-q.target_logprob.mean(-1))
             cross = (p * q.logits).sum(-1, dtype=torch.float64) - q.lse
             kl[name] += float((neg_entropy - cross).sum())
         n += targets.numel()
-    return _scores({k: v / n for k, v in ce.items()}, {k: v / n for k, v in kl.items()}) | {
+    per_context = {k: torch.cat(v).double() for k, v in ce.items()}
+    return _scores(per_context, {k: v / n for k, v in kl.items()}) | {
         "n_contexts": int(tokens.shape[0]),
         "n_tokens": n,
         "positions": [splice_from, n_ctx - 2],
@@ -224,13 +225,21 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
 
-def _scores(ce: dict[str, float], kl: dict[str, float]) -> dict[str, Any]:
+def _paired_se(a: Tensor, b: Tensor) -> float | None:
+    """Standard error of mean(a − b) over contexts (None with fewer than two)."""
+    return float((a - b).std() / len(a) ** 0.5) if len(a) > 1 else None
+
+
+def _scores(per_context: dict[str, Tensor], kl: dict[str, float]) -> dict[str, Any]:
+    """CE scores from per-context mean CE [C] (every context predicts as many tokens)."""
+    ce = {k: float(v.mean()) for k, v in per_context.items()}
     clean, abl, kl_abl = ce["clean"], ce["zero_ablation"], kl["zero_ablation"]
     variants = {
         name: {
             "ce": ce[name],
             "kl": kl[name],
             "delta_ce": ce[name] - clean,
+            "delta_ce_se": _paired_se(per_context[name], per_context["clean"]),
             "ce_score": _ratio(abl - ce[name], abl - clean),
             "kl_score": _ratio(kl_abl - kl[name], kl_abl),
         }
@@ -326,7 +335,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
 def _add_downstream(result: dict[str, Any], ds: dict[str, Any]) -> None:
     """Headline CE/KL numbers at the top level (and per mode), details under `downstream`."""
     result["downstream"] = ds
-    keys = ("delta_ce", "ce_score", "kl_score")
+    keys = ("delta_ce", "delta_ce_se", "ce_score", "kl_score")
     for name, v in ds.get("variants", {}).items():
         target = result if name == "sae" else result["modes"].setdefault(name, {})
         target.update({k: v[k] for k in keys})

@@ -80,9 +80,14 @@ def test_ce_and_kl_match_brute_force_on_a_noisy_splice(tiny, tokens):
         q = spliced_logits(tiny, HOOK, tokens, noisy, s)[:, s:-1].float().log_softmax(-1)
     kl = float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum")) / p.shape[0]
     kl /= p.shape[1]
-    ce = float(-q.gather(-1, tokens[:, s + 1 :, None]).mean())
-    assert res["variants"]["noisy"]["kl"] == pytest.approx(kl, rel=1e-4) and kl > 1e-3
-    assert res["variants"]["noisy"]["ce"] == pytest.approx(ce, rel=1e-5)
+    targets = tokens[:, s + 1 :, None]
+    ce = float(-q.gather(-1, targets).mean())
+    noisy = res["variants"]["noisy"]
+    assert noisy["kl"] == pytest.approx(kl, rel=1e-4) and kl > 1e-3
+    assert noisy["ce"] == pytest.approx(ce, rel=1e-5)
+    # ΔCE's standard error is over contexts, paired with the clean CE of the same context.
+    diff = (p.gather(-1, targets) - q.gather(-1, targets)).squeeze(-1).mean(1).double()
+    assert noisy["delta_ce_se"] == pytest.approx(float(diff.std()) / len(diff) ** 0.5, rel=1e-4)
 
 
 def test_splice_keeps_early_positions_and_never_mutates(tiny, tokens):
