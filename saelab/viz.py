@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import logging
 from pathlib import Path
 from typing import Any
@@ -249,5 +250,170 @@ def scaling_heatmap(names: list[str], r2: list[list[float]], r2_nl: list[list[fl
         template="plotly_white",
         height=460,
         width=1000,
+    )
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# Latents (the feature index, saelab.features) and firing frequencies
+
+ACT_COLOR = (228, 87, 86)
+"""Highlight colour of activating tokens (RGB); its opacity follows the activation."""
+
+
+def _token_text(tok: str, empty: str = "∅") -> str:
+    # Make whitespace tokens visible: a newline would otherwise vanish into the layout.
+    return html.escape(tok.replace("\n", "↵").replace("\t", "⇥"), quote=True) or empty
+
+
+def token_html(
+    tokens: list[str], acts: list[float], peak: int | None = None, vmax: float | None = None
+) -> str:
+    """Tokens as one line of HTML spans whose background opacity is act / vmax (vmax: the
+    largest activation given); hovering shows the value. Every token is escaped."""
+    top = vmax if vmax and vmax > 0 else max([a for a in acts if a > 0], default=1.0)
+    r, g, b = ACT_COLOR
+    spans = []
+    for i, (tok, a) in enumerate(zip(tokens, acts)):
+        alpha = min(max(a / top, 0.0), 1.0)
+        style = f"background:rgba({r},{g},{b},{alpha:.2f});border-radius:3px;padding:0 1px"
+        if i == peak:
+            style += ";outline:1.5px solid #333"
+        spans.append(f'<span style="{style}" title="{a:.3g}">{_token_text(tok)}</span>')
+    return (
+        '<div style="font-family:ui-monospace,monospace;font-size:0.85rem;line-height:1.9;'
+        'white-space:pre-wrap;word-break:break-word">' + "".join(spans) + "</div>"
+    )
+
+
+def marked_html(text: str, open_mark: str = "«", close_mark: str = "»") -> str:
+    """Text holding one «marked» token (darkmatter.json's contexts) as HTML with the token
+    highlighted; everything escaped."""
+    before, sep, rest = text.partition(open_mark)
+    token, sep2, after = rest.partition(close_mark) if sep else ("", "", "")
+    r, g, b = ACT_COLOR
+    body = _token_text(before, "")
+    if sep:
+        body += (
+            f'<span style="background:rgba({r},{g},{b},0.85);border-radius:3px;padding:0 2px;'
+            f'outline:1.5px solid #333">{_token_text(token)}</span>' + _token_text(after, "")
+        )
+    return (
+        '<div style="font-family:ui-monospace,monospace;font-size:0.85rem;line-height:1.9;'
+        f'white-space:pre-wrap;word-break:break-word">{body}</div>'
+    )
+
+
+def activation_hist_figure(
+    edges: list[float], counts: list[int], n_zero: int | None = None, title: str = ""
+) -> go.Figure:
+    """A latent's histogram of non-zero activations (the feature index's bins)."""
+    e = np.asarray(edges, dtype=np.float64)
+    fig = go.Figure(
+        go.Bar(
+            x=((e[:-1] + e[1:]) / 2).tolist(),
+            y=list(counts),
+            width=(e[1:] - e[:-1]).tolist(),
+            marker_color="rgb({},{},{})".format(*ACT_COLOR),
+            hovertemplate="act %{x:.3g}<br>%{y} tokens<extra></extra>",
+        )
+    )
+    if n_zero is not None:
+        title = f"{title} ({n_zero:,} tokens at zero not shown)" if title else ""
+    fig.update_layout(
+        title=title or "activations when firing",
+        xaxis_title="activation",
+        yaxis_title="tokens",
+        template="plotly_white",
+        height=300,
+        margin={"t": 50, "b": 40, "l": 50, "r": 10},
+        bargap=0.02,
+    )
+    return fig
+
+
+def logit_lens_figure(top: list[tuple[str, float]], bottom: list[tuple[str, float]]) -> go.Figure:
+    """The tokens a latent's decoder direction promotes (top) and suppresses (bottom)."""
+    pairs = sorted(top, key=lambda p: p[1]) if top else []
+    low = sorted(bottom, key=lambda p: -p[1]) if bottom else []
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=["promoted", "suppressed"],
+        horizontal_spacing=0.25,
+    )
+    for col, rows, color in ((1, pairs, "#2ca02c"), (2, low, "#d62728")):
+        fig.add_trace(
+            go.Bar(
+                x=[v for _, v in rows],
+                y=[repr(t)[1:-1] or "∅" for t, _ in rows],
+                orientation="h",
+                marker_color=color,
+                showlegend=False,
+                hovertemplate="%{y}: %{x:.3g}<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
+    fig.update_yaxes(type="category")
+    fig.update_layout(
+        title="logit lens (W_dec · W_U)",
+        template="plotly_white",
+        height=max(260, 22 * max(len(pairs), len(low), 1) + 90),
+        margin={"t": 60, "b": 30, "l": 10, "r": 10},
+    )
+    return fig
+
+
+def freq_hist_figure(hists: dict[str, dict[str, Any]]) -> go.Figure:
+    """log10 firing-frequency histograms (eval.json's `log10_freq_hist`: edges, counts,
+    never_fired), one per run; never-firing latents get their own bar left of the axis."""
+    fig = go.Figure()
+    lo = min((h["edges"][0] for h in hists.values()), default=-8.0)
+    for name, h in hists.items():
+        e = np.asarray(h["edges"], dtype=np.float64)
+        mids = ((e[:-1] + e[1:]) / 2).tolist()
+        widths = (e[1:] - e[:-1]).tolist()
+        fig.add_trace(
+            go.Bar(
+                x=[lo - 0.5, *mids],
+                y=[h.get("never_fired", 0), *h["counts"]],
+                width=[0.4, *widths],
+                name=name,
+                opacity=0.6 if len(hists) > 1 else 1.0,
+                hovertemplate="log10 freq %{x:.2f}<br>%{y} latents<extra>" + name + "</extra>",
+            )
+        )
+    fig.add_vline(x=lo - 0.2, line_dash="dot", line_color="#999")
+    fig.add_vline(x=-5, line_dash="dash", line_color="#d62728", opacity=0.5)
+    fig.update_xaxes(
+        tickvals=[lo - 0.5, *range(int(lo), 1)],
+        ticktext=["never", *(f"1e{v}" for v in range(int(lo), 1))],
+    )
+    fig.update_layout(
+        title="firing frequency per latent (held-out tokens)",
+        xaxis_title="fraction of tokens the latent fires on (log scale)",
+        yaxis_title="latents",
+        barmode="overlay",
+        template="plotly_white",
+        height=380,
+        legend={"orientation": "h", "y": -0.25},
+    )
+    return fig
+
+
+def dead_over_training_figure(series: dict[str, dict[str, list[float]]]) -> go.Figure:
+    """Dead fraction (train_log.jsonl) against training tokens, one line per run."""
+    fig = go.Figure()
+    for name, s in series.items():
+        fig.add_trace(go.Scatter(x=s["tokens"], y=s["dead_frac"], mode="lines+markers", name=name))
+    fig.update_layout(
+        title="dead fraction during training",
+        xaxis_title="training tokens",
+        yaxis_title="dead fraction",
+        yaxis_tickformat=".1%",
+        template="plotly_white",
+        height=380,
+        legend={"orientation": "h", "y": -0.25},
     )
     return fig

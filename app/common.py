@@ -1,0 +1,140 @@
+"""What every page shares: the runs directory, the run selection (in st.session_state, so it
+survives page changes), cached readers, and the guard that turns errors into messages."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from saelab import workbench as wb
+from saelab.errors import UserError
+
+log = logging.getLogger("saelab.app")
+
+SELECTED = "selected_runs"
+"""session_state key: the runs chosen on the Runs page (names relative to the runs dir)."""
+FOCUS = "focus_run"
+"""session_state key of the sidebar's run: the one single-run pages show."""
+
+
+@contextmanager
+def guard() -> Iterator[None]:
+    """Errors become a message on the page, never a stack trace (st.stop and st.rerun are
+    BaseExceptions and pass through)."""
+    try:
+        yield
+    except UserError as e:
+        st.error(str(e))
+    except Exception as e:  # noqa: BLE001 - the browser gets one line; the log gets the rest
+        log.exception("workbench page failed")
+        st.error(f"Something went wrong: {type(e).__name__}: {e}")
+
+
+def root() -> Path:
+    return wb.runs_root(os.environ.get("SAELAB_RUNS_DIR") or "runs")
+
+
+def runs() -> list[wb.RunInfo]:
+    return wb.list_runs(root())
+
+
+def selected(all_runs: list[wb.RunInfo]) -> list[wb.RunInfo]:
+    """The runs chosen on the Runs page, or every run when none is chosen."""
+    chosen = set(st.session_state.get(SELECTED) or [])
+    picked = [r for r in all_runs if r.name in chosen]
+    return picked or all_runs
+
+
+def display(path: Path) -> str:
+    """A run's path as the user typed the runs directory (for commands to copy)."""
+    base = os.environ.get("SAELAB_RUNS_DIR") or "runs"
+    try:
+        return str(Path(base) / path.relative_to(root()))
+    except ValueError:
+        return str(path)
+
+
+def no_runs_message() -> None:
+    st.info(
+        f"No runs in {root()}. Train one with `saelab train` (or `saelab demo`), "
+        "then reload this page."
+    )
+
+
+def sidebar() -> None:
+    """The runs directory and the run the single-run pages show. A `?run=` query parameter
+    picks the run on the first visit; afterwards the choice is written back to the URL."""
+    try:
+        names = wb.find_runs(root())
+    except UserError as e:
+        st.sidebar.error(str(e))
+        return
+    st.sidebar.caption(f"runs: `{root()}`")
+    if not names:
+        return
+    if "_query_read" not in st.session_state:
+        st.session_state["_query_read"] = True
+        want = st.query_params.get("run")
+        if want:
+            try:
+                run = wb.resolve_run(root(), want)
+                st.session_state[FOCUS] = run.relative_to(root()).as_posix() or "."
+                chosen = st.session_state.setdefault(SELECTED, [])
+                if st.session_state[FOCUS] not in chosen and chosen:
+                    chosen.append(st.session_state[FOCUS])
+            except UserError as e:
+                st.session_state["_query_error"] = str(e)
+    chosen = [n for n in st.session_state.get(SELECTED) or [] if n in names]
+    options = chosen or names
+    if st.session_state.get(FOCUS) not in options:
+        st.session_state[FOCUS] = options[0]
+    st.sidebar.selectbox(
+        "Run", options, key=FOCUS, help="The run the single-run pages show; pick on Runs"
+    )
+    st.query_params["run"] = st.session_state[FOCUS]
+
+
+def query_error() -> None:
+    """A rejected ?run= parameter, shown once on the page it arrived with."""
+    if err := st.session_state.pop("_query_error", None):
+        st.error(err)
+
+
+def focus() -> wb.RunInfo | None:
+    """The sidebar's run, read fresh; None (and a message) when there is none."""
+    query_error()
+    name = st.session_state.get(FOCUS)
+    if not name:
+        no_runs_message()
+        return None
+    return wb.run_info(root(), name)
+
+
+def need_complete(info: wb.RunInfo) -> bool:
+    if info.complete:
+        return True
+    st.warning(
+        f"{info.name}: "
+        + ("; ".join(info.problems) or "the run is incomplete")
+        + ". This page needs a finished run."
+    )
+    return False
+
+
+def mtime(path: Path) -> float:
+    """Part of cache keys, so that a rewritten file is read again."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def darkmatter_tokens(run: str, modified: float) -> dict[str, Any] | None:
+    return wb.darkmatter_tokens(Path(run))

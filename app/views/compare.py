@@ -1,0 +1,51 @@
+"""Compare: FVU against L0 (and dead fraction, ΔCE) for the selected runs, and one table per
+architecture. Numbers come from each run's eval.json; the app never evaluates."""
+
+import common
+import pandas as pd
+import streamlit as st
+
+from saelab import viz
+from saelab import workbench as wb
+
+FORMATS = {
+    "fvu": "{:.4f}",
+    "l0": "{:.1f}",
+    "dead_frac": "{:.2%}",
+    "below_1e-5_frac": "{:.2%}",
+    "delta_ce": "{:.4f}",
+    "ce_score": "{:.4f}",
+}
+
+
+def main() -> None:
+    st.title("Compare")
+    common.query_error()
+    all_runs = common.runs()
+    if not all_runs:
+        common.no_runs_message()
+        return
+    runs = common.selected(all_runs)
+    rows = wb.metric_rows(runs)
+    unevaluated = [common.display(r.path) for r in runs if r.eval is None]
+    if unevaluated:
+        st.caption(
+            "Left out (no eval.json): "
+            + ", ".join(f"`saelab eval {u}`" for u in unevaluated)
+            + " measures them."
+        )
+    if not rows:
+        st.info("None of these runs has eval.json yet.")
+        return
+    st.caption(f"{len(runs)} runs (choose them on the Runs page); one point per run and mode.")
+    fig = viz.frontier_figure([r for r in rows if r["fvu"] is not None])
+    fig.update_layout(width=None)
+    st.plotly_chart(fig)
+    for arch in sorted({r["arch"] for r in rows}):
+        st.subheader(arch)
+        table = pd.DataFrame([r for r in rows if r["arch"] == arch]).drop(columns="arch")
+        st.dataframe(table.style.format(FORMATS, na_rep="-"), hide_index=True)
+
+
+with common.guard():
+    main()

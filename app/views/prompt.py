@@ -1,0 +1,90 @@
+"""Prompt: type text and see which latents fire on each token (saelab.steering.top_latents);
+the model and the SAE are loaded once per process."""
+
+import common
+import pandas as pd
+import streamlit as st
+
+from saelab import viz
+from saelab.evaluate import SYNTHETIC
+
+DEFAULT_PROMPT = "In the beginning God created the heaven and the earth."
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the model…")
+def model(name: str):
+    from saelab.models import load_model
+
+    return load_model(name)
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def sae(path: str, modified: float):
+    from saelab.steering import load_sae
+
+    return load_sae(path).eval()
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def fire(run: str, modified: float, model_name: str, prompt: str) -> list[tuple]:
+    """Every firing latent at every token, strongest first."""
+    from saelab.steering import top_latents
+
+    coder = sae(run, modified)
+    rows = top_latents(model(model_name), coder, prompt, k=coder.d_sae)
+    return [tuple(r) for r in rows]
+
+
+def main() -> None:
+    st.title("Prompt")
+    info = common.focus()
+    if info is None or not common.need_complete(info):
+        return
+    name = info.cfg.get("model")
+    if not name or name == SYNTHETIC:
+        st.info(f"{info.name} was trained on a synthetic harvest: there is no model to prompt.")
+        return
+    st.caption(f"model `{name}`, hook `{info.cfg.get('hook')}`, SAE {info.name}")
+    prompt = st.text_area("Prompt", DEFAULT_PROMPT, key="prompt_text", height=100)
+    k = st.slider("Latents per token", 1, 20, 5, key="prompt_k")
+    if not prompt.strip():
+        st.info("Type some text.")
+        return
+    weights = info.path / "sae.safetensors"
+    rows = fire(str(info.path), common.mtime(weights), name, prompt)
+    table = pd.DataFrame(
+        {
+            "position": [r[0] for r in rows],
+            "token": [repr(r[1])[1:-1] for r in rows],
+            "latents (activation)": [
+                "  ".join(f"{i}: {v:.2f}" for i, v in zip(r[2][:k], r[3][:k])) for r in rows
+            ],
+        }
+    )
+    firing = sorted({i for r in rows for i in r[2][:k]})
+    if not firing:
+        st.info("No latent fires on this prompt.")
+        st.dataframe(table, hide_index=True)
+        return
+    counts = {i: sum(i in r[2][:k] for r in rows) for i in firing}
+    order = sorted(firing, key=lambda i: -counts[i])
+    pick = st.selectbox(
+        "Highlight a latent",
+        order,
+        format_func=lambda i: f"{i} (in the top {k} at {counts[i]} tokens)",
+        key="prompt_latent",
+    )
+    acts = [dict(zip(r[2], r[3])).get(pick, 0.0) for r in rows]
+    st.html(viz.token_html([r[1] for r in rows], acts))
+    if st.button(f"Open latent {pick} in the feature browser"):
+        st.session_state["latent_id"] = int(pick)
+        st.switch_page("views/features.py")
+    st.dataframe(table, hide_index=True)
+    st.caption(
+        "Activations at the SAE's hook, in the SAE's units; the highlight shows every token "
+        "the latent fires on. Steer or ablate latents from a notebook with saelab.steering."
+    )
+
+
+with common.guard():
+    main()
