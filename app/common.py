@@ -135,6 +135,20 @@ def mtime(path: Path) -> float:
         return 0.0
 
 
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _index(path: str, modified: float) -> Any:
+    from saelab.features import FeatureIndex
+
+    return FeatureIndex(path)
+
+
+def open_index(run: Path) -> Any:
+    """The run's feature index, opened once per file version and shared by sessions
+    (FeatureIndex is read-only and thread-safe); never close it."""
+    path = run / wb.INDEX
+    return _index(str(path), mtime(path))
+
+
 @st.cache_data(max_entries=16, show_spinner=False)
 def darkmatter_tokens(run: str, modified: float) -> dict[str, Any] | None:
     return wb.darkmatter_tokens(Path(run))

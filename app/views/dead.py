@@ -2,18 +2,31 @@
 training, a comparison across the selected runs, and the dead latents' decoder neighbours."""
 
 import common
+import numpy as np
 import pandas as pd
 import streamlit as st
 
 from saelab import viz
 from saelab import workbench as wb
+from saelab.errors import UserError
 
-MAX_LISTED = 200
-"""Dead latents listed with their neighbours (each is one index query)."""
+# Streamlit shows bare strings in page scripts ("magic"), so these notes are comments.
+MAX_LISTED = 200  # dead latents listed with their neighbours (one index query each)
+RAREST = 20  # latents listed instead when none is dead
 
 
 def _hist(info: wb.RunInfo) -> wb.FreqHist | None:
-    return wb.freq_hist(info.eval) if info.eval else None
+    """eval.json's histogram, else the feature index's frequencies."""
+    if info.eval:
+        return wb.freq_hist(info.eval)
+    if info.has_index:
+        try:
+            idx = common.open_index(info.path)
+        except UserError as e:
+            st.warning(f"{info.name}: {e}")
+            return None
+        return wb.freq_hist_from_stats(idx.stats()["freq"], int(idx.meta.get("tokens", 0)))
+    return None
 
 
 def comparison(runs: list[wb.RunInfo]) -> None:
@@ -44,40 +57,33 @@ def comparison(runs: list[wb.RunInfo]) -> None:
 
 
 def dead_list(info: wb.RunInfo) -> None:
-    st.subheader(f"Dead latents of {info.name}")
+    st.subheader(f"Dead and rarest latents of {info.name}")
     if not info.has_index:
         st.info(
             f"Listing dead latents needs the feature index: `saelab index "
             f"{common.display(info.path)}` builds it."
         )
         return
-    from saelab.features import FeatureIndex
-
-    idx = FeatureIndex.of_run(info.path)
-    try:
-        stats = idx.stats()
-        dead = [int(i) for i in (stats["freq"] == 0).nonzero()[0]]
-        tokens = idx.meta.get("tokens")
-        st.write(
-            f"{len(dead):,} of {len(stats['freq']):,} latents never fired on the "
-            f"{tokens:,} indexed tokens."
-            if tokens
-            else f"{len(dead):,} latents never fired."
-        )
-        if not dead:
-            return
-        rows = []
-        for i in dead[:MAX_LISTED]:
-            card = idx.latent(i)
-            near = ", ".join(f"{j} ({c:.2f})" for j, c in card.neighbours[:5])
-            rows.append({"latent": i, "decoder neighbours (cosine)": near})
-    finally:
-        idx.close()
-    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    idx = common.open_index(info.path)
+    freq = idx.stats()["freq"]
+    dead = [int(i) for i in (freq == 0).nonzero()[0]]
+    st.write(
+        f"{len(dead):,} of {len(freq):,} latents never fired on the "
+        f"{idx.meta.get('tokens', 0):,} indexed tokens."
+        + ("" if dead else f" The {RAREST} rarest instead:")
+    )
+    listed = dead[:MAX_LISTED] or [int(i) for i in np.argsort(freq, kind="stable")[:RAREST]]
+    rows = []
+    for i in listed:
+        card = idx.latent(i)
+        near = ", ".join(f"{j} ({c:.2f})" for j, c in card.neighbours[:5])
+        rows.append({"latent": i, "frequency": freq[i], "decoder neighbours (cosine)": near})
+    st.dataframe(pd.DataFrame(rows).style.format({"frequency": "{:.2e}"}), hide_index=True)
     if len(dead) > MAX_LISTED:
         st.caption(f"The first {MAX_LISTED} of {len(dead):,} are listed.")
-    pick = st.selectbox("Open a dead latent in the feature browser", dead[:MAX_LISTED])
-    if st.button("Open in feature browser"):
+    c1, c2 = st.columns([1, 3], vertical_alignment="bottom")
+    pick = c1.selectbox("Open in the feature browser", listed, key="dead_pick")
+    if c2.button("Open"):
         st.session_state["latent_id"] = int(pick)
         st.switch_page("views/features.py")
 
