@@ -115,6 +115,17 @@ def cmd_darkmatter(ns: argparse.Namespace) -> int:
     return run_cli(ns, _config_from_args(C.DarkMatterConfig, ns, {}))
 
 
+def cmd_index(ns: argparse.Namespace) -> int:
+    from saelab.features import build_index
+
+    extra = {"run": ns.run_dir} if ns.run_dir else {}
+    cfg = _config_from_args(C.IndexConfig, ns, extra)
+    if not cfg.run:
+        raise UserError("no run given; use saelab index runs/<name>")
+    log.info("feature index ready: %s", build_index(cfg.run, cfg, progress=not ns.quiet))
+    return 0
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     from saelab.interop import export_cli
 
@@ -168,6 +179,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], type | None]
         cmd_darkmatter,
         C.DarkMatterConfig,
     ),
+    "index": (
+        "build a run's feature index for the app (features.sqlite)",
+        cmd_index,
+        C.IndexConfig,
+    ),
     "export": ("export a run to another SAE layout (SAELens)", cmd_export, None),
     "app": ("the Streamlit workbench on a runs directory (localhost)", cmd_app, None),
     "demo": ("harvest, train and evaluate on the embedded default model", cmd_demo, None),
@@ -183,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_, _, cls) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
         p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-        if name == "eval":
+        if name in ("eval", "index"):
             p.add_argument("run_dir", nargs="?", help="run directory (same as --run)")
         if name == "compare":
             p.add_argument("runs", nargs="+", help="run directories, or sweep directories")

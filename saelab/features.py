@@ -1,0 +1,674 @@
+"""The feature index: what each latent of a run responds to, in one SQLite file the app reads.
+
+`build_index` streams the indexed harvest rows through the SAE once, keeping per latent on
+tensors: firing count, activation sum and max, a histogram whose range doubles as larger
+activations arrive (bins merge in pairs, so counts stay exact), the running top-N tokens, and a
+uniform sample of firing tokens (the top-m of a random priority, a bottom-k sketch) from which
+contexts near the 0.75/0.5/0.25 activation quantiles are picked. Every firing (row, latent,
+activation) also goes to a temporary file, sorted by row, so the per-token activations over a
+context window are lookups rather than a second encoding, and the token → latents table is
+counted after the pass. Logit lens: a decoder row in the model's units (input scale undone)
+through the final norm's gain and W_U, as in Bricken et al. 2023 (the standard logit lens also
+for hooks before the last layer). Neighbours: top decoder cosines, chunked over d_sae × d_sae.
+
+Schema (all written to features.sqlite.tmp, then moved into place):
+  meta(key PRIMARY KEY, value JSON)
+  latents(id PRIMARY KEY, n_fires, freq, mean_act, max_act, n_zero, hist_edges JSON,
+          hist_counts JSON, logit_top JSON [[text, logit]], logit_bottom JSON, neighbours JSON)
+  contexts(latent, kind 'top'|'quantile', rank, act, row, peak, tokens BLOB int32,
+           acts BLOB float32; PRIMARY KEY (latent, kind, rank))
+  vocab(id PRIMARY KEY, text, piece), indexed on text and piece
+  token_latents(token, rank, latent, count, mean_act; PRIMARY KEY (token, rank))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saelab import __version__
+from saelab.config import IndexConfig
+from saelab.errors import UserError
+from saelab.evaluate import SYNTHETIC, load_run
+from saelab.sae import SparseCoder
+from saelab.store import ActivationStore
+from saelab.trainer import resolve_device
+
+log = logging.getLogger(__name__)
+
+INDEX = "features.sqlite"
+VERSION = 1
+QUANTILES = (0.75, 0.5, 0.25)
+_CHUNK = 4_000_000
+"""Entries per step of the post-pass work (token counts, window lookups)."""
+
+
+# ---------------------------------------------------------------------------------------
+# The pass
+
+
+class _TopM:
+    """Per-latent running top-m of a score, with payloads; ties go to the earlier entry.
+    Entries at or below a latent's current m-th score are dropped first, so after warm-up a
+    batch costs little more than a comparison."""
+
+    def __init__(self, d_sae: int, m: int, device: torch.device, *dtypes: torch.dtype) -> None:
+        self.score = torch.full((d_sae, m), float("-inf"), device=device)
+        self.pay = [torch.full((d_sae, m), -1, dtype=dt, device=device) for dt in dtypes]
+
+    def update(self, lat: Tensor, score: Tensor, *payload: Tensor) -> None:
+        keep = (score > self.score[lat, -1]).nonzero()[:, 0]
+        if not keep.numel():
+            return
+        o = keep[torch.argsort(score[keep], descending=True, stable=True)]
+        o = o[torch.argsort(lat[o], stable=True)]  # by latent, best first within a latent
+        lat, score, pay = lat[o], score[o], [p[o] for p in payload]
+        counts = torch.bincount(lat, minlength=self.score.shape[0])
+        slot = torch.arange(lat.numel(), device=lat.device) - (counts.cumsum(0) - counts)[lat]
+        ok = slot < self.score.shape[1]
+        new = torch.full_like(self.score, float("-inf"))
+        new[lat[ok], slot[ok]] = score[ok]
+        # A stable sort, not topk: on ties the earlier row (already kept) wins, reproducibly.
+        both, j = torch.cat([self.score, new], 1).sort(dim=1, descending=True, stable=True)
+        self.score, j = both[:, : new.shape[1]], j[:, : new.shape[1]]
+        for i, (old, p) in enumerate(zip(self.pay, pay)):
+            fresh = torch.full_like(old, -1)
+            fresh[lat[ok], slot[ok]] = p[ok]
+            self.pay[i] = torch.cat([old, fresh], 1).gather(1, j)
+
+
+class _Pass:
+    """Everything the streaming pass accumulates per latent."""
+
+    def __init__(self, d_sae: int, cfg: IndexConfig, device: torch.device, tmp: Path) -> None:
+        self.d_sae, self.bins = d_sae, cfg.hist_bins
+        z = lambda dt: torch.zeros(d_sae, dtype=dt, device=device)  # noqa: E731
+        self.n_fires, self.sum_act = z(torch.int64), z(torch.float64)
+        self.max_act, self.hi = z(torch.float32), z(torch.float32)
+        self.hist = torch.zeros(d_sae, cfg.hist_bins, dtype=torch.int64, device=device)
+        self.top = _TopM(d_sae, cfg.top_n, device, torch.int64)
+        self.pool = _TopM(d_sae, cfg.quantile_pool, device, torch.int64, torch.float32)
+        self.gen = torch.Generator(device).manual_seed(cfg.seed)
+        self.keys_file, self.acts_file = tmp / "keys.i64", tmp / "acts.f32"
+        self._keys, self._acts = open(self.keys_file, "wb"), open(self.acts_file, "wb")
+
+    def update(self, lo: int, values: Tensor, indices: Tensor) -> None:
+        fire = values > 0  # a zero value is padding
+        rows = torch.arange(lo, lo + values.shape[0], device=values.device)
+        row = rows[:, None].expand_as(indices)[fire]
+        lat, act = indices[fire], values[fire].float()
+        self.n_fires += torch.bincount(lat, minlength=self.d_sae)
+        self.sum_act += torch.bincount(lat, weights=act.double(), minlength=self.d_sae)
+        self.max_act.scatter_reduce_(0, lat, act, "amax")
+        self._histogram(lat, act)
+        self.top.update(lat, act, row)
+        prio = torch.rand(lat.shape, generator=self.gen, device=lat.device)
+        self.pool.update(lat, prio, row, act)
+        key, o = torch.sort(row * self.d_sae + lat)
+        key.cpu().numpy().tofile(self._keys)
+        act[o].cpu().numpy().tofile(self._acts)
+
+    def _histogram(self, lat: Tensor, act: Tensor) -> None:
+        m = torch.zeros_like(self.hi).scatter_reduce_(0, lat, act, "amax")
+        first = (self.hi == 0) & (m > 0)
+        self.hi[first] = m[first] * (1 + 2**-10)
+        grow = (m >= self.hi).nonzero()[:, 0]
+        if grow.numel():  # double the range until the new max fits; bins merge pairwise
+            d = torch.ceil(torch.log2(m[grow] / self.hi[grow])).long().clamp(1, 62)
+            d += (m[grow] >= self.hi[grow] * torch.exp2(d.float())).long()
+            j = torch.arange(self.bins, device=d.device)[None] >> d[:, None]
+            merged = torch.zeros_like(self.hist[grow]).scatter_add_(1, j, self.hist[grow])
+            self.hist[grow] = merged
+            self.hi[grow] *= torch.exp2(d.float())
+        b = (act / self.hi[lat] * self.bins).long().clamp_(0, self.bins - 1)
+        self.hist.view(-1).index_add_(0, lat * self.bins + b, torch.ones_like(b))
+
+    def close(self) -> tuple[np.ndarray, np.ndarray]:
+        """The firing keys (row · d_sae + latent, ascending) and their activations."""
+        self._keys.close()
+        self._acts.close()
+        keys = np.fromfile(self.keys_file, dtype=np.int64)
+        return keys, np.fromfile(self.acts_file, dtype=np.float32)
+
+
+@dataclass
+class _Subject:
+    run: Path
+    cfg: dict[str, Any]
+    sae: SparseCoder
+    store: ActivationStore
+    rows: tuple[int, int]
+    device: torch.device
+
+
+def _prepare(run: str | Path, cfg: IndexConfig) -> _Subject:
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"{run} is not a directory; pass a run directory (runs/<name>)")
+    run_cfg, sae = load_run(run)
+    if not Path(run_cfg.get("harvest", "")).is_dir():
+        raise UserError(
+            f"the harvest of {run} ({run_cfg.get('harvest')}) is missing; restore it or "
+            "re-run its saelab harvest command"
+        )
+    store = ActivationStore(run_cfg["harvest"], run_cfg["hook"])
+    lo, hi = (0, store.n_tokens)
+    if cfg.rows == "heldout":
+        if "eval_range" not in run_cfg:
+            raise UserError(f"{run} records no held-out rows (eval_range); use --rows all")
+        lo, hi = map(int, run_cfg["eval_range"])
+    hi = min(hi, store.n_tokens, lo + cfg.tokens) if cfg.tokens else min(hi, store.n_tokens)
+    if hi <= lo:
+        raise UserError(f"{run}: no rows to index in [{lo}, {hi}); check --rows and --tokens")
+    device = resolve_device(cfg.device)
+    return _Subject(run, run_cfg, sae.to(device).eval(), store, (lo, hi), device)
+
+
+@torch.no_grad()
+def _stream(s: _Subject, cfg: IndexConfig, tmp: Path, progress: bool) -> _Pass:
+    acc = _Pass(s.sae.d_sae, cfg, s.device, tmp)
+    lo, hi = s.rows
+    starts = range(lo, hi, cfg.batch_size)
+    for a in tqdm(starts, desc="index", unit="batch", disable=not progress):
+        x = s.store.read(a, min(a + cfg.batch_size, hi)).to(s.device)
+        code = s.sae.encode(x)
+        acc.update(a, code.values, code.indices)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------
+# After the pass
+
+
+def _lookup(keys: np.ndarray, acts: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """acts at sorted `keys` equal to each query key, 0 where absent."""
+    if not keys.size:
+        return np.zeros(q.shape, np.float32)
+    i = np.searchsorted(keys, q).clip(0, keys.size - 1)
+    return np.where(keys[i] == q, acts[i], 0).astype(np.float32)
+
+
+@torch.no_grad()
+def _encode_rows(s: _Subject, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted firing keys and activations of a few scattered rows (window edges outside the
+    indexed range)."""
+    if not rows.size:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    x = torch.cat([s.store.read(int(r), int(r) + 1) for r in rows]).to(s.device)
+    code = s.sae.encode(x)
+    fire = (code.values > 0).cpu().numpy()
+    row = np.broadcast_to(rows[:, None], fire.shape)[fire]
+    keys = row * s.sae.d_sae + code.indices.cpu().numpy()[fire]
+    o = np.argsort(keys)
+    return keys[o], code.values.float().cpu().numpy()[fire][o]
+
+
+def _windows(
+    s: _Subject, cfg: IndexConfig, fires: tuple[np.ndarray, np.ndarray], latent: np.ndarray,
+    row: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Token ids [N, W], per-token activations [N, W] of each context's latent, and a validity
+    mask (windows clipped at the context's edges; BOS has no activation, so 0)."""
+    tpc, n_ctx = s.store.tokens_per_context, s.store.n_ctx
+    ctx, pos = row // tpc, 1 + row % tpc
+    p = pos[:, None] + np.arange(-cfg.context_before, cfg.context_after + 1)
+    valid = (p >= 0) & (p < n_ctx)
+    toks = np.asarray(s.store.tokens()[ctx[:, None], p.clip(0, n_ctx - 1)])
+    wrow = ctx[:, None] * tpc + p - 1
+    has = valid & (p >= 1)
+    inside = has & (wrow >= s.rows[0]) & (wrow < s.rows[1])
+    key = wrow * s.sae.d_sae + latent[:, None]
+    acts = np.zeros(p.shape, np.float32)
+    acts[inside] = _lookup(*fires, key[inside])
+    outside = has & ~inside
+    extra = _encode_rows(s, np.unique(wrow[outside]))
+    acts[outside] = _lookup(*extra, key[outside])
+    return toks, acts, valid
+
+
+def _token_table(
+    fires: tuple[np.ndarray, np.ndarray], tok_of_row: np.ndarray, lo: int, d_sae: int, keep: int
+) -> np.ndarray:
+    """Rows (token, rank, latent, count, mean_act): per token the `keep` latents firing most
+    often on it (ties: higher mean activation, then lower id)."""
+    pair, cnt, tot = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+    keys, acts = fires
+    for a in range(0, keys.size, _CHUNK):
+        k = keys[a : a + _CHUNK]
+        p = tok_of_row[k // d_sae - lo].astype(np.int64) * d_sae + k % d_sae
+        u, inv = np.unique(np.concatenate([pair, p]), return_inverse=True)
+        ones = np.ones(p.size, np.int64)
+        cnt = np.bincount(inv, np.concatenate([cnt, ones]), minlength=u.size).astype(np.int64)
+        tot = np.bincount(inv, np.concatenate([tot, acts[a : a + _CHUNK]]), minlength=u.size)
+        pair = u
+    tok, lat, mean = pair // d_sae, pair % d_sae, tot / np.maximum(cnt, 1)
+    o = np.lexsort((lat, -mean, -cnt, tok))
+    tok, lat, cnt, mean = tok[o], lat[o], cnt[o], mean[o]
+    first = np.searchsorted(tok, tok, side="left")
+    rank = np.arange(tok.size) - first
+    ok = rank < keep
+    return np.rec.fromarrays([tok[ok], rank[ok], lat[ok], cnt[ok], mean[ok]])
+
+
+def _quantile_picks(acc: _Pass, per: int) -> list[tuple[int, int, float, int]]:
+    """(latent, rank, act, row) of pool samples nearest each quantile, highest act first,
+    skipping rows already among the latent's top contexts."""
+    out: list[tuple[int, int, float, int]] = []
+    if per == 0:
+        return out
+    rows = acc.pool.pay[0].cpu().numpy()
+    acts = acc.pool.pay[1].cpu().numpy()
+    top_rows = acc.top.pay[0].cpu().numpy()
+    for i in np.nonzero(rows[:, 0] >= 0)[0]:
+        ok = (rows[i] >= 0) & ~np.isin(rows[i], top_rows[i])
+        r, a = rows[i][ok], acts[i][ok]
+        o = np.argsort(a, kind="stable")
+        r, a = r[o], a[o]
+        chosen: set[int] = set()
+        for q in QUANTILES:
+            near = np.argsort(np.abs(np.arange(a.size) - q * (a.size - 1)), kind="stable")
+            chosen.update(int(j) for j in [j for j in near if j not in chosen][:per])
+        for rank, j in enumerate(sorted(chosen, key=lambda j: -a[j])):
+            out.append((int(i), rank, float(a[j]), int(r[j])))
+    return out
+
+
+@torch.no_grad()
+def _neighbours(W_dec: Tensor, n: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Top-n decoder cosines of each latent with the others: ids and cosines [d_sae, n]."""
+    W = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    n = min(n, W.shape[0] - 1)
+    ids, cos = [], []
+    for a in range(0, W.shape[0], chunk):
+        sim = W[a : a + chunk] @ W.T
+        sim[torch.arange(sim.shape[0]), torch.arange(a, a + sim.shape[0])] = float("-inf")
+        c, i = sim.topk(n, dim=1)
+        ids.append(i.cpu())
+        cos.append(c.cpu())
+    return torch.cat(ids).numpy(), torch.cat(cos).numpy()
+
+
+@torch.no_grad()
+def _logit_lens(s: _Subject, n: int, chunk: int = 256) -> tuple[Any, str | None]:
+    """(top ids, top logits, bottom ids, bottom logits) per latent, or None and why not."""
+    model_name = s.cfg.get("model", SYNTHETIC)
+    if model_name in (None, SYNTHETIC):
+        return None, "synthetic harvest: no model, so no logit lens"
+    try:
+        from saelab.models import load_model
+
+        model = load_model(model_name)
+    except Exception as e:  # noqa: BLE001 - any failure means the same: skip with a note
+        return None, f"model {model_name} could not be loaded ({type(e).__name__}: {e})"
+    W_U = model.W_U.float().to(s.device)
+    if W_U.shape[0] != s.sae.d_in:
+        return None, f"hook {s.cfg['hook']} is not in the residual stream (d_in ≠ d_model)"
+    ln = getattr(getattr(model, "ln_final", None), "_original_component", None)
+    gain = getattr(ln, "weight", None)
+    centre = isinstance(ln, torch.nn.LayerNorm)  # LayerNorm removes the mean; RMSNorm does not
+    if gain is not None:
+        W_U = gain.float().to(s.device)[:, None] * W_U
+    out: list[list[Tensor]] = [[], [], [], []]
+    for a in range(0, s.sae.d_sae, chunk):
+        d = s.sae.W_dec[a : a + chunk].float() / s.sae.input_scale
+        if centre:
+            d = d - d.mean(1, keepdim=True)
+        logits = d @ W_U
+        top, bottom = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
+        for lst, t in zip(out, (top.indices, top.values, bottom.indices, bottom.values)):
+            lst.append(t.cpu())
+    return [torch.cat(t).numpy() for t in out], None
+
+
+def _vocab(model: str | None, ids: np.ndarray) -> list[tuple[int, str, str]]:
+    """(id, decoded text, tokenizer piece) for each id; '<id>' without a tokenizer."""
+    if model not in (None, SYNTHETIC):
+        from saelab.models import load_tokenizer
+
+        try:
+            tok = load_tokenizer(model)
+        except UserError as e:
+            log.warning("no tokenizer for %s (%s); tokens are shown as ids", model, e)
+        else:
+            pieces = tok.convert_ids_to_tokens(ids.tolist())
+            texts = tok.batch_decode([[int(i)] for i in ids])
+            return list(zip(ids.tolist(), texts, pieces))
+    return [(int(i), f"<{i}>", f"<{i}>") for i in ids]
+
+
+# ---------------------------------------------------------------------------------------
+# Writing the file
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
+CREATE TABLE latents (id INTEGER PRIMARY KEY, n_fires INTEGER, freq REAL, mean_act REAL,
+    max_act REAL, n_zero INTEGER, hist_edges TEXT, hist_counts TEXT, logit_top TEXT,
+    logit_bottom TEXT, neighbours TEXT);
+CREATE INDEX latents_stats ON latents (id, freq, mean_act, max_act, n_fires);
+CREATE TABLE contexts (latent INTEGER, kind TEXT, rank INTEGER, act REAL, row INTEGER,
+    peak INTEGER, tokens BLOB, acts BLOB, PRIMARY KEY (latent, kind, rank)) WITHOUT ROWID;
+CREATE TABLE vocab (id INTEGER PRIMARY KEY, text TEXT, piece TEXT);
+CREATE INDEX vocab_text ON vocab (text);
+CREATE INDEX vocab_piece ON vocab (piece);
+CREATE TABLE token_latents (token INTEGER, rank INTEGER, latent INTEGER, count INTEGER,
+    mean_act REAL, PRIMARY KEY (token, rank)) WITHOUT ROWID;
+"""
+
+
+def _latent_rows(acc: _Pass, n_tokens: int, lens: Any, words: dict[int, str], nb: Any):
+    n_fires = acc.n_fires.cpu().numpy()
+    mean = (acc.sum_act.cpu().numpy() / np.maximum(n_fires, 1)).tolist()
+    max_act, hi = acc.max_act.cpu().numpy().tolist(), acc.hi.cpu().numpy().tolist()
+    hist = acc.hist.cpu().numpy()
+    for i in range(acc.d_sae):
+        nz = np.nonzero(hist[i])[0]
+        used = int(nz[-1]) + 1 if nz.size else 0
+        edges = [hi[i] * j / acc.bins for j in range(used + 1)] if used else []
+        top = bottom = []
+        if lens is not None:
+            top = [[words[int(t)], float(v)] for t, v in zip(lens[0][i], lens[1][i])]
+            bottom = [[words[int(t)], float(v)] for t, v in zip(lens[2][i], lens[3][i])]
+        near = [[int(j), float(c)] for j, c in zip(nb[0][i], nb[1][i])]
+        n = int(n_fires[i])
+        yield (
+            i, n, n / n_tokens, mean[i], max_act[i], n_tokens - n, json.dumps(edges),
+            json.dumps(hist[i, :used].tolist()), json.dumps(top), json.dumps(bottom),
+            json.dumps(near),
+        )  # fmt: skip
+
+
+def _context_rows(ctx: dict[str, np.ndarray], toks: np.ndarray, acts: np.ndarray, valid, before):
+    first = valid.argmax(1)
+    for n in range(len(ctx["latent"])):
+        v = valid[n]
+        yield (
+            int(ctx["latent"][n]), str(ctx["kind"][n]), int(ctx["rank"][n]),
+            float(ctx["act"][n]), int(ctx["row"][n]), before - int(first[n]),
+            toks[n][v].astype("<i4").tobytes(), acts[n][v].astype("<f4").tobytes(),
+        )  # fmt: skip
+
+
+def _contexts(acc: _Pass, per_quantile: int) -> dict[str, np.ndarray]:
+    """Every context to show: the top-N entries that fired, then the quantile samples."""
+    score, rows = acc.top.score.cpu().numpy(), acc.top.pay[0].cpu().numpy()
+    lat, rank = np.nonzero(score > float("-inf"))
+    q = _quantile_picks(acc, per_quantile)
+    ql, qr, qa, qrow = (np.array(c) for c in zip(*q)) if q else [np.zeros(0, np.int64)] * 4
+    return {
+        "latent": np.concatenate([lat, ql]).astype(np.int64),
+        "kind": np.array(["top"] * lat.size + ["quantile"] * len(q)),
+        "rank": np.concatenate([rank, qr]).astype(np.int64),
+        "act": np.concatenate([score[lat, rank], qa]).astype(np.float32),
+        "row": np.concatenate([rows[lat, rank], qrow]).astype(np.int64),
+    }
+
+
+def _write(path: Path, meta: dict[str, Any], tables: dict[str, Any]) -> None:
+    """Build the file at `path` in one transaction; meta last, so it marks completion."""
+    path.unlink(missing_ok=True)
+    con = sqlite3.connect(path)
+    try:
+        con.execute("PRAGMA journal_mode=OFF")
+        con.execute("PRAGMA synchronous=OFF")
+        con.executescript(_SCHEMA)
+        for name, rows in tables.items():
+            width = len(con.execute(f"SELECT * FROM {name} LIMIT 0").description)
+            con.executemany(f"INSERT INTO {name} VALUES ({', '.join('?' * width)})", rows)
+        items = [(k, json.dumps(v)) for k, v in {**meta, "complete": True}.items()]
+        con.executemany("INSERT INTO meta VALUES (?, ?)", items)
+        con.commit()
+    finally:
+        con.close()
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def build_index(run: str | Path, cfg: IndexConfig | None = None, progress: bool = True) -> Path:
+    """Build runs/<name>/features.sqlite (see the module docstring); returns its path.
+
+    Written to features.sqlite.tmp and moved into place, so a failed or interrupted build
+    leaves any existing index untouched; the same run and config give the same file.
+    """
+    cfg = cfg or IndexConfig()
+    s = _prepare(run, cfg)
+    t0, (lo, hi) = time.perf_counter(), s.rows
+    path = s.run / INDEX
+    tmp_db = path.with_name(path.name + ".tmp")
+    with tempfile.TemporaryDirectory(dir=s.run, prefix=".index-") as tmp:
+        acc = _stream(s, cfg, Path(tmp), progress)
+        fires = acc.close()
+        t1 = time.perf_counter()
+        r = np.arange(lo, hi)
+        tpc = s.store.tokens_per_context
+        tok_of_row = np.asarray(s.store.tokens()[r // tpc, 1 + r % tpc])
+        token_rows = _token_table(fires, tok_of_row, lo, s.sae.d_sae, cfg.token_latents)
+        ctx = _contexts(acc, cfg.quantile_samples)
+        toks, acts, valid = _windows(s, cfg, fires, ctx["latent"], ctx["row"])
+        del fires
+    nb = _neighbours(s.sae.W_dec.detach().float(), cfg.neighbours)
+    lens, note = _logit_lens(s, cfg.logit_tokens) if cfg.logit_lens else (None, "not asked for")
+    if note:
+        log.info("logit lens skipped: %s", note)
+    ids = [tok_of_row, toks[valid]] + ([lens[0].ravel(), lens[2].ravel()] if lens else [])
+    vocab = _vocab(s.cfg.get("model"), np.unique(np.concatenate(ids)).astype(np.int64))
+    words = {i: text for i, text, _ in vocab}
+    meta = {
+        "run": str(s.run), "harvest": s.cfg["harvest"], "model": s.cfg.get("model"),
+        "hook": s.cfg["hook"], "d_sae": s.sae.d_sae, "k": s.sae.k, "arch": s.sae.arch,
+        "tokens": hi - lo, "rows": [lo, hi], "row_choice": cfg.rows, "top_n": cfg.top_n,
+        "quantiles": list(QUANTILES), "quantile_samples": cfg.quantile_samples,
+        "context": [cfg.context_before, cfg.context_after], "logit_lens": lens is not None,
+        "logit_lens_note": note, "built_at": datetime.now(timezone.utc).isoformat(),
+        "version": VERSION, "saelab_version": __version__, "config": asdict(cfg),
+    }  # fmt: skip
+    tables = {
+        "latents": _latent_rows(acc, hi - lo, lens, words, nb),
+        "contexts": _context_rows(ctx, toks, acts, valid, cfg.context_before),
+        "vocab": vocab,
+        "token_latents": (tuple(x.item() for x in t) for t in token_rows),
+    }
+    _write(tmp_db, meta, tables)
+    os.replace(tmp_db, path)
+    log.info(
+        "indexed %s latents over %s tokens in %.1f s (pass %.1f s): %s",
+        f"{s.sae.d_sae:,}", f"{hi - lo:,}", time.perf_counter() - t0, t1 - t0, path,
+    )  # fmt: skip
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class LatentCard:
+    """One latent's statistics, histogram, logit lens and decoder neighbours."""
+
+    id: int
+    freq: float
+    n_fires: int
+    mean_act: float
+    max_act: float
+    hist_edges: list[float]
+    hist_counts: list[int]
+    n_zero: int
+    logit_top: list[tuple[str, float]]
+    logit_bottom: list[tuple[str, float]]
+    neighbours: list[tuple[int, float]]
+    """(latent id, decoder cosine), most similar first."""
+
+
+@dataclass
+class Context:
+    """A token window around one activation of a latent."""
+
+    latent: int
+    kind: str
+    """'top' (rank 0 = highest activation) or 'quantile' (samples near the 0.75, 0.5 and 0.25
+    quantiles, highest activation first)."""
+    rank: int
+    act: float
+    row: int
+    """Global harvest row of the peak token."""
+    tokens: list[str]
+    acts: list[float]
+    """The latent's activation on each token of the window (0 on BOS)."""
+    peak: int
+    """Index of the peak token within tokens."""
+
+
+@dataclass
+class TokenHit:
+    latent: int
+    count: int
+    mean_act: float
+
+
+_CARD = [f.name for f in fields(LatentCard)]
+_KINDS = ("top", "quantile")
+
+
+class FeatureIndex:
+    """Read-only access to a features.sqlite; one connection, safe to share across threads
+    (Streamlit reruns on other threads)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        hint = f"run `saelab index {self.path.parent}`"
+        if not self.path.is_file():
+            raise UserError(f"{self.path} does not exist; {hint}")
+        self._lock = threading.Lock()
+        self._words: dict[int, str] | None = None
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        try:
+            self._con = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            rows = self._con.execute("SELECT key, value FROM meta").fetchall()
+            self.meta: dict[str, Any] = {k: json.loads(v) for k, v in rows}
+        except (sqlite3.DatabaseError, json.JSONDecodeError) as e:
+            raise UserError(f"{self.path} is damaged ({e}); {hint} to rebuild it") from None
+        if not self.meta.get("complete"):
+            raise UserError(f"{self.path} is incomplete; {hint} to rebuild it")
+        if self.meta.get("version") != VERSION:
+            raise UserError(f"{self.path} was built by another saelab version; {hint}")
+        self.d_sae = int(self.meta["d_sae"])
+
+    @classmethod
+    def of_run(cls, run: str | Path) -> FeatureIndex:
+        return cls(Path(run) / INDEX)
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._con.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as e:
+                raise UserError(
+                    f"{self.path} is damaged ({e}); run `saelab index {self.path.parent}`"
+                ) from None
+
+    def _check(self, i: int) -> int:
+        if not 0 <= int(i) < self.d_sae:
+            raise UserError(f"latent {i} is out of range; this SAE has 0..{self.d_sae - 1}")
+        return int(i)
+
+    def stats(self) -> dict[str, np.ndarray]:
+        """freq, mean_act, max_act, n_fires of every latent (index = latent id)."""
+        rows = self._query("SELECT freq, mean_act, max_act, n_fires FROM latents ORDER BY id")
+        cols = list(zip(*rows)) if rows else [(), (), (), ()]
+        out = {k: np.array(c, np.float64) for k, c in zip(("freq", "mean_act", "max_act"), cols)}
+        return out | {"n_fires": np.array(cols[3], np.int64)}
+
+    def latent(self, i: int) -> LatentCard:
+        (row,) = self._query(
+            f"SELECT {', '.join(_CARD)} FROM latents WHERE id = ?", (self._check(i),)
+        )
+        v = dict(zip(_CARD, row))
+        for key in ("hist_edges", "hist_counts", "logit_top", "logit_bottom", "neighbours"):
+            v[key] = [tuple(x) if isinstance(x, list) else x for x in json.loads(v[key])]
+        return LatentCard(**v)
+
+    def _vocab(self) -> dict[int, str]:
+        if self._words is None:
+            self._words = dict(self._query("SELECT id, text FROM vocab"))
+        return self._words
+
+    def contexts(self, i: int, kind: str = "top") -> list[Context]:
+        if kind not in _KINDS:
+            raise UserError(f"context kind {kind!r} is not one of {', '.join(_KINDS)}")
+        rows = self._query(
+            "SELECT rank, act, row, peak, tokens, acts FROM contexts "
+            "WHERE latent = ? AND kind = ? ORDER BY rank",
+            (self._check(i), kind),
+        )
+        words = self._vocab()
+        return [
+            Context(
+                i,
+                kind,
+                rank,
+                act,
+                row,
+                [words.get(int(t), f"<{t}>") for t in np.frombuffer(toks, "<i4")],
+                np.frombuffer(acts, "<f4").astype(float).tolist(),
+                peak,
+            )  # fmt: skip
+            for rank, act, row, peak, toks, acts in rows
+        ]
+
+    def _hits(self, ids: list[int], limit: int) -> list[TokenHit]:
+        """Hits summed over token ids: counts add, mean activations weight by count."""
+        if not ids:
+            return []
+        marks = ", ".join("?" * len(ids))
+        rows = self._query(
+            f"SELECT latent, count, mean_act FROM token_latents WHERE token IN ({marks})",
+            tuple(ids),
+        )
+        count: dict[int, int] = {}
+        total: dict[int, float] = {}
+        for lat, c, m in rows:
+            count[lat] = count.get(lat, 0) + c
+            total[lat] = total.get(lat, 0.0) + c * m
+        best = sorted(count, key=lambda j: (-count[j], -total[j] / count[j], j))[:limit]
+        return [TokenHit(j, count[j], total[j] / count[j]) for j in best]
+
+    def search_token(self, token: str, limit: int = 20) -> list[TokenHit]:
+        """Latents firing most often on a token, matched exactly as decoded text or as the
+        tokenizer's piece, also with a leading space ('the' finds 'the' and ' the'/'Ġthe')."""
+        forms = (token, " " + token, token, "Ġ" + token)
+        rows = self._query(
+            "SELECT id FROM vocab WHERE text IN (?, ?) OR piece IN (?, ?)",
+            forms,
+        )
+        return self._hits(sorted({r[0] for r in rows}), limit)
+
+    def search_text(self, text: str, limit: int = 20) -> list[TokenHit]:
+        """Hits aggregated over the tokens of `text` as the run's tokenizer splits it (each
+        distinct token once). Counts are lower bounds: each token keeps only its top latents."""
+        model = self.meta.get("model")
+        if model in (None, SYNTHETIC):
+            words = self._vocab()
+            by_text = {w: i for i, w in words.items()}
+            ids = [by_text[w] for w in text.split() if w in by_text]
+        else:
+            from saelab.models import load_tokenizer
+
+            ids = load_tokenizer(model).encode(text, add_special_tokens=False)
+        return self._hits(sorted(set(ids)), limit)
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()

@@ -1,0 +1,317 @@
+"""The feature index: every stored number against a brute-force recomputation on a tiny-model
+run, search, idempotent and atomic rebuilds, and refusals of bad input."""
+
+import hashlib
+import json
+import re
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+
+import saelab.features as F
+from saelab.cli import main
+from saelab.config import HarvestConfig, IndexConfig, SAEConfig, TrainConfig
+from saelab.errors import UserError
+from saelab.features import FeatureIndex, build_index
+from saelab.harvest import harvest
+from saelab.models import load_tokenizer
+from saelab.sae import SparseCoder
+from saelab.store import ActivationStore
+from saelab.synthetic import SyntheticData, write_harvest
+from saelab.trainer import train
+
+TPC = 15  # tokens per context: n_ctx 16 minus BOS
+CFG = IndexConfig(
+    tokens=1700,  # ends inside a context: windows there reach rows that were not indexed
+    top_n=5, quantile_samples=1, quantile_pool=16, context_before=4, context_after=2,
+    batch_size=256, device="cpu",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("feat")
+    h = harvest(
+        HarvestConfig(
+            model="tiny", hooks=["blocks.1.hook_resid_post"], n_tokens=TPC * 120, n_ctx=16,
+            batch_size=32, dtype="float32", out_dir=str(root), name="h",
+        ),
+        progress=False,
+    )  # fmt: skip
+    run = train(
+        TrainConfig(
+            harvest=str(h), out=str(root / "r"), sae=SAEConfig("topk", 96, 6), batch_size=256,
+            eval_tokens=TPC * 40, dead_tokens=2000, checkpoint_every=0,
+        ),
+        progress=False,
+    )  # fmt: skip
+    build_index(run, CFG, progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def dense(run):
+    """Codes of every harvest row, densified: [n_tokens, d_sae]."""
+    cfg = json.loads((run / "cfg.json").read_text())
+    store = ActivationStore(cfg["harvest"])
+    sae = SparseCoder.load(run)
+    out = torch.zeros(store.n_tokens, sae.d_sae)
+    with torch.no_grad():
+        for a in range(0, store.n_tokens, CFG.batch_size):  # the batches the index used
+            b = min(a + CFG.batch_size, store.n_tokens)
+            code = sae.encode(store.read(a, b))
+            out[a:b].scatter_(1, code.indices, code.values)
+    return out.numpy()
+
+
+@pytest.fixture(scope="module")
+def index(run):
+    ix = FeatureIndex.of_run(run)
+    yield ix
+    ix.close()
+
+
+def _token_ids(run):
+    cfg = json.loads((run / "cfg.json").read_text())
+    tokens = ActivationStore(cfg["harvest"]).tokens()
+    r = np.arange(CFG.tokens)
+    return np.asarray(tokens[r // TPC, 1 + r % TPC])
+
+
+def test_meta(index):
+    m = index.meta
+    assert m["tokens"] == CFG.tokens and m["rows"] == [0, CFG.tokens] and m["top_n"] == 5
+    assert (m["d_sae"], m["k"], m["arch"], m["model"]) == (96, 6, "topk", "tiny")
+    assert m["logit_lens"] is True and m["version"] == F.VERSION and m["built_at"]
+
+
+def test_statistics_match_brute_force(index, dense):
+    acts = dense[: CFG.tokens]
+    st = index.stats()
+    n_fires = (acts > 0).sum(0)
+    np.testing.assert_array_equal(st["n_fires"], n_fires)
+    np.testing.assert_allclose(st["freq"], n_fires / CFG.tokens)
+    np.testing.assert_allclose(st["max_act"], acts.max(0), rtol=1e-6)
+    mean = acts.sum(0) / np.maximum(n_fires, 1)
+    np.testing.assert_allclose(st["mean_act"], mean, rtol=1e-5)
+    for i in range(acts.shape[1]):
+        card = index.latent(i)
+        assert sum(card.hist_counts) + card.n_zero == CFG.tokens
+        assert card.n_fires == n_fires[i] and card.freq == st["freq"][i]
+        if card.n_fires:
+            fired = acts[:, i][acts[:, i] > 0]
+            assert card.hist_edges[0] == 0 and card.hist_edges[-1] >= fired.max()
+            assert card.hist_counts[-1] > 0  # empty bins above the maximum are trimmed
+            want, _ = np.histogram(fired, bins=np.array(card.hist_edges))
+            np.testing.assert_array_equal(card.hist_counts, want)
+
+
+def _window_acts(dense, c, latent):
+    """The latent's activation over a context's window, from the dense codes."""
+    ctx, pos = c.row // TPC, 1 + c.row % TPC
+    positions = range(pos - c.peak, pos - c.peak + len(c.tokens))
+    return [0.0 if p == 0 else dense[ctx * TPC + p - 1, latent] for p in positions]
+
+
+def test_top_contexts_match_brute_force(index, dense):
+    acts = dense[: CFG.tokens]
+    tok = load_tokenizer("tiny")
+    seen_outside = 0
+    for i in range(acts.shape[1]):
+        order = np.argsort(-acts[:, i], kind="stable")[: CFG.top_n]
+        order = order[acts[order, i] > 0]
+        got = index.contexts(i, "top")
+        assert [c.row for c in got] == order.tolist()
+        np.testing.assert_allclose([c.act for c in got], acts[order, i], rtol=1e-6)
+        for rank, c in enumerate(got):
+            assert (c.latent, c.kind, c.rank) == (i, "top", rank)
+            assert c.acts[c.peak] == pytest.approx(c.act)
+            np.testing.assert_allclose(c.acts, _window_acts(dense, c, i), rtol=1e-4, atol=1e-5)
+            ctx, pos = c.row // TPC, 1 + c.row % TPC
+            ids = ActivationStore(index.meta["harvest"]).context(c.row, 4, 2)[0]
+            assert c.tokens == [tok.decode([t]) for t in ids]
+            assert c.peak == min(pos, 4) and len(c.tokens) == min(16, pos + 3) - pos + c.peak
+            seen_outside += ctx * TPC + min(pos + 2, TPC) - 1 >= CFG.tokens
+    assert seen_outside  # some window reached past the indexed rows (re-encoded there)
+
+
+def test_quantile_contexts_are_firing_tokens(index, dense):
+    acts = dense[: CFG.tokens]
+    n = 0
+    for i in range(acts.shape[1]):
+        top = {c.row for c in index.contexts(i)}
+        qs = index.contexts(i, "quantile")
+        assert len(qs) <= 3 and [q.rank for q in qs] == list(range(len(qs)))
+        assert [q.act for q in qs] == sorted((q.act for q in qs), reverse=True)
+        for q in qs:
+            assert q.act == pytest.approx(acts[q.row, i], rel=1e-6) and q.act > 0
+            assert q.row not in top and q.acts[q.peak] == pytest.approx(q.act)
+        n += len(qs)
+    assert n > 0
+
+
+def test_neighbours_match_brute_force(index, run):
+    W = SparseCoder.load(run).W_dec.detach()
+    W = W / W.norm(dim=1, keepdim=True)
+    cos = (W @ W.T).fill_diagonal_(-2).numpy()
+    for i in range(0, cos.shape[0], 7):
+        got = index.latent(i).neighbours
+        want = np.argsort(-cos[i], kind="stable")[:10]
+        assert [j for j, _ in got] == want.tolist()
+        np.testing.assert_allclose([c for _, c in got], cos[i, want], rtol=1e-5, atol=1e-6)
+
+
+def test_logit_lens_is_decoder_through_unembedding(index, run):
+    from saelab.models import load_model
+
+    model = load_model("tiny")
+    sae = SparseCoder.load(run)
+    ln = model.ln_final._original_component
+    d = sae.W_dec[3].detach() / sae.input_scale
+    logits = (d - d.mean()) @ (ln.weight[:, None] * model.W_U)
+    card = index.latent(3)
+    tok = load_tokenizer("tiny")
+    assert card.logit_top[0][0] == tok.decode([int(logits.argmax())])
+    assert card.logit_top[0][1] == pytest.approx(float(logits.max()), rel=1e-4)
+    assert card.logit_bottom[0][1] == pytest.approx(float(logits.min()), rel=1e-4)
+    assert len(card.logit_top) == len(card.logit_bottom) == 10
+
+
+def test_search_token_finds_the_most_frequent_latent(index, dense, run):
+    ids = _token_ids(run)
+    tok = load_tokenizer("tiny")
+    common = np.bincount(ids).argmax()
+    word = tok.decode([int(common)]).strip()
+    forms = {word, " " + word, "Ġ" + word}
+    same = [
+        t for t in np.unique(ids).tolist()
+        if {tok.decode([t]), tok.convert_ids_to_tokens(t)} & forms
+    ]  # fmt: skip
+    rows = np.isin(ids, same)
+    counts = (dense[: CFG.tokens][rows] > 0).sum(0)
+    hits = index.search_token(word)
+    assert hits[0].count == counts.max() and counts[hits[0].latent] == counts.max()
+    fired = dense[: CFG.tokens][rows, hits[0].latent]
+    assert hits[0].mean_act == pytest.approx(fired[fired > 0].mean(), rel=1e-5)
+    assert [h.count for h in hits] == sorted((h.count for h in hits), reverse=True)
+    assert index.search_token("no-such-token-anywhere") == []
+    assert index.search_text(word)[0].latent == hits[0].latent
+    assert index.search_text(f"{word} {word} and")  # several tokens aggregate
+
+
+def test_queries_smoke(index):
+    """Every query the app makes, on each latent; latency is measured in bench/index.py."""
+    st = index.stats()
+    assert set(st) == {"freq", "mean_act", "max_act", "n_fires"} and len(st["freq"]) == 96
+    for i in range(96):
+        index.latent(i)
+        index.contexts(i)
+        index.contexts(i, "quantile")
+    with pytest.raises(UserError, match="out of range"):
+        index.latent(96)
+    with pytest.raises(UserError, match="out of range"):
+        index.contexts(-1)
+    with pytest.raises(UserError, match="kind"):
+        index.contexts(0, "bottom")
+
+
+def _dump(path):
+    con = sqlite3.connect(path)
+    try:
+        return [ln for ln in con.iterdump() if "built_at" not in ln]
+    finally:
+        con.close()
+
+
+def test_rebuild_is_idempotent(run):
+    before = _dump(run / F.INDEX)
+    build_index(run, CFG, progress=False)
+    assert _dump(run / F.INDEX) == before
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".index-*"))
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_failed_build_leaves_the_index_intact(run, monkeypatch):
+    good = _sha(run / F.INDEX)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(F, "_vocab", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(run, CFG, progress=False)
+    assert _sha(run / F.INDEX) == good and not list(run.glob(".index-*"))
+
+
+def test_missing_incomplete_or_corrupt_index(run, tmp_path):
+    with pytest.raises(UserError, match="saelab index"):
+        FeatureIndex(tmp_path / F.INDEX)
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"not a database" * 100)
+    with pytest.raises(UserError, match="damaged.*saelab index"):
+        FeatureIndex(bad)
+    cut = tmp_path / "cut.sqlite"
+    cut.write_bytes((run / F.INDEX).read_bytes()[:4096])
+    with pytest.raises(UserError, match="saelab index"):
+        FeatureIndex(cut).latent(0)
+    half = tmp_path / "half.sqlite"
+    shutil.copy(run / F.INDEX, half)
+    con = sqlite3.connect(half)
+    con.execute("DELETE FROM meta WHERE key = 'complete'")
+    con.commit()
+    con.close()
+    with pytest.raises(UserError, match="incomplete"):
+        FeatureIndex(half)
+
+
+def test_cli_bad_runs_exit_2(run, tmp_path, capsys):
+    good = _sha(run / F.INDEX)
+    cfg = json.loads((run / "cfg.json").read_text())
+    (tmp_path / "empty").mkdir()
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "cfg.json").write_text(json.dumps({**cfg, "complete": False}))
+    orphan = tmp_path / "orphan"
+    shutil.copytree(run, orphan)
+    (orphan / "cfg.json").write_text(json.dumps({**cfg, "harvest": str(tmp_path / "gone")}))
+    for bad, msg in [
+        (tmp_path / "missing", "not a directory"),
+        (tmp_path / "empty", "not a run directory"),
+        (half, "not finished training"),
+        (orphan, "harvest .* is missing"),
+    ]:
+        assert main(["index", str(bad), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error:" in err
+        assert re.search(msg, err), err
+    assert _sha(orphan / F.INDEX) == good  # the copied index survived the failed build
+    assert main(["index", "-q"]) == 2
+
+
+def test_synthetic_run_skips_the_logit_lens(tmp_path):
+    h = write_harvest(
+        tmp_path / "h", SyntheticData(d_in=16, n_features=64, k_true=3), 3000,
+        tokens_per_context=31, shard_contexts=32,
+    )  # fmt: skip
+    run = train(
+        TrainConfig(
+            harvest=str(h), out=str(tmp_path / "r"), sae=SAEConfig("mutual_choice", 48, 3),
+            batch_size=256, eval_tokens=600, dead_tokens=2000, checkpoint_every=0,
+        ),
+        progress=False,
+    )  # fmt: skip
+    assert main(["index", str(run), "--rows", "heldout", "--top_n", "3", "-q"]) == 0
+    ix = FeatureIndex.of_run(run)
+    assert ix.meta["logit_lens"] is False and "synthetic" in ix.meta["logit_lens_note"]
+    lo, hi = json.loads((run / "cfg.json").read_text())["eval_range"]
+    assert ix.meta["rows"] == [lo, hi] and ix.meta["tokens"] == hi - lo
+    card = ix.latent(int(ix.stats()["n_fires"].argmax()))
+    assert card.logit_top == [] and sum(card.hist_counts) + card.n_zero == hi - lo
+    assert ix.search_token("<0>") and ix.search_text("<0>")
+    ix.close()
