@@ -1,49 +1,116 @@
 """Kernel backend, chosen once at import.
 
-`eager` (plain torch, the reference and the CPU path) is always available. Fused Triton
-kernels plug in here when CUDA and Triton are present; `SAELAB_DISABLE_TRITON=1` forces
-eager, and `use_backend()` overrides the choice in tests.
+`eager` (plain torch, the reference and the CPU path) is always available. The fused
+Triton kernels (`triton_select`, `triton_sparse`) are used when CUDA and Triton are both
+present; `SAELAB_DISABLE_TRITON=1` forces eager, and `use_backend()` overrides the choice
+in tests and benchmarks. Each call still checks its tensors: CPU tensors always take the
+eager path (so CPU training never needs Triton) unless the Triton module was loaded under
+TRITON_INTERPRET=1, which is how the parity tests run it on CPU.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from types import ModuleType
+
+import torch
+from torch import Tensor
 
 from saelab.kernels import eager
+from saelab.kernels.eager import Selector
 
 log = logging.getLogger(__name__)
 
-_BACKENDS = {"eager": eager}
+BACKENDS = ("eager", "triton")
+_triton: ModuleType | None = None
+_triton_on_cpu = False
+"""The Triton kernels were defined under TRITON_INTERPRET=1 and so accept CPU tensors."""
 
 
-def _pick() -> str:
+def _load_triton() -> ModuleType:
+    """Import the Triton backend (the only place saelab imports triton)."""
+    global _triton, _triton_on_cpu
+    if _triton is None:
+        from saelab.kernels import triton_select, triton_sparse
+
+        _triton, _triton_on_cpu = triton_sparse, triton_select.INTERPRET
+    return _triton
+
+
+def _pick() -> tuple[str, str]:
     if os.environ.get("SAELAB_DISABLE_TRITON") == "1":
-        return "eager"
-    # NOTE: no Triton kernels are registered yet, so every device uses eager; the
-    # fused encoder/decoder register themselves in _BACKENDS when they land.
-    return "eager"
+        return "eager", "SAELAB_DISABLE_TRITON=1"
+    if not torch.cuda.is_available():
+        return "eager", "no CUDA device"
+    try:
+        _load_triton()
+    except ImportError as e:
+        return "eager", f"triton not importable: {e}"
+    return "triton", "CUDA and Triton available"
 
 
-BACKEND = _pick()
-log.debug("saelab kernels: %s backend", BACKEND)
+BACKEND, _why = _pick()
+log.info("saelab kernels: %s backend (%s)", BACKEND, _why)
 
 
 def use_backend(name: str) -> None:
-    """Force a backend (tests and benchmarks)."""
+    """Force a backend (tests and benchmarks); 'triton' raises ImportError without Triton."""
     global BACKEND
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; available: {sorted(_BACKENDS)}")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; available: {list(BACKENDS)}")
+    if name == "triton":
+        _load_triton()
     BACKEND = name
 
 
-def topk_encode(*args, **kwargs):
-    return _BACKENDS[BACKEND].topk_encode(*args, **kwargs)
+def _impl(t: Tensor) -> ModuleType:
+    if BACKEND == "triton" and _triton is not None and (t.is_cuda or _triton_on_cpu):
+        return _triton
+    return eager
 
 
-def sparse_encode(*args, **kwargs):
-    return _BACKENDS[BACKEND].sparse_encode(*args, **kwargs)
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    aux_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """TopK encoder: (values, indices, aux_values, aux_indices); see eager.topk_encode."""
+    return _impl(x).topk_encode(x, W_enc, b_enc, b_dec, k, aux_mask, k_aux)
 
 
-def decode(*args, **kwargs):
-    return _BACKENDS[BACKEND].decode(*args, **kwargs)
+def sparse_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    select: Selector,
+    aux_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Encoder with any selector of the dense z; see eager.sparse_encode."""
+    return _impl(x).sparse_encode(x, W_enc, b_enc, b_dec, select, aux_mask, k_aux)
+
+
+def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
+    """x̂ = Σ_i a_i d_i (+ b_dec); see eager.decode."""
+    return _impl(values).decode(values, indices, W_dec, b_dec)
+
+
+def row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Each row's top-k of z [B, n] (unsorted, not ReLU'd): values, cols [B, k]."""
+    return _impl(z).row_topk(z, k)
+
+
+def column_topk(z: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """Each column's top-m of z [B, n] (unsorted): values, rows [m, n]."""
+    return _impl(z).column_topk(z, m)
+
+
+def global_topk(z: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The K largest entries of z as (values, rows, cols); see eager.global_topk."""
+    return _impl(z).global_topk(z, K)

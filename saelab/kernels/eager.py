@@ -172,3 +172,39 @@ def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None)
     """x̂ = Σ_i a_i d_i (+ b_dec), never a dense [B, d_sae] code."""
     out = Decode.apply(values, indices, W_dec)
     return out if b_dec is None else out + b_dec
+
+
+# ---------------------------------------------------------------------------------------
+# Batch-level selection: building blocks of the feature- and mutual-choice rules
+
+
+def row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Each row's k largest entries of z [B, n] (unsorted, not ReLU'd): values, cols [B, k]."""
+    return torch.topk(z, k, dim=1, sorted=False)
+
+
+def column_topk(z: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """Each column's m largest entries of z [B, n] (unsorted): values, rows [m, n]."""
+    return torch.topk(z, m, dim=0, sorted=False)
+
+
+def global_topk(
+    z: Tensor, K: int, row_topk: Callable[[Tensor, int], tuple[Tensor, Tensor]] = row_topk
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The K largest entries of z [B, n] as (values, rows, cols), exactly.
+
+    Each row's top-c candidates (c = 4·K/B) go into one global top-K, which is far cheaper
+    than a top-K over all B·n entries: its threshold, the K-th largest candidate, is found
+    among 4K values instead of B·n. It is exact unless some row had all c of its
+    candidates selected (it might hold more winners); then the full top-K runs instead.
+    """
+    B, n = z.shape
+    c = min(n, 4 * max(1, K // B))
+    if c < n:
+        cand, cols = row_topk(z, c)
+        top, flat = torch.topk(cand.reshape(-1), K, sorted=False)
+        rows = torch.div(flat, c, rounding_mode="floor")
+        if not bool((torch.bincount(rows, minlength=B) >= c).any()):
+            return top, rows, cols.reshape(-1)[flat]
+    top, flat = torch.topk(z.reshape(-1), K, sorted=False)
+    return top, torch.div(flat, n, rounding_mode="floor"), flat % n
