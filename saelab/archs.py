@@ -149,7 +149,7 @@ def gradient_topk(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
 
     def select(z: Tensor) -> tuple[Tensor, Tensor]:
         relu = z.relu()
-        _, indices = torch.topk(relu * boost, sae.k, dim=1, sorted=False)
+        _, indices = kernels.row_topk(relu * boost, sae.k)
         return relu.gather(1, indices), indices
 
     return _encode_with(sae, x, args, select)
@@ -174,7 +174,7 @@ def feature_choice(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     m = feature_choice_m(sae.k, B, sae.d_sae)
 
     def select(z: Tensor) -> tuple[Tensor, Tensor]:
-        top, rows = torch.topk(z, m, dim=0, sorted=False)  # [m, n]: each latent's m tokens
+        top, rows = kernels.column_topk(z, m)  # [m, n]: each latent's m tokens
         with torch.no_grad():
             _ema_(sae.threshold, top.min(0).values.relu())
         cols = torch.arange(z.shape[1], device=z.device).expand(m, -1)
@@ -187,23 +187,9 @@ def feature_choice_m(k: int, batch: int, d_sae: int) -> int:
     return max(1, (k * batch) // d_sae)
 
 
-def global_topk(z: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The K largest entries of z [B, n] as (values, rows, cols), exactly.
-
-    Each row's top-c candidates (c = 4·K/B) go into one global top-K, which is far cheaper
-    than a top-K over all B·n entries. It is exact unless some row had all c of its
-    candidates selected (it might hold more winners); then the full top-K runs instead.
-    """
-    B, n = z.shape
-    c = min(n, 4 * max(1, K // B))
-    if c < n:
-        cand, cols = torch.topk(z, c, dim=1, sorted=False)
-        top, flat = torch.topk(cand.reshape(-1), K, sorted=False)
-        rows = torch.div(flat, c, rounding_mode="floor")
-        if not bool((torch.bincount(rows, minlength=B) >= c).any()):
-            return top, rows, cols.reshape(-1)[flat]
-    top, flat = torch.topk(z.reshape(-1), K, sorted=False)
-    return top, torch.div(flat, n, rounding_mode="floor"), flat % n
+global_topk = kernels.global_topk
+"""The K largest entries of z [B, n] as (values, rows, cols); it lives in kernels now, as
+a building block with a Triton variant, and keeps this name for existing callers."""
 
 
 def mutual_choice(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
@@ -211,7 +197,7 @@ def mutual_choice(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
         return _encode_with(sae, x, args, lambda z: _thresholded(z, sae.threshold.clamp_min(0)))
 
     def select(z: Tensor) -> tuple[Tensor, Tensor]:
-        top, rows, cols = global_topk(z, sae.k * z.shape[0])
+        top, rows, cols = kernels.global_topk(z, sae.k * z.shape[0])
         with torch.no_grad():
             _ema_(sae.threshold, top.min().relu().reshape(1))
         return mask_to_code(z, rows, cols)
