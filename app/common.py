@@ -21,6 +21,7 @@ SELECTED = "selected_runs"
 """session_state key: the runs chosen on the Runs page (names relative to the runs dir)."""
 FOCUS = "focus_run"
 """session_state key of the sidebar's run: the one single-run pages show."""
+FOCUS_BOX = "_focus_box"
 
 
 @contextmanager
@@ -94,8 +95,14 @@ def sidebar() -> None:
     options = chosen or names
     if st.session_state.get(FOCUS) not in options:
         st.session_state[FOCUS] = options[0]
+    # The widget's state does not survive st.switch_page; FOCUS does, and seeds it.
+    st.session_state[FOCUS_BOX] = st.session_state[FOCUS]
     st.sidebar.selectbox(
-        "Run", options, key=FOCUS, help="The run the single-run pages show; pick on Runs"
+        "Run",
+        options,
+        key=FOCUS_BOX,
+        on_change=lambda: st.session_state.update({FOCUS: st.session_state[FOCUS_BOX]}),
+        help="The run the single-run pages show; choose several on Runs to narrow this list",
     )
     st.query_params["run"] = st.session_state[FOCUS]
 
