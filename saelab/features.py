@@ -107,6 +107,8 @@ class _Pass:
         self._keys, self._acts = open(self.keys_file, "wb"), open(self.acts_file, "wb")
 
     def update(self, lo: int, values: Tensor, indices: Tensor) -> None:
+        indices, o = indices.sort(dim=1)  # rows ascending, latents ascending within a row:
+        values = values.gather(1, o)  # the keys below come out sorted
         fire = values > 0  # a zero value is padding
         rows = torch.arange(lo, lo + values.shape[0], device=values.device)
         row = rows[:, None].expand_as(indices)[fire]
@@ -118,9 +120,8 @@ class _Pass:
         self.top.update(lat, act, row)
         prio = torch.rand(lat.shape, generator=self.gen, device=lat.device)
         self.pool.update(lat, prio, row, act)
-        key, o = torch.sort(row * self.d_sae + lat)
-        key.cpu().numpy().tofile(self._keys)
-        act[o].cpu().numpy().tofile(self._acts)
+        (row * self.d_sae + lat).cpu().numpy().tofile(self._keys)
+        act.cpu().numpy().tofile(self._acts)
 
     def _histogram(self, lat: Tensor, act: Tensor) -> None:
         m = torch.zeros_like(self.hi).scatter_reduce_(0, lat, act, "amax")
@@ -242,7 +243,7 @@ def _windows(
 
 def _token_table(
     fires: tuple[np.ndarray, np.ndarray], tok_of_row: np.ndarray, lo: int, d_sae: int, keep: int
-) -> np.ndarray:
+) -> list[tuple]:
     """Rows (token, rank, latent, count, mean_act): per token the `keep` latents firing most
     often on it (ties: higher mean activation, then lower id)."""
     pair, cnt, tot = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
@@ -261,7 +262,7 @@ def _token_table(
     first = np.searchsorted(tok, tok, side="left")
     rank = np.arange(tok.size) - first
     ok = rank < keep
-    return np.rec.fromarrays([tok[ok], rank[ok], lat[ok], cnt[ok], mean[ok]])
+    return list(zip(*(c[ok].tolist() for c in (tok, rank, lat, cnt, mean))))
 
 
 def _quantile_picks(acc: _Pass, per: int) -> list[tuple[int, int, float, int]]:
@@ -479,7 +480,7 @@ def build_index(run: str | Path, cfg: IndexConfig | None = None, progress: bool 
         "latents": _latent_rows(acc, hi - lo, lens, words, nb),
         "contexts": _context_rows(ctx, toks, acts, valid, cfg.context_before),
         "vocab": vocab,
-        "token_latents": (tuple(x.item() for x in t) for t in token_rows),
+        "token_latents": token_rows,
     }
     _write(tmp_db, meta, tables)
     os.replace(tmp_db, path)
@@ -553,6 +554,7 @@ class FeatureIndex:
             raise UserError(f"{self.path} does not exist; {hint}")
         self._lock = threading.Lock()
         self._words: dict[int, str] | None = None
+        self._stats: dict[str, np.ndarray] | None = None
         uri = self.path.resolve().as_uri() + "?mode=ro"
         try:
             self._con = sqlite3.connect(uri, uri=True, check_same_thread=False)
@@ -585,11 +587,15 @@ class FeatureIndex:
         return int(i)
 
     def stats(self) -> dict[str, np.ndarray]:
-        """freq, mean_act, max_act, n_fires of every latent (index = latent id)."""
-        rows = self._query("SELECT freq, mean_act, max_act, n_fires FROM latents ORDER BY id")
-        cols = list(zip(*rows)) if rows else [(), (), (), ()]
-        out = {k: np.array(c, np.float64) for k, c in zip(("freq", "mean_act", "max_act"), cols)}
-        return out | {"n_fires": np.array(cols[3], np.int64)}
+        """freq, mean_act, max_act, n_fires of every latent (index = latent id); read once
+        (a covering index makes that one scan), then copies of the cached arrays."""
+        if self._stats is None:
+            sql = "SELECT freq, mean_act, max_act, n_fires FROM latents ORDER BY id"
+            cols = list(zip(*self._query(sql))) or [(), (), (), ()]
+            names = ("freq", "mean_act", "max_act")
+            self._stats = {k: np.array(c, np.float64) for k, c in zip(names, cols)}
+            self._stats["n_fires"] = np.array(cols[3], np.int64)
+        return {k: v.copy() for k, v in self._stats.items()}
 
     def latent(self, i: int) -> LatentCard:
         (row,) = self._query(
