@@ -134,6 +134,25 @@ def need_complete(info: wb.RunInfo) -> bool:
     return False
 
 
+def table(rows: list[dict[str, Any]], formats: dict[str, str]) -> Any:
+    """Rows as a DataFrame with the `formats` columns as text and "-" where there is no
+    number (st.dataframe shows a missing value as "None" whatever the Styler says)."""
+    import math
+
+    import pandas as pd
+
+    def cell(fmt: str, v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return fmt.format(v)
+
+    df = pd.DataFrame(rows)
+    for col, fmt in formats.items():
+        if col in df:
+            df[col] = [cell(fmt, v) for v in df[col].tolist()]
+    return df
+
+
 def mtime(path: Path) -> float:
     """Part of cache keys, so that a rewritten file is read again."""
     try:

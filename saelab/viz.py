@@ -318,10 +318,11 @@ def activation_hist_figure(
             hovertemplate="act %{x:.3g}<br>%{y} tokens<extra></extra>",
         )
     )
+    title = title or "activations when firing"
     if n_zero is not None:
-        title = f"{title} ({n_zero:,} tokens at zero not shown)" if title else ""
+        title += f" ({n_zero:,} tokens at zero not shown)"
     fig.update_layout(
-        title=title or "activations when firing",
+        title=title,
         xaxis_title="activation",
         yaxis_title="tokens",
         template="plotly_white",
@@ -412,6 +413,7 @@ def dead_over_training_figure(series: dict[str, dict[str, list[float]]]) -> go.F
         xaxis_title="training tokens",
         yaxis_title="dead fraction",
         yaxis_tickformat=".1%",
+        yaxis_rangemode="tozero",
         template="plotly_white",
         height=380,
         legend={"orientation": "h", "y": -0.25},

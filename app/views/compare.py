@@ -2,7 +2,6 @@
 architecture. Numbers come from each run's eval.json; the app never evaluates."""
 
 import common
-import pandas as pd
 import streamlit as st
 
 from saelab import viz
@@ -43,8 +42,8 @@ def main() -> None:
     st.plotly_chart(fig)
     for arch in sorted({r["arch"] for r in rows}):
         st.subheader(arch)
-        table = pd.DataFrame([r for r in rows if r["arch"] == arch]).drop(columns="arch")
-        st.dataframe(table.style.format(FORMATS, na_rep="-"), hide_index=True)
+        table = common.table([r for r in rows if r["arch"] == arch], FORMATS)
+        st.dataframe(table.drop(columns="arch"), hide_index=True)
 
 
 with common.guard():

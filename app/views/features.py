@@ -85,7 +85,7 @@ def card(idx: FeatureIndex, i: int) -> None:
     c = idx.latent(i)
     st.subheader(f"Latent {i}")
     m = st.columns(4)
-    m[0].metric("firing frequency", f"{c.freq:.3%}")
+    m[0].metric("firing frequency", f"{c.freq:.2%}")
     m[1].metric("tokens fired on", f"{c.n_fires:,}")
     m[2].metric("mean activation", f"{c.mean_act:.3g}")
     m[3].metric("max activation", f"{c.max_act:.3g}")
@@ -99,10 +99,10 @@ def card(idx: FeatureIndex, i: int) -> None:
     elif note := idx.meta.get("logit_lens_note"):
         right.caption(f"No logit lens: {note}")
     if c.neighbours:
-        st.markdown("**Decoder neighbours** (cosine; click to open)")
-        cols = st.columns(min(len(c.neighbours), 10))
+        st.markdown("**Decoder neighbours** (latent · cosine; click to open)")
+        cols = st.columns(5)
         for n, (j, cos) in enumerate(c.neighbours[:10]):
-            cols[n].button(
+            cols[n % 5].button(
                 f"{j} · {cos:.2f}", key=f"nb_{j}", on_click=go, args=(j,), width="stretch"
             )
     contexts(idx, i, c.max_act)

@@ -2,7 +2,6 @@
 other pages show."""
 
 import common
-import pandas as pd
 import streamlit as st
 
 from saelab import workbench as wb
@@ -22,9 +21,8 @@ def main() -> None:
         common.no_runs_message()
         return
     rows = wb.runs_table(runs)
-    table = pd.DataFrame(rows).style.format(FORMATS, na_rep="-")
     st.dataframe(
-        table,
+        common.table(rows, FORMATS),
         hide_index=True,
         column_config={
             "index": st.column_config.CheckboxColumn("index", help="features.sqlite built"),
