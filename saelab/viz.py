@@ -419,3 +419,14 @@ def dead_over_training_figure(series: dict[str, dict[str, list[float]]]) -> go.F
         legend={"orientation": "h", "y": -0.25},
     )
     return fig
+
+
+def labelled_html(rows: list[tuple[str, str]]) -> str:
+    """One block of context lines: each a small grey label (escaped here) over a body of
+    HTML from token_html or marked_html (already escaped)."""
+    cells = "".join(
+        '<div style="margin:0 0 0.55rem 0"><div style="color:#808495;font-size:0.75rem">'
+        f"{html.escape(label)}</div>{body}</div>"
+        for label, body in rows
+    )
+    return f"<div>{cells}</div>"

@@ -259,9 +259,9 @@ def freq_hist_from_stats(freq: np.ndarray, n_tokens: int) -> FreqHist:
 
 
 def dead_counts(h: FreqHist) -> dict[str, int]:
-    out = {"dead (never fired)": h.never_fired}
+    out = {"dead": h.never_fired}
     for f in UNDER_USED:
-        out[f"firing < {f:g}"] = h.below(f)
+        out[f"freq < {f:.0e}".replace("e-0", "e-")] = h.below(f)
     return out
 
 

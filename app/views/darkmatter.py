@@ -76,12 +76,15 @@ def top_contexts(dm: dict) -> None:
         st.caption("A synthetic harvest has no text; rows and norms only.")
         st.dataframe(pd.DataFrame(top), hide_index=True)
         return
-    for item in top:
-        st.caption(
-            f"‖e_nl‖ = {item['e_nl_norm']:.1f} · ‖e‖ = {item['e_norm']:.1f} · "
-            f"context {item['context']}, position {item['position']}"
+    rows = [
+        (
+            f"‖e_nl‖ = {t['e_nl_norm']:.1f} · ‖e‖ = {t['e_norm']:.1f} · "
+            f"context {t['context']}, position {t['position']}",
+            viz.marked_html(t["text"]),
         )
-        st.html(viz.marked_html(item["text"]))
+        for t in top
+    ]
+    st.html(viz.labelled_html(rows))
 
 
 def across_runs(runs: list[wb.RunInfo], focus: wb.RunInfo) -> None:

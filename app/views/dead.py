@@ -42,12 +42,12 @@ def comparison(runs: list[wb.RunInfo]) -> None:
             row = {"run": r.name, "arch": r.arch, "d_sae": h.d_sae}
             row |= {k: v for k, v in wb.dead_counts(h).items()}
             row["dead %"] = 100 * h.never_fired / max(h.d_sae, 1)
-            row["held-out tokens"] = h.n_tokens
+            row["tokens"] = h.n_tokens
             rows.append(row)
         st.dataframe(pd.DataFrame(rows).style.format({"dead %": "{:.2f}"}), hide_index=True)
         st.caption(
-            "Counts come from eval.json's binned histogram: “firing < f” counts whole bins "
-            "below f plus the latents that never fired on the held-out tokens."
+            "Dead: never fired on the held-out tokens. “freq < f” counts them plus the latents "
+            "in the histogram's bins below f (eval.json's binned firing frequencies)."
         )
     series = {r.name: s for r in runs if (s := wb.dead_series(r.path))["tokens"]}
     if series:

@@ -115,9 +115,15 @@ def contexts(idx: FeatureIndex, i: int, vmax: float) -> None:
             found = idx.contexts(i, kind)
             if not found:
                 st.caption("No contexts stored.")
-            for ctx in found:
-                st.caption(f"activation {ctx.act:.3g} · harvest row {ctx.row}")
-                st.html(viz.token_html(ctx.tokens, ctx.acts, ctx.peak, vmax))
+                continue
+            rows = [
+                (
+                    f"activation {c.act:.3g} · harvest row {c.row}",
+                    viz.token_html(c.tokens, c.acts, c.peak, vmax),
+                )
+                for c in found
+            ]
+            st.html(viz.labelled_html(rows))
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ def main() -> None:
     if st.button(f"Open latent {pick} in the feature browser"):
         st.session_state["latent_id"] = int(pick)
         st.switch_page("views/features.py")
-    st.dataframe(table, hide_index=True)
+    st.dataframe(table, hide_index=True, height=min(35 * (len(table) + 1) + 3, 640))
     st.caption(
         "Activations at the SAE's hook, in the SAE's units; the highlight shows every token "
         "the latent fires on. Steer or ablate latents from a notebook with saelab.steering."
