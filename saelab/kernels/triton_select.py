@@ -200,7 +200,7 @@ def fused_topk(x_c: Tensor, W: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tenso
         x_c.contiguous(), W.contiguous(), b.contiguous(), values, indices,
         B, N, D, k,
         LOG_K=_log2(KP), LOG_N=_log2(BLOCK_N), BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D,
-        PRECISION=_precision(x_c.dtype), UPCAST=INTERPRET, num_warps=8 if KP >= 64 else 4,
+        PRECISION=_precision(x_c.dtype), UPCAST=INTERPRET, num_warps=8,
     )  # fmt: skip
     return values, indices
 
