@@ -3,7 +3,8 @@
 SmolLM2-135M at blocks.6.hook_resid_post (see config.DEFAULT_HOOK for why that layer),
 400k activations from the embedded corpus, a TopK SAE with 4096 latents and k = 32 trained
 for two epochs, then held-out reconstruction and downstream CE (spliced on 64 contexts) and
-the dark-matter analysis (Engels et al., arXiv 2410.14670) on the held-out rows. Budgeted to
+the dark-matter analysis (Engels et al., arXiv 2410.14670) on the held-out rows, then the
+feature index the app browses. Budgeted to
 finish in under 10 minutes on 2 CPU cores; harvest and training resume if interrupted.
 """
 
@@ -16,6 +17,7 @@ import time
 from saelab.config import DarkMatterConfig, EvalConfig, HarvestConfig, SAEConfig, TrainConfig
 from saelab.darkmatter import prepare, run_one, summary_lines
 from saelab.evaluate import evaluate, summary_table
+from saelab.features import build_index
 from saelab.harvest import harvest
 from saelab.trainer import train
 
@@ -49,15 +51,19 @@ def demo(quick: bool = False, runs_dir: str = "runs") -> int:
     dcfg = DarkMatterConfig(ce_contexts=8 if quick else 16)
     dark = run_one(prepare(run, dcfg), dcfg)
     t_dark = time.perf_counter() - t0 - t_harvest - t_train - t_eval
+
+    index = build_index(run)
+    t_index = time.perf_counter() - t0 - t_harvest - t_train - t_eval - t_dark
     total = time.perf_counter() - t0
     parts = [
         summary_table([(str(run), result)]),
         _downstream_line(result) + "\n",
         summary_lines(dark) + "\n",
         f"harvest {t_harvest:.0f} s, train {t_train:.0f} s, eval {t_eval:.0f} s, "
-        f"dark matter {t_dark:.0f} s, total {total:.0f} s",
-        f"run: {run}  (eval.json, darkmatter.json, darkmatter_tokens.sqlite, figures/, "
-        "train_log.jsonl, cfg.json)",
+        f"dark matter {t_dark:.0f} s, feature index {t_index:.0f} s, total {total:.0f} s",
+        f"run: {run}  (eval.json, darkmatter.json, darkmatter_tokens.sqlite, {index.name}, "
+        "figures/, train_log.jsonl, cfg.json)",
+        f"browse it: saelab app {runs_dir}",
     ]
     sys.stdout.write("\n" + "\n".join(parts) + "\n")
     return 0

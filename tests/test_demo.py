@@ -1,10 +1,12 @@
-"""End to end on the embedded model: `saelab demo --quick` harvests, trains and evaluates."""
+"""End to end on the embedded model: `saelab demo --quick` harvests, trains, evaluates and
+indexes the features for the app."""
 
 import json
 
 import pytest
 
 from saelab.cli import main
+from saelab.features import FeatureIndex
 
 
 @pytest.mark.slow
@@ -15,6 +17,9 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert "FVU" in out and "demo-topk-quick" in out
     ev = json.loads((tmp_path / "runs/demo-topk-quick/eval.json").read_text())
     assert ev["fvu"] < 0.5 and ev["l0"] == pytest.approx(32, abs=1)
+    index = FeatureIndex.of_run(tmp_path / "runs/demo-topk-quick")
+    assert index.meta["d_sae"] == 1024 and index.stats()["freq"].max() > 0
+    assert "saelab app runs" in out
     meta = json.loads(
         (tmp_path / "cached_activations/smollm2-135m-demo-quick/meta.json").read_text()
     )

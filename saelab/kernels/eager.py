@@ -25,16 +25,20 @@ def _scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n_out: int) ->
     indices, weights: [B, K]; rows: [B, D]. Returns [n_out, D].
     """
     B, K = indices.shape
-    w = weights.reshape(-1).to(rows.dtype)
-    if rows.device.type == "cpu":
+    w = weights.to(rows.dtype)
+    if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
         # A token-major CSR needs no sort (row b holds its K latents); MKL applies Sᵀ.
         crow = torch.arange(0, B * K + 1, K, device=indices.device)
         S = torch.sparse_csr_tensor(
-            crow, indices.reshape(-1), w, (B, n_out), check_invariants=False
+            crow, indices.reshape(-1), w.reshape(-1), (B, n_out), check_invariants=False
         )
         return S.t() @ rows
+    # One slot at a time: [B, D] of scratch, never a [B·K, D] copy of the rows (tens of
+    # GB at d_in 2304 with AuxK); MKL has no bf16 CSR product, so bf16 on CPU lands here too.
     out = torch.zeros(n_out, rows.shape[1], dtype=rows.dtype, device=rows.device)
-    return out.index_add_(0, indices.reshape(-1), w[:, None] * rows.repeat_interleave(K, 0))
+    for j in range(K):
+        out.index_add_(0, indices[:, j], w[:, j, None] * rows)
+    return out
 
 
 def _row_dots(indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
