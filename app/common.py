@@ -94,7 +94,7 @@ def sidebar() -> None:
     chosen = [n for n in st.session_state.get(SELECTED) or [] if n in names]
     options = chosen or names
     if st.session_state.get(FOCUS) not in options:
-        st.session_state[FOCUS] = options[0]
+        st.session_state[FOCUS] = wb.first_complete(root(), options)
     # The widget's state does not survive st.switch_page; FOCUS does, and seeds it.
     st.session_state[FOCUS_BOX] = st.session_state[FOCUS]
     st.sidebar.selectbox(

@@ -157,6 +157,17 @@ def find_runs(root: Path) -> list[str]:
     return sorted(names)
 
 
+def first_complete(root: Path, names: list[str]) -> str:
+    """The first finished run of `names` (the first name when none is): the default view."""
+    for name in names:
+        try:
+            if run_info(root, name).complete:
+                return name
+        except UserError:
+            continue
+    return names[0]
+
+
 def list_runs(root: Path) -> list[RunInfo]:
     return [run_info(root, n) for n in find_runs(root)]
 

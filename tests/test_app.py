@@ -208,6 +208,7 @@ def test_runs_page_lists_runs_and_shares_the_selection(monkeypatch, runs_dir):
     assert f"saelab eval {runs_dir / PLAIN}" in shown(at)
     assert "not finished" in texts(at.warning)
     assert at.sidebar.selectbox(key="_focus_box").options == [HALF, PLAIN, RUN]
+    assert at.sidebar.selectbox(key="_focus_box").value == PLAIN  # the first finished run
     at.multiselect[0].set_value([RUN, PLAIN]).run()
     clean(at)
     assert at.sidebar.selectbox(key="_focus_box").options == [RUN, PLAIN]
