@@ -17,8 +17,10 @@ Schema (all written to features.sqlite.tmp, then moved into place):
           hist_counts JSON, logit_top JSON [[text, logit]], logit_bottom JSON, neighbours JSON)
   contexts(latent, kind 'top'|'quantile', rank, act, row, peak, tokens BLOB int32,
            acts BLOB float32; PRIMARY KEY (latent, kind, rank))
-  vocab(id PRIMARY KEY, text, piece), indexed on text and piece
-  token_latents(token, rank, latent, count, mean_act; PRIMARY KEY (token, rank))
+  vocab(id PRIMARY KEY, text, piece, n: occurrences in the indexed rows), indexed on text, piece
+  token_latents(token, rank, latent, count, mean_act; PRIMARY KEY (token, rank)): per token
+          the latents that best pick it out, by F1 = 2·count / (latent fires + token occurrences),
+          so a latent firing on nearly every token does not top every search
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from saelab.trainer import resolve_device
 log = logging.getLogger(__name__)
 
 INDEX = "features.sqlite"
-VERSION = 1
+VERSION = 2
 QUANTILES = (0.75, 0.5, 0.25)
 _CHUNK = 4_000_000
 """Entries per step of the post-pass work (token counts, window lookups)."""
@@ -242,10 +244,15 @@ def _windows(
 
 
 def _token_table(
-    fires: tuple[np.ndarray, np.ndarray], tok_of_row: np.ndarray, lo: int, d_sae: int, keep: int
+    fires: tuple[np.ndarray, np.ndarray],
+    tok_of_row: np.ndarray,
+    lo: int,
+    n_fires: np.ndarray,
+    keep: int,
 ) -> list[tuple]:
-    """Rows (token, rank, latent, count, mean_act): per token the `keep` latents firing most
-    often on it (ties: higher mean activation, then lower id)."""
+    """Rows (token, rank, latent, count, mean_act): per token the `keep` latents with the best
+    F1 as detectors of it (ties: more firings on it, then lower id)."""
+    d_sae = n_fires.size
     pair, cnt, tot = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
     keys, acts = fires
     for a in range(0, keys.size, _CHUNK):
@@ -257,7 +264,9 @@ def _token_table(
         tot = np.bincount(inv, np.concatenate([tot, acts[a : a + _CHUNK]]), minlength=u.size)
         pair = u
     tok, lat, mean = pair // d_sae, pair % d_sae, tot / np.maximum(cnt, 1)
-    o = np.lexsort((lat, -mean, -cnt, tok))
+    n_tok = np.bincount(tok_of_row.astype(np.int64))
+    f1 = 2 * cnt / (n_fires[lat] + n_tok[tok])
+    o = np.lexsort((lat, -cnt, -f1, tok))
     tok, lat, cnt, mean = tok[o], lat[o], cnt[o], mean[o]
     first = np.searchsorted(tok, tok, side="left")
     rank = np.arange(tok.size) - first
@@ -362,7 +371,7 @@ CREATE TABLE latents (id INTEGER PRIMARY KEY, n_fires INTEGER, freq REAL, mean_a
 CREATE INDEX latents_stats ON latents (id, freq, mean_act, max_act, n_fires);
 CREATE TABLE contexts (latent INTEGER, kind TEXT, rank INTEGER, act REAL, row INTEGER,
     peak INTEGER, tokens BLOB, acts BLOB, PRIMARY KEY (latent, kind, rank)) WITHOUT ROWID;
-CREATE TABLE vocab (id INTEGER PRIMARY KEY, text TEXT, piece TEXT);
+CREATE TABLE vocab (id INTEGER PRIMARY KEY, text TEXT, piece TEXT, n INTEGER);
 CREATE INDEX vocab_text ON vocab (text);
 CREATE INDEX vocab_piece ON vocab (piece);
 CREATE TABLE token_latents (token INTEGER, rank INTEGER, latent INTEGER, count INTEGER,
@@ -456,7 +465,8 @@ def build_index(run: str | Path, cfg: IndexConfig | None = None, progress: bool 
         r = np.arange(lo, hi)
         tpc = s.store.tokens_per_context
         tok_of_row = np.asarray(s.store.tokens()[r // tpc, 1 + r % tpc])
-        token_rows = _token_table(fires, tok_of_row, lo, s.sae.d_sae, cfg.token_latents)
+        n_fires = acc.n_fires.cpu().numpy()
+        token_rows = _token_table(fires, tok_of_row, lo, n_fires, cfg.token_latents)
         ctx = _contexts(acc, cfg.quantile_samples)
         toks, acts, valid = _windows(s, cfg, fires, ctx["latent"], ctx["row"])
         del fires
@@ -466,7 +476,9 @@ def build_index(run: str | Path, cfg: IndexConfig | None = None, progress: bool 
         log.info("logit lens skipped: %s", note)
     ids = [tok_of_row, toks[valid]] + ([lens[0].ravel(), lens[2].ravel()] if lens else [])
     vocab = _vocab(s.cfg.get("model"), np.unique(np.concatenate(ids)).astype(np.int64))
-    words = {i: text for i, text, _ in vocab}
+    n_tok = np.bincount(tok_of_row.astype(np.int64))
+    vocab = [(i, text, piece, int(n_tok[i]) if i < n_tok.size else 0) for i, text, piece in vocab]
+    words = {i: text for i, text, _, _ in vocab}
     meta = {
         "run": str(s.run), "harvest": s.cfg["harvest"], "model": s.cfg.get("model"),
         "hook": s.cfg["hook"], "d_sae": s.sae.d_sae, "k": s.sae.k, "arch": s.sae.arch,
@@ -536,7 +548,11 @@ class Context:
 class TokenHit:
     latent: int
     count: int
+    """Firings on the searched tokens."""
+
     mean_act: float
+    f1: float = 0.0
+    """2·count / (latent's firings + the tokens' occurrences): 1 for a perfect detector."""
 
 
 _CARD = [f.name for f in fields(LatentCard)]
@@ -648,8 +664,13 @@ class FeatureIndex:
         for lat, c, m in rows:
             count[lat] = count.get(lat, 0) + c
             total[lat] = total.get(lat, 0.0) + c * m
-        best = sorted(count, key=lambda j: (-count[j], -total[j] / count[j], j))[:limit]
-        return [TokenHit(j, count[j], total[j] / count[j]) for j in best]
+        (n_tok,) = self._query(
+            f"SELECT COALESCE(SUM(n), 0) FROM vocab WHERE id IN ({marks})", tuple(ids)
+        )[0]
+        n_fires = self.stats()["n_fires"]
+        f1 = {j: 2 * count[j] / max(int(n_fires[j]) + n_tok, 1) for j in count}
+        best = sorted(count, key=lambda j: (-f1[j], -count[j], j))[:limit]
+        return [TokenHit(j, count[j], total[j] / count[j], f1[j]) for j in best]
 
     def search_token(self, token: str, limit: int = 20) -> list[TokenHit]:
         """Latents firing most often on a token, matched exactly as decoded text or as the

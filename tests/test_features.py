@@ -180,7 +180,7 @@ def test_logit_lens_is_decoder_through_unembedding(index, run):
     assert len(card.logit_top) == len(card.logit_bottom) == 10
 
 
-def test_search_token_finds_the_most_frequent_latent(index, dense, run):
+def test_search_token_ranks_latents_by_f1_as_brute_force(index, dense, run):
     ids = _token_ids(run)
     tok = load_tokenizer("tiny")
     common = np.bincount(ids).argmax()
@@ -191,12 +191,17 @@ def test_search_token_finds_the_most_frequent_latent(index, dense, run):
         if {tok.decode([t]), tok.convert_ids_to_tokens(t)} & forms
     ]  # fmt: skip
     rows = np.isin(ids, same)
-    counts = (dense[: CFG.tokens][rows] > 0).sum(0)
+    fires = dense[: CFG.tokens] > 0
+    counts = fires[rows].sum(0)
+    f1 = 2 * counts / (fires.sum(0) + rows.sum())
     hits = index.search_token(word)
-    assert hits[0].count == counts.max() and counts[hits[0].latent] == counts.max()
-    fired = dense[: CFG.tokens][rows, hits[0].latent]
+    best = int(np.argmax(f1))
+    assert hits[0].latent == best and hits[0].f1 == pytest.approx(f1[best])
+    assert hits[0].count == counts[best]
+    fired = dense[: CFG.tokens][rows, best]
     assert hits[0].mean_act == pytest.approx(fired[fired > 0].mean(), rel=1e-5)
-    assert [h.count for h in hits] == sorted((h.count for h in hits), reverse=True)
+    assert [h.f1 for h in hits] == sorted((h.f1 for h in hits), reverse=True)
+    assert hits[0].f1 > 0
     assert index.search_token("no-such-token-anywhere") == []
     assert index.search_text(word)[0].latent == hits[0].latent
     assert index.search_text(f"{word} {word} and")  # several tokens aggregate
