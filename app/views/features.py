@@ -69,11 +69,14 @@ def search(idx: FeatureIndex) -> None:
         if not hits:
             st.caption(f"No latent in the index fires on {query!r}.")
             return
-        st.caption(f"Latents firing most often on {query!r} (click to open):")
+        st.caption(
+            f"Latents that best detect {query!r}: latent · F1 · firings on it "
+            "(F1 is 1 for a latent that fires exactly on this token; click to open)"
+        )
         cols = st.columns(5)
         for n, h in enumerate(hits):
             cols[n % 5].button(
-                f"#{h.latent} · {h.count}× · {h.mean_act:.2f}",
+                f"#{h.latent} · {h.f1:.2f} · {h.count}×",
                 key=f"hit_{h.latent}",
                 on_click=go,
                 args=(h.latent,),
