@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast lint app bench clean
+.PHONY: setup demo test test-fast test-app lint app bench clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,13 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
+test-app: setup
+	$(BIN)/pytest -q tests/test_app.py tests/test_app_browser.py
+
+# The workbench on the demo's runs (after `make demo`), at http://127.0.0.1:8501
+app: setup
+	$(BIN)/saelab app runs
+
 lint: setup
 	$(BIN)/ruff check saelab app tests bench
 	$(BIN)/ruff format --check saelab app tests bench
@@ -42,6 +49,9 @@ bench: setup
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/harvest.py
 	$(BIN)/python bench/store.py
+	$(BIN)/python bench/darkmatter.py
+	$(BIN)/python bench/index.py
+	$(BIN)/python bench/kernels.py
 
 clean:
 	rm -rf $(VENV) runs cached_activations/*/

@@ -149,7 +149,7 @@ def cmd_app(ns: argparse.Namespace) -> int:
         )
     cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--server.headless", "true"]
     cmd += ["--server.address", ns.host, "--server.port", str(ns.port)]
-    cmd += ["--browser.gatherUsageStats", "false"]
+    cmd += ["--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
     log.info("saelab app: http://%s:%d (runs from %s)", ns.host, ns.port, runs)
     env = {**os.environ, "SAELAB_RUNS_DIR": str(runs)}
     return subprocess.call(cmd, env=env)
