@@ -1,7 +1,7 @@
 """saelab workbench: `saelab app [runs_dir]` serves this with SAELAB_RUNS_DIR set.
 
 Pages live in views/; each is thin (layout, caching and widgets) over saelab.workbench,
-saelab.viz, saelab.features and saelab.steering.
+saelab.viz, saelab.feature_index and saelab.steering.
 """
 
 import sys

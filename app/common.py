@@ -163,7 +163,7 @@ def mtime(path: Path) -> float:
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def _index(path: str, modified: float) -> Any:
-    from saelab.features import FeatureIndex
+    from saelab.feature_index import FeatureIndex
 
     return FeatureIndex(path)
 

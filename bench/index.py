@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
 from saelab.config import IndexConfig  # noqa: E402
-from saelab.features import FeatureIndex, build_index  # noqa: E402
+from saelab.feature_index import FeatureIndex  # noqa: E402
+from saelab.features import build_index  # noqa: E402
 from saelab.sae import SparseCoder  # noqa: E402
 from saelab.synthetic import SyntheticData, write_harvest  # noqa: E402
 

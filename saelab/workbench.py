@@ -20,12 +20,9 @@ from saelab.darkmatter import OUT as DARKMATTER
 from saelab.darkmatter import SCALING_DIR, TOKENS_DB, read_token_table
 from saelab.errors import UserError
 from saelab.evaluate import EVAL
+from saelab.feature_index import INDEX
 from saelab.runs import LOG
 from saelab.sae import CFG, WEIGHTS
-
-INDEX = "features.sqlite"
-"""The feature index's file name (saelab.features.INDEX; repeated so that listing runs does
-not import the index builder)."""
 
 RUNS_DEPTH = 2
 """Runs are found at runs/<name> and one level deeper (a sweep: runs/<sweep>/<name>)."""

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from saelab.cli import main
-from saelab.features import FeatureIndex
+from saelab.feature_index import FeatureIndex
 
 
 @pytest.mark.slow

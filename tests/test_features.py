@@ -15,7 +15,8 @@ import saelab.features as F
 from saelab.cli import main
 from saelab.config import HarvestConfig, IndexConfig, SAEConfig, TrainConfig
 from saelab.errors import UserError
-from saelab.features import FeatureIndex, build_index
+from saelab.feature_index import FeatureIndex
+from saelab.features import build_index
 from saelab.harvest import harvest
 from saelab.models import load_tokenizer
 from saelab.sae import SparseCoder

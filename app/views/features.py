@@ -7,7 +7,7 @@ import streamlit as st
 
 from saelab import viz
 from saelab import workbench as wb
-from saelab.features import FeatureIndex
+from saelab.feature_index import FeatureIndex
 
 LATENT = "latent_id"  # session_state: the latent shown; other pages set it, then switch here
 BOX = "_latent_box"
