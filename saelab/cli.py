@@ -132,6 +132,20 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return export_cli(ns)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as s:
+        # As the server will: a port in TIME_WAIT is free, one with a listener is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(
+                f"cannot serve on {host}:{port} ({e.strerror}); pass another --port or --host"
+            ) from None
+
+
 def cmd_app(ns: argparse.Namespace) -> int:
     import os
     import subprocess
@@ -147,6 +161,7 @@ def cmd_app(ns: argparse.Namespace) -> int:
         raise UserError(
             f"{ns.runs_dir} is not a directory; train a run first (saelab demo) or pass runs_dir"
         )
+    _check_port_free(ns.host, ns.port)
     cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--server.headless", "true"]
     cmd += ["--server.address", ns.host, "--server.port", str(ns.port)]
     cmd += ["--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]

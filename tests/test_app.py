@@ -373,3 +373,19 @@ def test_corrupt_cfg_and_token_table(monkeypatch, runs_dir, tmp_path):
     for page in PAGES[1:]:
         at.switch_page(f"views/{page}.py").run()
         clean(at)
+
+
+def test_app_cli_refuses_bad_input_with_exit_2(tmp_path, capsys):
+    from saelab.cli import main
+
+    assert main(["app", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["app", str(tmp_path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "--port" in err and len(err.strip().splitlines()) == 1
