@@ -54,16 +54,21 @@ def collect(runs: list[Path], eval_cfg: EvalConfig, progress: bool = True) -> li
         res = json.loads(path.read_text()) if path.is_file() else None
         if res is None:
             res = evaluate(EvalConfig(**{**eval_cfg.__dict__, "run": str(run)}), progress)
-        base = {"name": run.name, "arch": res["arch"], "d_sae": res["d_sae"], "k": res["k"]}
-        rows.append({**base, "mode": "inference", **_pick(res)})
-        for mode, m in res.get("modes", {}).items():
-            rows.append({**base, "mode": mode, **_pick(m)})
+        rows += eval_rows(run.name, res)
     return rows
 
 
-def _pick(res: dict[str, Any]) -> dict[str, Any]:
-    keys = ("fvu", "l0", "dead_frac", "below_1e-5_frac", "delta_ce")
-    return {k: res.get(k) for k in keys}
+METRICS = ("fvu", "l0", "dead_frac", "below_1e-5_frac", "delta_ce", "ce_score")
+
+
+def eval_rows(name: str, res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per evaluation mode of an eval.json result, the inference mode first (a
+    missing number is None, so a hand-edited file still gives rows)."""
+    base = {"name": name, **{k: res.get(k) for k in ("arch", "d_sae", "k")}}
+    rows = [{**base, "mode": "inference", **{k: res.get(k) for k in METRICS}}]
+    for mode, m in (res.get("modes") or {}).items():
+        rows.append({**base, "mode": mode, **{k: m.get(k) for k in METRICS}})
+    return rows
 
 
 def table(rows: list[dict]) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from saelab.compare import eval_rows
 from saelab.darkmatter import OUT as DARKMATTER
 from saelab.darkmatter import SCALING_DIR, TOKENS_DB, read_token_table
 from saelab.errors import UserError
@@ -202,23 +203,15 @@ def runs_table(runs: list[RunInfo]) -> list[dict[str, Any]]:
     return rows
 
 
-METRICS = ("fvu", "l0", "dead_frac", "below_1e-5_frac", "delta_ce", "ce_score")
-
-
 def metric_rows(runs: list[RunInfo]) -> list[dict[str, Any]]:
     """compare.collect's rows (one per evaluation mode) from eval.json alone: the app never
     evaluates. Runs without eval.json are left out."""
-    rows = []
-    for r in runs:
-        if r.eval is None:
-            continue
-        ev = r.eval
-        base = {"name": r.name, "arch": ev.get("arch", r.arch), "d_sae": ev.get("d_sae")}
-        base["k"] = ev.get("k")
-        rows.append({**base, "mode": "inference", **{m: ev.get(m) for m in METRICS}})
-        for mode, m in (ev.get("modes") or {}).items():
-            rows.append({**base, "mode": mode, **{k: m.get(k) for k in METRICS}})
-    return rows
+    return [
+        row
+        for r in runs
+        if r.eval is not None
+        for row in eval_rows(r.name, {"arch": r.arch, **r.eval})
+    ]
 
 
 # ---------------------------------------------------------------------------------------
