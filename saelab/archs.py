@@ -187,11 +187,6 @@ def feature_choice_m(k: int, batch: int, d_sae: int) -> int:
     return max(1, (k * batch) // d_sae)
 
 
-global_topk = kernels.global_topk
-"""The K largest entries of z [B, n] as (values, rows, cols); it lives in kernels now, as
-a building block with a Triton variant, and keeps this name for existing callers."""
-
-
 def mutual_choice(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     if not args.training:
         return _encode_with(sae, x, args, lambda z: _thresholded(z, sae.threshold.clamp_min(0)))

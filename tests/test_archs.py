@@ -239,7 +239,7 @@ def test_short_training_learns_synthetic_dictionary(arch):
 
 @pytest.mark.parametrize("skew", [False, True])
 def test_global_topk_is_exact(skew):
-    from saelab.archs import global_topk
+    from saelab.kernels import global_topk
 
     torch.manual_seed(5)
     z = torch.randn(64, 200)
