@@ -318,7 +318,8 @@ class IndexConfig:
     """Index only the first this many of those rows; 0 means all of them."""
 
     top_n: int = 20
-    """Top-activating contexts kept per latent."""
+    """Top-activating contexts kept per latent: the best of its top 2·top_n tokens whose
+    windows do not overlap a better one's in the same context."""
 
     quantile_samples: int = 2
     """Contexts kept near each of the activation quantiles 0.75, 0.5 and 0.25 of a latent."""

@@ -20,7 +20,7 @@ from saelab.errors import UserError
 from saelab.evaluate import SYNTHETIC
 
 INDEX = "features.sqlite"
-VERSION = 2
+VERSION = 3
 """Bumped whenever the schema or the meaning of a column changes; older files are refused."""
 
 

@@ -3,14 +3,15 @@
 
 `build_index` streams the indexed harvest rows through the SAE once, keeping per latent on
 tensors: firing count, activation sum and max, a histogram whose range doubles as larger
-activations arrive (bins merge in pairs, so counts stay exact), the running top-N tokens, and a
-uniform sample of firing tokens (the top-m of a random priority, a bottom-k sketch) from which
-contexts near the 0.75/0.5/0.25 activation quantiles are picked. Every firing (row, latent,
-activation) also goes to a temporary file, sorted by row, so the per-token activations over a
-context window are lookups rather than a second encoding, and the token → latents table is
-counted after the pass. Logit lens: a decoder row in the model's units (input scale undone)
-through the final norm's gain and W_U, as in Bricken et al. 2023 (the standard logit lens also
-for hooks before the last layer). Neighbours: top decoder cosines, chunked over d_sae × d_sae.
+activations arrive (bins merge in pairs, so counts stay exact), the running top-2N tokens (the N
+best whose windows do not overlap a better one's are shown), and a uniform sample of firing
+tokens (the top-m of a random priority, a bottom-k sketch) from which contexts near the
+0.75/0.5/0.25 activation quantiles are picked. Every firing (row, latent, activation) also goes
+to a temporary file, sorted by row, so the per-token activations over a context window are
+lookups rather than a second encoding, and the token → latents table is counted after the pass.
+Logit lens: a decoder row in the model's units (input scale undone) through the final norm's
+gain and W_U, as in Bricken et al. 2023 (the standard logit lens also for hooks before the last
+layer). Neighbours: top decoder cosines, chunked over d_sae × d_sae.
 
 Schema (all written to features.sqlite.tmp, then moved into place):
   meta(key PRIMARY KEY, value JSON)
@@ -101,7 +102,8 @@ class _Pass:
         self.n_fires, self.sum_act = z(torch.int64), z(torch.float64)
         self.max_act, self.hi = z(torch.float32), z(torch.float32)
         self.hist = torch.zeros(d_sae, cfg.hist_bins, dtype=torch.int64, device=device)
-        self.top = _TopM(d_sae, cfg.top_n, device, torch.int64)
+        # Twice the contexts shown: those whose windows overlap a better one are dropped.
+        self.top = _TopM(d_sae, 2 * cfg.top_n, device, torch.int64)
         self.pool = _TopM(d_sae, cfg.quantile_pool, device, torch.int64, torch.float32)
         self.gen = torch.Generator(device).manual_seed(cfg.seed)
         self.keys_file, self.acts_file = tmp / "keys.i64", tmp / "acts.f32"
@@ -275,7 +277,7 @@ def _token_table(
 
 def _quantile_picks(acc: _Pass, per: int) -> list[tuple[int, int, float, int]]:
     """(latent, rank, act, row) of pool samples nearest each quantile, highest act first,
-    skipping rows already among the latent's top contexts."""
+    skipping rows already among the latent's top candidates."""
     out: list[tuple[int, int, float, int]] = []
     if per == 0:
         return out
@@ -411,18 +413,42 @@ def _context_rows(ctx: dict[str, np.ndarray], toks: np.ndarray, acts: np.ndarray
         )  # fmt: skip
 
 
-def _contexts(acc: _Pass, per_quantile: int) -> dict[str, np.ndarray]:
-    """Every context to show: the top-N entries that fired, then the quantile samples."""
+def _distinct_top(
+    score: np.ndarray, rows: np.ndarray, tpc: int, reach: int, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(latent, slot) of each latent's best n candidates, skipping any whose window would
+    overlap a better kept one's (same context, peaks at most `reach` tokens apart): two
+    neighbouring tokens of one sentence show as one context, not two."""
+    lat_out, slot_out = [], []
+    for i in np.nonzero(score[:, 0] > float("-inf"))[0]:
+        kept: list[int] = []
+        for j in np.nonzero(score[i] > float("-inf"))[0]:
+            r = rows[i, j]
+            if all(r // tpc != rows[i, k] // tpc or abs(r - rows[i, k]) > reach for k in kept):
+                kept.append(int(j))
+                if len(kept) == n:
+                    break
+        lat_out += [i] * len(kept)
+        slot_out += kept
+    return np.array(lat_out, np.int64), np.array(slot_out, np.int64)
+
+
+def _contexts(acc: _Pass, cfg: IndexConfig, tpc: int) -> dict[str, np.ndarray]:
+    """Every context to show: the top-N distinct entries that fired, then the quantile
+    samples."""
     score, rows = acc.top.score.cpu().numpy(), acc.top.pay[0].cpu().numpy()
-    lat, rank = np.nonzero(score > float("-inf"))
-    q = _quantile_picks(acc, per_quantile)
+    reach = cfg.context_before + cfg.context_after
+    lat, slot = _distinct_top(score, rows, tpc, reach, cfg.top_n)
+    first = np.searchsorted(lat, lat, side="left")
+    rank = np.arange(lat.size) - first
+    q = _quantile_picks(acc, cfg.quantile_samples)
     ql, qr, qa, qrow = (np.array(c) for c in zip(*q)) if q else [np.zeros(0, np.int64)] * 4
     return {
         "latent": np.concatenate([lat, ql]).astype(np.int64),
         "kind": np.array(["top"] * lat.size + ["quantile"] * len(q)),
         "rank": np.concatenate([rank, qr]).astype(np.int64),
-        "act": np.concatenate([score[lat, rank], qa]).astype(np.float32),
-        "row": np.concatenate([rows[lat, rank], qrow]).astype(np.int64),
+        "act": np.concatenate([score[lat, slot], qa]).astype(np.float32),
+        "row": np.concatenate([rows[lat, slot], qrow]).astype(np.int64),
     }
 
 
@@ -466,7 +492,7 @@ def build_index(run: str | Path, cfg: IndexConfig | None = None, progress: bool 
         tok_of_row = np.asarray(s.store.tokens()[r // tpc, 1 + r % tpc])
         n_fires = acc.n_fires.cpu().numpy()
         token_rows = _token_table(fires, tok_of_row, lo, n_fires, cfg.token_latents)
-        ctx = _contexts(acc, cfg.quantile_samples)
+        ctx = _contexts(acc, cfg, tpc)
         toks, acts, valid = _windows(s, cfg, fires, ctx["latent"], ctx["row"])
         del fires
     nb = _neighbours(s.sae.W_dec.detach().float(), cfg.neighbours)
