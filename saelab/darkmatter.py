@@ -40,13 +40,12 @@ from saelab.evaluate import (
     context_tokens,
     downstream_ce,
     heldout_contexts,
-    load_run,
     load_spliceable_model,
+    open_run,
 )
 from saelab.fitting import R2, LinearFit, gradient_pursuit, predict, r2_regression
 from saelab.sae import SparseCoder
 from saelab.store import ActivationStore
-from saelab.trainer import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -397,12 +396,10 @@ def prepare_scaling(runs: list[Path], cfg: DarkMatterConfig) -> list[Subject]:
 
 
 def prepare_unsplit(run: Path, cfg: DarkMatterConfig) -> Subject:
-    run_cfg, sae = load_run(run)
+    run_cfg, sae, store, device = open_run(run, cfg.device)
     if "eval_range" not in run_cfg:
         raise UserError(f"{run} records no held-out rows (eval_range); retrain it")
-    device = resolve_device(cfg.device)
-    store = ActivationStore(run_cfg["harvest"], run_cfg["hook"])
-    return Subject(run, run_cfg, sae.to(device).eval(), store, (0, 0), (0, 0), device)
+    return Subject(run, run_cfg, sae, store, (0, 0), (0, 0), device)
 
 
 def scaling(subjects: list[Subject], cfg: DarkMatterConfig) -> dict[str, Any]:

@@ -56,6 +56,21 @@ def load_run(run: str | Path) -> tuple[dict[str, Any], SparseCoder]:
     return cfg, SparseCoder.load(run)
 
 
+def open_run(
+    run: str | Path, device: str
+) -> tuple[dict[str, Any], SparseCoder, ActivationStore, torch.device]:
+    """A finished run's config, its SAE on the resolved device, and its harvest."""
+    run_cfg, sae = load_run(run)
+    if not Path(run_cfg.get("harvest", "")).is_dir():
+        raise UserError(
+            f"the harvest of {run} ({run_cfg.get('harvest')}) is missing; restore it or "
+            "re-run its saelab harvest command"
+        )
+    dev = resolve_device(device)
+    store = ActivationStore(run_cfg["harvest"], run_cfg["hook"])
+    return run_cfg, sae.to(dev).eval(), store, dev
+
+
 Encoder = Callable[[torch.Tensor, torch.Tensor | None], SparseCode]
 
 
@@ -293,10 +308,7 @@ def run_downstream(
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if not cfg.run:
         raise UserError("no run given; pass saelab eval runs/<name>")
-    run_cfg, sae = load_run(cfg.run)
-    device = resolve_device(cfg.device)
-    sae.to(device)
-    store = ActivationStore(run_cfg["harvest"], run_cfg["hook"])
+    run_cfg, sae, store, device = open_run(cfg.run, cfg.device)
     start, stop = run_cfg["eval_range"]
     if cfg.n_tokens:
         stop = min(stop, start + cfg.n_tokens)

@@ -46,11 +46,10 @@ from tqdm.auto import tqdm
 from saelab import __version__
 from saelab.config import IndexConfig
 from saelab.errors import UserError
-from saelab.evaluate import SYNTHETIC, load_run
+from saelab.evaluate import SYNTHETIC, open_run
 from saelab.feature_index import INDEX, VERSION
 from saelab.sae import SparseCoder
 from saelab.store import ActivationStore
-from saelab.trainer import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +162,7 @@ def _prepare(run: str | Path, cfg: IndexConfig) -> _Subject:
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"{run} is not a directory; pass a run directory (runs/<name>)")
-    run_cfg, sae = load_run(run)
-    if not Path(run_cfg.get("harvest", "")).is_dir():
-        raise UserError(
-            f"the harvest of {run} ({run_cfg.get('harvest')}) is missing; restore it or "
-            "re-run its saelab harvest command"
-        )
-    store = ActivationStore(run_cfg["harvest"], run_cfg["hook"])
+    run_cfg, sae, store, device = open_run(run, cfg.device)
     lo, hi = (0, store.n_tokens)
     if cfg.rows == "heldout":
         if "eval_range" not in run_cfg:
@@ -178,8 +171,7 @@ def _prepare(run: str | Path, cfg: IndexConfig) -> _Subject:
     hi = min(hi, store.n_tokens, lo + cfg.tokens) if cfg.tokens else min(hi, store.n_tokens)
     if hi <= lo:
         raise UserError(f"{run}: no rows to index in [{lo}, {hi}); check --rows and --tokens")
-    device = resolve_device(cfg.device)
-    return _Subject(run, run_cfg, sae.to(device).eval(), store, (lo, hi), device)
+    return _Subject(run, run_cfg, sae, store, (lo, hi), device)
 
 
 @torch.no_grad()
