@@ -21,12 +21,18 @@ turns the KV cache off whenever an intervention names positions (every step then
 the whole sequence and indices stay absolute); interventions without positions apply to every
 token and keep the cache, which gives the same result because cached keys and values were
 computed from the already-steered residual stream. Inside your own `model.generate(...)`
-under `steer`, pass `use_past_kv_cache=False` if you use positions.
+under `steer`, pass `use_past_kv_cache=False` if you use positions. Before it first trusts a
+model's KV cache, `generate` checks one cached step against a full forward (`kv_cache_ok`), so
+a library release that breaks the cache costs speed, never correctness.
 """
 
 from __future__ import annotations
 
 import html
+import importlib.metadata
+import logging
+import os
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +48,8 @@ from saelab.sae import SparseCoder
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Intervention",
@@ -274,21 +282,81 @@ def generate(
     Sampling is seeded with `seed` on a forked RNG, so the same call gives the same text and
     the caller's RNG state is left alone; temperature=0 decodes greedily.
     """
-    use_cache = all(iv.positions is None for iv in interventions)
+    out = decode(model, prompt, interventions, max_new_tokens, seed, temperature)
+    n_prompt = model.to_tokens(prompt).shape[-1]
+    return model.tokenizer.decode(out.sequences[0, n_prompt:], skip_special_tokens=False)
+
+
+def decode(
+    model: TransformerBridge,
+    prompt: str,
+    interventions: Sequence[Intervention] = (),
+    max_new_tokens: int = 20,
+    seed: int = 0,
+    temperature: float = 1.0,
+) -> Any:
+    """`generate`'s decoding loop: an output with `.sequences` (prompt and new tokens) and
+    `.logits` (one [1, d_vocab] tensor per new token)."""
+    use_cache = all(iv.positions is None for iv in interventions) and kv_cache_ok(model, prompt)
     with torch.random.fork_rng(devices=_device_rng(model)), steer(model, *interventions):
         torch.manual_seed(seed)
-        tokens = model.generate(
+        return model.generate(
             prompt,
             max_new_tokens=max_new_tokens,
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else 1.0,
             use_past_kv_cache=use_cache,
             return_type="tokens",
+            output_logits=True,
             verbose=False,
         )
-    assert isinstance(tokens, Tensor)  # return_type="tokens"
-    n_prompt = model.to_tokens(prompt).shape[-1]
-    return model.tokenizer.decode(tokens[0, n_prompt:], skip_special_tokens=False)
+
+
+# Verdicts of `kv_cache_ok`, per model object.
+_KV_VERDICT: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def kv_cache_ok(model: TransformerBridge, prompt: str) -> bool:
+    """Whether one KV-cached decoding step gives the logits of a full forward.
+
+    Some library releases break the bridge's KV cache and decode garbage without an error
+    (transformers 5.24.0 with transformer-lens 4.3.0). Checked once per model, on the first
+    prompt: greedy-decode two tokens with the cache, recompute the second token's logits
+    with a full forward, and compare them relative to the logits' scale (1e-3 in fp32, 5e-2
+    in half precision, where a working cache differs by about 1e-6 and a broken one by the
+    whole scale). A broken cache logs one warning with the installed versions, and
+    `generate` decodes without it. `SAELAB_KV_CHECK=0` skips the check (and trusts the cache).
+    """
+    if os.environ.get("SAELAB_KV_CHECK", "1") == "0":
+        return True
+    if model not in _KV_VERDICT:
+        with torch.no_grad():
+            out = model.generate(
+                prompt, 2, do_sample=False, output_logits=True, return_type="tokens", verbose=False
+            )
+            if len(out.logits) < 2:  # stopped at EOS: nothing was decoded from the cache
+                return True
+            full = model(out.sequences[:, :-1])[0, -1].float()
+        cached = out.logits[1][0].float()
+        rtol = 1e-3 if full.dtype == cached.dtype == torch.float32 else 5e-2
+        gap = (cached - full).abs().max().item()
+        scale = full.abs().max().item()
+        _KV_VERDICT[model] = ok = gap <= rtol * scale
+        if not ok:
+            logger.warning(
+                "the KV cache of this model gives wrong logits (max gap %.3g on a scale of %.3g) "
+                "under %s; decoding without it (slower, correct). Install saelab's locked "
+                "versions (make setup) to get the cache back.",
+                gap,
+                scale,
+                _versions(),
+            )
+    return _KV_VERDICT[model]
+
+
+def _versions() -> str:
+    names = ("torch", "transformers", "transformer-lens")
+    return ", ".join(f"{n} {importlib.metadata.version(n)}" for n in names)
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Steering on the tiny model: each intervention changes the hooked activation exactly as its
 formula says (read one hook downstream), leaves the model as it was, and fails clearly."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -177,6 +179,38 @@ def test_generate_steers_every_step_at_absolute_positions(model, positions):
     assert got != steering.generate(model, "Hello there", [], max_new_tokens=5, temperature=0)
 
 
+@pytest.mark.parametrize("check", ["1", "0"])
+def test_a_broken_kv_cache_is_caught_and_decoding_goes_without_it(model, monkeypatch, caplog, check):
+    """The tiny model recomputes every step, so a wrapper stands in for a broken cache: with
+    the cache on, every decoded step's logits come back shifted."""
+    monkeypatch.setattr(steering, "_KV_VERDICT", weakref.WeakKeyDictionary())
+    monkeypatch.setenv("SAELAB_KV_CHECK", check)
+    real, calls = model.generate, []
+
+    def broken_cache(*args, use_past_kv_cache=True, **kwargs):
+        calls.append(use_past_kv_cache)
+        out = real(*args, use_past_kv_cache=use_past_kv_cache, **kwargs)
+        if use_past_kv_cache and kwargs.get("output_logits"):
+            out.logits = (out.logits[0], *(lg + torch.randn_like(lg) for lg in out.logits[1:]))
+        return out
+
+    monkeypatch.setattr(model, "generate", broken_cache)
+    steering.generate(model, "Hello there", [], max_new_tokens=5, temperature=0)
+    if check == "1":
+        assert calls == [True, False]  # the check, then decoding without the cache
+        assert "KV cache of this model gives wrong logits" in caplog.text
+        assert "transformers" in caplog.text
+        steering.generate(model, "Hello again", [], max_new_tokens=5, temperature=0)
+        assert calls == [True, False, False]  # checked once per model
+    else:
+        assert calls == [True]
+
+
+def test_a_working_kv_cache_is_kept(model, monkeypatch):
+    monkeypatch.setattr(steering, "_KV_VERDICT", weakref.WeakKeyDictionary())
+    assert steering.kv_cache_ok(model, "Hello there")
+
+
 def test_compare_generations_table(model):
     sae = make_sae()
     table = steering.compare_generations(
@@ -222,12 +256,24 @@ def test_load_sae_reads_a_run_and_its_hook(tmp_path):
 
 
 @pytest.mark.slow
-def test_kv_cache_generation_matches_full_recompute():
-    """On the embedded model (which decodes with a KV cache) steering every token gives the
-    same greedy text with and without the cache."""
+@pytest.mark.parametrize("guard", ["on", "off"])
+def test_kv_cache_generation_matches_full_recompute(monkeypatch, guard):
+    """On the embedded model, every decoding step's logits (steering every token) equal a full
+    forward over the sequence so far, within 1e-3 of the logits' scale in fp32 (a working
+    cache differs by ~1e-6). "off" trusts the cache without checking: it fails on releases
+    whose KV cache is broken (transformers 5.24.0), which is what the guard is for."""
+    if guard == "off":
+        monkeypatch.setenv("SAELAB_KV_CHECK", "0")
     model = steering.load_model()
     sae = SparseCoder(576, 256, 8)
     sae.hook = "blocks.3.hook_resid_post"
-    iv = steering.add(sae, 0, 30.0)
-    cached = steering.generate(model, "The capital of France is", [iv], 4, temperature=0)
-    assert cached == greedy_by_hand(model, "The capital of France is", [iv], 4)
+    ivs = [steering.add(sae, 0, 30.0)]
+    prompt = "The capital of France is"
+    out = steering.decode(model, prompt, ivs, 6, temperature=0)
+    n_prompt = model.to_tokens(prompt).shape[1]
+    assert len(out.logits) == 6
+    with torch.no_grad(), steering.steer(model, *ivs):
+        for i, logits in enumerate(out.logits):
+            full = model(out.sequences[:, : n_prompt + i])[0, -1]
+            gap = (logits[0] - full).abs().max().item()
+            assert gap <= 1e-3 * full.abs().max().item(), f"step {i}: logits off by {gap:.3g}"
