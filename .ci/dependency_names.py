@@ -3,12 +3,13 @@ version bounds, for `make test-latest`. torch is left out: TORCH_SPEC pins it, a
 unpinned torch pulls GBs of CUDA wheels."""
 
 import re
+import sys
 import tomllib
 from pathlib import Path
 
-project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
-specs = project["dependencies"] + [
-    spec for extra in ("dev", "default-corpus", "triton") for spec in project["optional-dependencies"][extra]
-]
+project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+extras = project["optional-dependencies"]
+specs = project["dependencies"]
+specs += [s for e in ("dev", "default-corpus", "triton") for s in extras[e]]
 names = {re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0] for spec in specs}
-print(" ".join(sorted(names - {"torch"})))
+sys.stdout.write(" ".join(sorted(names - {"torch"})) + "\n")

@@ -180,7 +180,7 @@ def test_generate_steers_every_step_at_absolute_positions(model, positions):
 
 
 @pytest.mark.parametrize("check", ["1", "0"])
-def test_a_broken_kv_cache_is_caught_and_decoding_goes_without_it(model, monkeypatch, caplog, check):
+def test_a_broken_kv_cache_is_caught_and_skipped(model, monkeypatch, caplog, check):
     """The tiny model recomputes every step, so a wrapper stands in for a broken cache: with
     the cache on, every decoded step's logits come back shifted."""
     monkeypatch.setattr(steering, "_KV_VERDICT", weakref.WeakKeyDictionary())
