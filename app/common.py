@@ -72,7 +72,7 @@ def sidebar() -> None:
     """The runs directory and the run the single-run pages show. A `?run=` query parameter
     picks the run on the first visit; afterwards the choice is written back to the URL."""
     try:
-        names = wb.find_runs(root())
+        names = wb.run_names(root())
     except UserError as e:
         st.sidebar.error(str(e))
         return

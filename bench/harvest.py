@@ -18,6 +18,7 @@ import torch
 
 import saelab.harvest as H
 from saelab.config import DEFAULT_HOOK, DEFAULT_MODEL, HarvestConfig
+from saelab.shards import TOKENS, save_npy
 
 
 def bare_forward(model, tokens: torch.Tensor, stop: int | None, batch_size: int) -> float:
@@ -65,7 +66,7 @@ def main() -> None:
 
 def harvest_once(model, meta: dict, tokens, stop: int | None, out: Path) -> float:
     out.mkdir(parents=True)
-    meta["tokens_sha256"] = H.save_npy(out / "tokens.npy", tokens)
+    meta["tokens_sha256"] = save_npy(out / TOKENS, tokens)
     t0 = time.perf_counter()
     H._run_shards(model, meta, tokens, stop, out, progress=False)
     return time.perf_counter() - t0

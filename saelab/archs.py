@@ -8,7 +8,7 @@ The trainer, evaluation and CLI discover rules from `ARCHS` alone.
 - topk: a = TopK_k(ReLU(z)) per token (Gao et al. 2024, arXiv 2406.04093).
 - gradient_topk (g-SAE, Olmo et al., arXiv 2411.10397): select by
   ReLU(z_i)·(1 + β|d_i·ĝ|), ĝ = g / RMS_batch(g), g = ∂CE/∂x; keep ReLU(z) at the
-  selected latents. We follow ALGORITHMS.md §2 for the score; without g (new text)
+  selected latents. We follow docs/algorithms.md §2 for the score; without g (new text)
   the rule falls back to plain TopK.
 - feature_choice (Ayonrinde 2024, arXiv 2411.02124): each latent keeps its top
   m = max(1, ⌊k·B/n⌋) tokens of the batch; inference uses per-latent thresholds θ_j,

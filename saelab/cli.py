@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -94,25 +93,35 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 def cmd_compare(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from saelab.compare import collect, find_runs, table
-    from saelab.viz import frontier_figure, save_figure
+    from saelab.compare import eval_rows, expand_runs, table, write_comparison
+    from saelab.evaluate import eval_results
+    from saelab.runs import COMPARE
 
-    runs = find_runs(ns.runs)
-    eval_cfg = _config_from_args(C.EvalConfig, ns, {})
-    rows = collect(runs, eval_cfg)
-    out = Path(ns.out) if ns.out else runs[0].parent / "compare"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(rows, indent=2))
-    primary = [r for r in rows if r["mode"] == "inference"]
-    files = save_figure(frontier_figure(primary), out / "frontier")
+    runs = expand_runs(ns.run)
+    results = eval_results(runs, _config_from_args(C.EvalConfig, ns, {}))
+    rows = [row for run, res in results for row in eval_rows(run.name, res)]
+    files = write_comparison(rows, Path(ns.out) if ns.out else runs[0].parent / COMPARE)
     sys.stdout.write(table(rows) + "\n\nwrote " + ", ".join(map(str, files)) + "\n")
     return 0
 
 
 def cmd_darkmatter(ns: argparse.Namespace) -> int:
-    from saelab.darkmatter import run_cli
+    from pathlib import Path
 
-    return run_cli(ns, _config_from_args(C.DarkMatterConfig, ns, {}))
+    from saelab import darkmatter as D
+    from saelab.runs import DARKMATTER
+
+    cfg = _config_from_args(C.DarkMatterConfig, ns, {})
+    runs = [Path(r) for r in ns.run]
+    if ns.scaling:
+        written, figures = D.run_scaling(D.prepare_scaling(runs, cfg), cfg)
+        sys.stdout.write("".join(f"wrote {p}\n" for p in [written, *figures]))
+        return 0
+    subjects = [D.prepare(r, cfg) for r in runs]  # all checks before any work
+    for s in subjects:
+        result = D.run_one(s, cfg)
+        sys.stdout.write(D.summary_lines(result) + f"\n  wrote {s.path / DARKMATTER}\n")
+    return 0
 
 
 def cmd_index(ns: argparse.Namespace) -> int:

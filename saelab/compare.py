@@ -1,19 +1,17 @@
 """`saelab compare`: runs side by side, as a table and a plotly figure.
 
-Each run contributes its held-out metrics (eval.json, computed first where missing) and,
+Each run contributes its held-out metrics (eval.json; `evaluate.eval_results` computes it
+where missing) and,
 for batch-level rules and g-SAE, one extra row per evaluation mode.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from saelab.config import EvalConfig
 from saelab.errors import UserError
-from saelab.evaluate import EVAL, evaluate
-from saelab.sae import CFG
+from saelab.runs import CFG, write_json
 
 COLUMNS = [
     "name",
@@ -29,7 +27,7 @@ COLUMNS = [
 ]
 
 
-def find_runs(paths: list[str]) -> list[Path]:
+def expand_runs(paths: list[str]) -> list[Path]:
     """Run directories named directly, or found one level below (a sweep directory)."""
     runs: list[Path] = []
     for p in map(Path, paths):
@@ -42,20 +40,6 @@ def find_runs(paths: list[str]) -> list[Path]:
     if not runs:
         raise UserError(f"no runs found in {' '.join(paths)}; train some with saelab train")
     return runs
-
-
-def collect(runs: list[Path], eval_cfg: EvalConfig, progress: bool = True) -> list[dict]:
-    rows = []
-    for run in runs:
-        path = run / EVAL
-        cfg = json.loads((run / CFG).read_text())
-        if not cfg.get("complete"):
-            raise UserError(f"{run} has not finished training; finish it or leave it out")
-        res = json.loads(path.read_text()) if path.is_file() else None
-        if res is None:
-            res = evaluate(EvalConfig(**{**eval_cfg.__dict__, "run": str(run)}), progress)
-        rows += eval_rows(run.name, res)
-    return rows
 
 
 METRICS = ("fvu", "l0", "dead_frac", "below_1e-5_frac", "delta_ce", "ce_score")
@@ -81,3 +65,12 @@ def table(rows: list[dict]) -> str:
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(COLUMNS)]
     line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs, widths))  # noqa: E731
     return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def write_comparison(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """compare.json and the FVU-against-L0 frontier (HTML, and PNG where Chromium is)."""
+    from saelab.viz import frontier_figure, save_figure
+
+    write_json(out / "compare.json", rows)
+    primary = [r for r in rows if r["mode"] == "inference"]
+    return [out / "compare.json", *save_figure(frontier_figure(primary), out / "frontier")]

@@ -1,7 +1,7 @@
 """Dark matter: how much of an SAE's error is linearly predictable from its input.
 
 Engels, Riggs & Tegmark, "Decomposing the dark matter of sparse autoencoders", arXiv
-2410.14670 (ALGORITHMS.md §6). With e = x − x̂ on a run's held-out rows, split into
+2410.14670 (docs/algorithms.md §6). With e = x − x̂ on a run's held-out rows, split into
 disjoint fit and evaluation rows:
 
 - e ≈ [x, 1]·W by least squares on the fit rows (normal equations streamed in float64, a tiny
@@ -18,12 +18,7 @@ disjoint fit and evaluation rows:
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
-import sqlite3
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,23 +30,24 @@ from torch import Tensor
 
 from saelab.config import DarkMatterConfig
 from saelab.errors import UserError
-from saelab.evaluate import (
-    SYNTHETIC,
-    context_tokens,
-    downstream_ce,
-    heldout_contexts,
-    load_spliceable_model,
-    open_run,
-)
+from saelab.evaluate import context_tokens, downstream_ce, heldout_contexts, load_spliceable_model
 from saelab.fitting import R2, LinearFit, gradient_pursuit, predict, r2_regression
-from saelab.sae import SparseCoder
-from saelab.store import ActivationStore
+from saelab.runs import (
+    DARKMATTER,
+    DARKMATTER_TOKENS,
+    FIGURES,
+    SCALING,
+    SYNTHETIC,
+    TOKEN_COLUMNS,
+    OpenRun,
+    open_run,
+    write_json,
+    write_token_table,
+)
+from saelab.shards import locate
 
 log = logging.getLogger(__name__)
 
-OUT = "darkmatter.json"
-TOKENS_DB = "darkmatter_tokens.sqlite"
-SCALING_DIR = "darkmatter-scaling"
 FIT_CAP, EVAL_CAP = 150_000, 300_000
 """Default fit and evaluation sizes are capped at the paper's."""
 ROWS_PER_PARAM = 2
@@ -66,16 +62,11 @@ WARN_ROWS_PER_PARAM = 20
 
 
 @dataclass
-class Subject:
-    """One run ready to analyse: its SAE, its harvest and its fit/evaluation row split."""
+class Subject(OpenRun):
+    """One run ready to analyse: the opened run and its fit/evaluation row split."""
 
-    run: Path
-    cfg: dict[str, Any]
-    sae: SparseCoder
-    store: ActivationStore
-    fit_rows: tuple[int, int]
-    eval_rows: tuple[int, int]
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    fit_rows: tuple[int, int] = (0, 0)
+    eval_rows: tuple[int, int] = (0, 0)
 
 
 def split_rows(
@@ -107,7 +98,7 @@ def split_rows(
 def prepare(run: str | Path, cfg: DarkMatterConfig) -> Subject:
     """Every check that can fail, before anything is computed or written."""
     s = prepare_unsplit(Path(run), cfg)
-    fit, ev = split_rows(tuple(s.cfg["eval_range"]), cfg, s.sae.d_in, str(run))
+    fit, ev = split_rows(s.heldout, cfg, s.sae.d_in, str(run))
     return replace(s, fit_rows=fit, eval_rows=ev)
 
 
@@ -287,7 +278,7 @@ def analyse(s: Subject, cfg: DarkMatterConfig) -> tuple[dict[str, Any], dict[str
     w = fit_pass(s, cfg)
     result, tokens = eval_pass(s, w, cfg)
     result = {
-        "run": str(s.run),
+        "run": str(s.path),
         "arch": s.sae.arch,
         "d_sae": s.sae.d_sae,
         "k": s.sae.k,
@@ -307,63 +298,12 @@ def analyse(s: Subject, cfg: DarkMatterConfig) -> tuple[dict[str, Any], dict[str
 
 
 # ---------------------------------------------------------------------------------------
-# Files
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-TABLE_COLUMNS = ("row", "context", "position", "e_norm", "e_nl_norm", "e_lin_norm", "e_sq_pred")
-
-
-def write_token_table(path: Path, store: ActivationStore, tokens: dict[str, np.ndarray]) -> None:
-    """SQLite table `tokens` (one row per evaluation token, keyed by activation row), built in
-    a temporary file and moved into place, so a reader never sees half a table."""
-    rows = tokens["row"].astype(np.int64)
-    tpc = store.tokens_per_context
-    cols = {
-        "row": rows,
-        "context": rows // tpc,
-        "position": 1 + rows % tpc,  # as store.locate: BOS is position 0
-        **{k: tokens[k].astype(np.float64) for k in TABLE_COLUMNS[3:]},
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    con = sqlite3.connect(tmp)
-    try:
-        con.execute(
-            "CREATE TABLE tokens (row INTEGER PRIMARY KEY, context INTEGER, position INTEGER, "
-            "e_norm REAL, e_nl_norm REAL, e_lin_norm REAL, e_sq_pred REAL)"
-        )
-        data = zip(*(cols[c].tolist() for c in TABLE_COLUMNS))
-        con.executemany(f"INSERT INTO tokens VALUES ({', '.join('?' * 7)})", data)
-        con.execute("CREATE INDEX tokens_e_nl ON tokens (e_nl_norm)")
-        con.commit()
-    finally:
-        con.close()
-    os.replace(tmp, path)
-
-
-def read_token_table(path: str | Path) -> dict[str, np.ndarray]:
-    """The per-token table as numpy columns, ordered by row."""
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        got = con.execute(f"SELECT {', '.join(TABLE_COLUMNS)} FROM tokens ORDER BY row").fetchall()
-    finally:
-        con.close()
-    arr = np.array(got, dtype=np.float64).reshape(-1, len(TABLE_COLUMNS))
-    return {c: arr[:, i] for i, c in enumerate(TABLE_COLUMNS)}
+# Files and figures
 
 
 def run_figures(result: dict[str, Any], tokens: dict[str, np.ndarray], out: Path) -> list[Path]:
     from saelab import viz
 
-    split = [{"name": "SAE", **result}]
-    if "pursuit" in result:
-        split.append({"name": "gradient pursuit", **result["pursuit"]})
     figs = {
         "darkmatter_norms": viz.error_norms_figure(
             {k: tokens[k] for k in ("e_norm", "e_lin_norm", "e_nl_norm")}
@@ -371,7 +311,7 @@ def run_figures(result: dict[str, Any], tokens: dict[str, np.ndarray], out: Path
         "darkmatter_norm_sq": viz.predicted_vs_actual_figure(
             tokens["e_norm"] ** 2, tokens["e_sq_pred"], result["r2_e_norm_sq"]
         ),
-        "darkmatter_split": viz.error_split_figure(split),
+        "darkmatter_split": viz.error_split_figure(viz.error_split_rows(result)),
     }
     return viz.save_figures(figs, out)
 
@@ -387,7 +327,7 @@ def prepare_scaling(runs: list[Path], cfg: DarkMatterConfig) -> list[Subject]:
     subjects = [prepare_unsplit(r, cfg) for r in runs]
     key = lambda s: (str(Path(s.cfg["harvest"]).resolve()), s.cfg["hook"])  # noqa: E731
     if len({key(s) for s in subjects}) > 1:
-        names = ", ".join(f"{s.run} ({s.cfg['harvest']}, {s.cfg['hook']})" for s in subjects)
+        names = ", ".join(f"{s.path} ({s.cfg['harvest']}, {s.cfg['hook']})" for s in subjects)
         raise UserError(f"--scaling needs runs on one harvest and hook; got {names}")
     lo = max(s.cfg["eval_range"][0] for s in subjects)
     hi = min(s.cfg["eval_range"][1] for s in subjects)
@@ -396,10 +336,9 @@ def prepare_scaling(runs: list[Path], cfg: DarkMatterConfig) -> list[Subject]:
 
 
 def prepare_unsplit(run: Path, cfg: DarkMatterConfig) -> Subject:
-    run_cfg, sae, store, device = open_run(run, cfg.device)
-    if "eval_range" not in run_cfg:
-        raise UserError(f"{run} records no held-out rows (eval_range); retrain it")
-    return Subject(run, run_cfg, sae, store, (0, 0), (0, 0), device)
+    opened = open_run(run, cfg.device)
+    opened.heldout  # noqa: B018 - refuses a run without held-out rows before any work
+    return Subject(**vars(opened))
 
 
 def scaling(subjects: list[Subject], cfg: DarkMatterConfig) -> dict[str, Any]:
@@ -411,13 +350,13 @@ def scaling(subjects: list[Subject], cfg: DarkMatterConfig) -> dict[str, Any]:
         summary, tokens = eval_pass(s, fit_pass(s, cfg), cfg)
         norms.append(tokens["e_norm"])
         nl.append(tokens["e_nl_norm"])
-        rows.append({"run": str(s.run), "d_sae": s.sae.d_sae, "k": s.sae.k, **summary})
+        rows.append({"run": str(s.path), "d_sae": s.sae.d_sae, "k": s.sae.k, **summary})
     n = len(subjects)
     r2 = [[r2_regression(norms[j], norms[i]) for j in range(n)] for i in range(n)]
     r2_nl = [[r2_regression(norms[j], norms[i], nl[i]) for j in range(n)] for i in range(n)]
     return {
         "runs": rows,
-        "names": [f"{s.run.name} ({s.sae.d_sae})" for s in subjects],
+        "names": [f"{s.path.name} ({s.sae.d_sae})" for s in subjects],
         "eval_rows": list(subjects[0].eval_rows),
         "fit_rows": list(subjects[0].fit_rows),
         "r2_norm": r2,
@@ -458,39 +397,33 @@ def summary_lines(result: dict[str, Any]) -> str:
 
 
 def run_one(s: Subject, cfg: DarkMatterConfig) -> dict[str, Any]:
+    """Analyse one run and write darkmatter.json, its token table and (optionally) figures."""
     result, tokens = analyse(s, cfg)
-    write_token_table(s.run / TOKENS_DB, s.store, tokens)
-    write_json(s.run / OUT, result)
+    ctx, pos = locate(tokens["row"].astype(np.int64), s.store.tokens_per_context)
+    table = {"row": tokens["row"].astype(np.int64), "context": ctx, "position": pos}
+    table |= {k: tokens[k].astype(np.float64) for k in TOKEN_COLUMNS[3:]}
+    write_token_table(s.path / DARKMATTER_TOKENS, table)
+    write_json(s.path / DARKMATTER, result)
     if cfg.figures:
-        result["figures"] = [str(p) for p in run_figures(result, tokens, s.run / "figures")]
+        result["figures"] = [str(p) for p in run_figures(result, tokens, s.path / FIGURES)]
     return result
 
 
-def run_cli(ns: argparse.Namespace, cfg: DarkMatterConfig) -> int:
-    runs = [Path(r) for r in ns.runs]
-    if ns.scaling:
-        subjects = prepare_scaling(runs, cfg)
-        res = scaling(subjects, cfg)
-        out = runs[0].parent / SCALING_DIR
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "scaling.json", res)
-        text = f"wrote {out / 'scaling.json'}\n"
-        if cfg.figures:
-            from saelab import viz
+def run_scaling(subjects: list[Subject], cfg: DarkMatterConfig) -> tuple[Path, list[Path]]:
+    """`scaling` over the subjects, written beside the first run: (scaling.json, figures)."""
+    res = scaling(subjects, cfg)
+    out = subjects[0].path.parent / SCALING
+    write_json(out / "scaling.json", res)
+    if not cfg.figures:
+        return out / "scaling.json", []
+    from saelab import viz
 
-            figs = {
-                "scaling_r2": viz.scaling_heatmap(
-                    res["names"], res["r2_norm"], res["r2_norm_with_nonlinear"]
-                ),
-                "scaling_split": viz.error_split_figure(
-                    [{"name": n, **r} for n, r in zip(res["names"], res["runs"])]
-                ),
-            }
-            text += "".join(f"wrote {p}\n" for p in viz.save_figures(figs, out))
-        sys.stdout.write(text)
-        return 0
-    subjects = [prepare(r, cfg) for r in runs]  # all checks before any work
-    for s in subjects:
-        result = run_one(s, cfg)
-        sys.stdout.write(summary_lines(result) + f"\n  wrote {s.run / OUT}\n")
-    return 0
+    figs = {
+        "scaling_r2": viz.scaling_heatmap(
+            res["names"], res["r2_norm"], res["r2_norm_with_nonlinear"]
+        ),
+        "scaling_split": viz.error_split_figure(
+            [{"name": n, **r} for n, r in zip(res["names"], res["runs"])]
+        ),
+    }
+    return out / "scaling.json", viz.save_figures(figs, out)

@@ -1,7 +1,7 @@
 """Evaluation on the run's held-out tokens: reconstruction, sparsity and downstream loss.
 
 Reads the held-out row range the trainer recorded in cfg.json, streams it in order and
-writes eval.json atomically. Downstream metrics (ALGORITHMS.md §7) splice the SAE's
+writes eval.json atomically. Downstream metrics (docs/algorithms.md §7) splice the SAE's
 reconstruction into the model at its hook through forward hooks, on whole held-out contexts:
 CE score = (L_abl − L_sae)/(L_abl − L_clean) with zero-ablation as L_abl (Gao et al. 2024,
 arXiv 2406.04093), ΔCE = L_sae − L_clean, KL score = (KL_abl − KL_sae)/KL_abl. The g-SAE's
@@ -11,9 +11,8 @@ arXiv 2406.04093), ΔCE = L_sae − L_clean, KL score = (KL_abl − KL_sae)/KL_a
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -28,47 +27,18 @@ from saelab.archs import SparseCode
 from saelab.config import EvalConfig
 from saelab.errors import UserError
 from saelab.metrics import ReconStats
-from saelab.sae import CFG, SparseCoder
+from saelab.runs import EVAL, SYNTHETIC, OpenRun, finished_cfg, open_run, read_json, write_json
+from saelab.sae import SparseCoder
 from saelab.store import ActivationStore
-from saelab.trainer import resolve_device
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
-EVAL = "eval.json"
-SYNTHETIC = "synthetic"
-"""The model name of synthetic harvests: no model behind them, so nothing to splice into."""
-
 SPLICE_TOKENS = 1024
 """Tokens per spliced forward: the [tokens, d_vocab] float32 logits (and their copies)
 dominate memory, about 200 MB each at SmolLM2's 49k vocabulary."""
-
-
-def load_run(run: str | Path) -> tuple[dict[str, Any], SparseCoder]:
-    run = Path(run)
-    if not (run / CFG).is_file():
-        raise UserError(f"{run} is not a run directory (no {CFG}); train one with saelab train")
-    cfg = json.loads((run / CFG).read_text())
-    if not cfg.get("complete"):
-        raise UserError(f"{run} has not finished training; rerun its saelab train command")
-    return cfg, SparseCoder.load(run)
-
-
-def open_run(
-    run: str | Path, device: str
-) -> tuple[dict[str, Any], SparseCoder, ActivationStore, torch.device]:
-    """A finished run's config, its SAE on the resolved device, and its harvest."""
-    run_cfg, sae = load_run(run)
-    if not Path(run_cfg.get("harvest", "")).is_dir():
-        raise UserError(
-            f"the harvest of {run} ({run_cfg.get('harvest')}) is missing; restore it or "
-            "re-run its saelab harvest command"
-        )
-    dev = resolve_device(device)
-    store = ActivationStore(run_cfg["harvest"], run_cfg["hook"])
-    return run_cfg, sae.to(dev).eval(), store, dev
 
 
 Encoder = Callable[[torch.Tensor, torch.Tensor | None], SparseCode]
@@ -282,12 +252,11 @@ def load_spliceable_model(run_cfg: dict[str, Any], device: torch.device) -> Any:
     return model
 
 
-def run_downstream(
-    cfg: EvalConfig, run_cfg: dict[str, Any], sae: SparseCoder, store: ActivationStore
-) -> dict[str, Any]:
+def run_downstream(cfg: EvalConfig, run: OpenRun) -> dict[str, Any]:
     """The `downstream` section of eval.json: the SAE (inference rule) spliced on whole
     held-out contexts, and for gradient_topk also with on-the-fly gradients."""
-    contexts = heldout_contexts(store, tuple(run_cfg["eval_range"]), cfg.downstream_contexts)
+    run_cfg, sae, store = run.cfg, run.sae, run.store
+    contexts = heldout_contexts(store, run.heldout, cfg.downstream_contexts)
     if not contexts:
         log.info("downstream metrics skipped: no whole context inside the held-out rows")
         return {"skipped": "no whole held-out context"}
@@ -308,8 +277,9 @@ def run_downstream(
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if not cfg.run:
         raise UserError("no run given; pass saelab eval runs/<name>")
-    run_cfg, sae, store, device = open_run(cfg.run, cfg.device)
-    start, stop = run_cfg["eval_range"]
+    run = open_run(cfg.run, cfg.device)
+    sae, store, device = run.sae, run.store, run.device
+    start, stop = run.heldout
     if cfg.n_tokens:
         stop = min(stop, start + cfg.n_tokens)
     if stop <= start:
@@ -329,18 +299,15 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "arch": sae.arch,
         "d_sae": sae.d_sae,
         "k": sae.k,
-        "hook": run_cfg["hook"],
+        "hook": run.cfg["hook"],
         "eval_range": [start, stop],
         **results.pop("inference"),
         "modes": results,
     }
     result["dead_window_tokens"] = result["n_tokens"]
     if cfg.downstream and cfg.downstream_contexts:
-        _add_downstream(result, run_downstream(cfg, run_cfg, sae, store))
-    path = Path(cfg.run) / EVAL
-    tmp = path.with_name(EVAL + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+        _add_downstream(result, run_downstream(cfg, run))
+    write_json(run.path / EVAL, result)
     return result
 
 
@@ -351,6 +318,23 @@ def _add_downstream(result: dict[str, Any], ds: dict[str, Any]) -> None:
     for name, v in ds.get("variants", {}).items():
         target = result if name == "sae" else result["modes"].setdefault(name, {})
         target.update({k: v[k] for k in keys})
+
+
+def eval_results(
+    runs: list[Path], cfg: EvalConfig, progress: bool = True
+) -> list[tuple[Path, dict[str, Any]]]:
+    """Each finished run's eval.json, evaluated first where it is missing."""
+    for run in runs:
+        finished_cfg(run)  # every run checked before any is evaluated
+    out = []
+    for run in runs:
+        path = run / EVAL
+        if path.is_file():
+            res = read_json(path, f"delete it and rerun saelab eval {run}")
+        else:
+            res = evaluate(dataclasses.replace(cfg, run=str(run)), progress)
+        out.append((run, res))
+    return out
 
 
 def summary_table(rows: list[tuple[str, dict[str, Any]]]) -> str:

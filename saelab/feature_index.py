@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 
 from saelab.errors import UserError
-from saelab.evaluate import SYNTHETIC
+from saelab.runs import INDEX, SYNTHETIC
 
-INDEX = "features.sqlite"
 VERSION = 3
 """Bumped whenever the schema or the meaning of a column changes; older files are refused."""
 

@@ -13,7 +13,7 @@ Logit lens: a decoder row in the model's units (input scale undone) through the 
 gain and W_U, as in Bricken et al. 2023 (the standard logit lens also for hooks before the last
 layer). Neighbours: top decoder cosines, chunked over d_sae × d_sae.
 
-Schema (all written to features.sqlite.tmp, then moved into place):
+Schema (all written to a temporary file, then moved into place):
   meta(key PRIMARY KEY, value JSON)
   latents(id PRIMARY KEY, n_fires, freq, mean_act, max_act, n_zero, hist_edges JSON,
           hist_counts JSON, logit_top JSON [[text, logit]], logit_bottom JSON, neighbours JSON)
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import tempfile
 import time
@@ -46,10 +45,9 @@ from tqdm.auto import tqdm
 from saelab import __version__
 from saelab.config import IndexConfig
 from saelab.errors import UserError
-from saelab.evaluate import SYNTHETIC, open_run
-from saelab.feature_index import INDEX, VERSION
-from saelab.sae import SparseCoder
-from saelab.store import ActivationStore
+from saelab.feature_index import VERSION
+from saelab.runs import INDEX, SYNTHETIC, OpenRun, atomic_write, open_run
+from saelab.shards import locate
 
 log = logging.getLogger(__name__)
 
@@ -149,29 +147,23 @@ class _Pass:
 
 
 @dataclass
-class _Subject:
-    run: Path
-    cfg: dict[str, Any]
-    sae: SparseCoder
-    store: ActivationStore
-    rows: tuple[int, int]
-    device: torch.device
+class _Subject(OpenRun):
+    rows: tuple[int, int] = (0, 0)
 
 
 def _prepare(run: str | Path, cfg: IndexConfig) -> _Subject:
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"{run} is not a directory; pass a run directory (runs/<name>)")
-    run_cfg, sae, store, device = open_run(run, cfg.device)
+    opened = open_run(run, cfg.device)
+    store = opened.store
     lo, hi = (0, store.n_tokens)
     if cfg.rows == "heldout":
-        if "eval_range" not in run_cfg:
-            raise UserError(f"{run} records no held-out rows (eval_range); use --rows all")
-        lo, hi = map(int, run_cfg["eval_range"])
+        lo, hi = opened.heldout
     hi = min(hi, store.n_tokens, lo + cfg.tokens) if cfg.tokens else min(hi, store.n_tokens)
     if hi <= lo:
         raise UserError(f"{run}: no rows to index in [{lo}, {hi}); check --rows and --tokens")
-    return _Subject(run, run_cfg, sae, store, (lo, hi), device)
+    return _Subject(**vars(opened), rows=(lo, hi))
 
 
 @torch.no_grad()
@@ -220,7 +212,7 @@ def _windows(
     """Token ids [N, W], per-token activations [N, W] of each context's latent, and a validity
     mask (windows clipped at the context's edges; BOS has no activation, so 0)."""
     tpc, n_ctx = s.store.tokens_per_context, s.store.n_ctx
-    ctx, pos = row // tpc, 1 + row % tpc
+    ctx, pos = locate(row, tpc)
     p = pos[:, None] + np.arange(-cfg.context_before, cfg.context_after + 1)
     valid = (p >= 0) & (p < n_ctx)
     toks = np.asarray(s.store.tokens()[ctx[:, None], p.clip(0, n_ctx - 1)])
@@ -460,28 +452,25 @@ def _write(path: Path, meta: dict[str, Any], tables: dict[str, Any]) -> None:
         con.commit()
     finally:
         con.close()
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def build_index(run: str | Path, cfg: IndexConfig | None = None, progress: bool = True) -> Path:
     """Build runs/<name>/features.sqlite (see the module docstring); returns its path.
 
-    Written to features.sqlite.tmp and moved into place, so a failed or interrupted build
+    Written to a temporary file and moved into place, so a failed or interrupted build
     leaves any existing index untouched; the same run and config give the same file.
     """
     cfg = cfg or IndexConfig()
     s = _prepare(run, cfg)
     t0, (lo, hi) = time.perf_counter(), s.rows
-    path = s.run / INDEX
-    tmp_db = path.with_name(path.name + ".tmp")
-    with tempfile.TemporaryDirectory(dir=s.run, prefix=".index-") as tmp:
+    path = s.path / INDEX
+    with tempfile.TemporaryDirectory(dir=s.path, prefix=".index-") as tmp:
         acc = _stream(s, cfg, Path(tmp), progress)
         fires = acc.close()
         t1 = time.perf_counter()
         r = np.arange(lo, hi)
         tpc = s.store.tokens_per_context
-        tok_of_row = np.asarray(s.store.tokens()[r // tpc, 1 + r % tpc])
+        tok_of_row = np.asarray(s.store.tokens()[locate(r, tpc)])
         n_fires = acc.n_fires.cpu().numpy()
         token_rows = _token_table(fires, tok_of_row, lo, n_fires, cfg.token_latents)
         ctx = _contexts(acc, cfg, tpc)
@@ -497,7 +486,7 @@ def build_index(run: str | Path, cfg: IndexConfig | None = None, progress: bool 
     vocab = [(i, text, piece, int(n_tok[i]) if i < n_tok.size else 0) for i, text, piece in vocab]
     words = {i: text for i, text, _, _ in vocab}
     meta = {
-        "run": str(s.run), "harvest": s.cfg["harvest"], "model": s.cfg.get("model"),
+        "run": str(s.path), "harvest": s.cfg["harvest"], "model": s.cfg.get("model"),
         "hook": s.cfg["hook"], "d_sae": s.sae.d_sae, "k": s.sae.k, "arch": s.sae.arch,
         "tokens": hi - lo, "rows": [lo, hi], "row_choice": cfg.rows, "top_n": cfg.top_n,
         "quantiles": list(QUANTILES), "quantile_samples": cfg.quantile_samples,
@@ -511,8 +500,7 @@ def build_index(run: str | Path, cfg: IndexConfig | None = None, progress: bool 
         "vocab": vocab,
         "token_latents": token_rows,
     }
-    _write(tmp_db, meta, tables)
-    os.replace(tmp_db, path)
+    atomic_write(path, lambda tmp_db: _write(tmp_db, meta, tables))
     log.info(
         "indexed %s latents over %s tokens in %.1f s (pass %.1f s): %s",
         f"{s.sae.d_sae:,}", f"{hi - lo:,}", time.perf_counter() - t0, t1 - t0, path,

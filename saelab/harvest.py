@@ -1,28 +1,8 @@
 """Record a model's activations (and optionally loss gradients) to resumable shards on disk.
 
-Layout of ``<out_dir>/<name>/``::
-
-    meta.json                       rewritten atomically (tmp + os.replace) after every shard
-    tokens.npy                      int32 [n_contexts, n_ctx], BOS at position 0 of every
-                                    context; written once, atomically, before any shard
-    acts/<hook>/shard_00000.npy     [contexts_in_shard * (n_ctx - 1), d_in]
-    grads/<hook>/shard_00000.npy    same shape, only with grads=True
-
-Activations are stored as float16 or float32; bfloat16 as its raw uint16 bits (view them as
-bfloat16 to read). BOS positions are not stored: row ``t`` of the token stream belongs to
-context ``t // tokens_per_context`` at position ``1 + t % tokens_per_context``. ``<hook>`` is
-the hook name as given (aliases such as ``blocks.6.hook_resid_post`` are kept).
-
-meta.json holds the identity of the harvest (model, hooks, d_in, dtype, n_ctx, corpus, seed,
-grads, n_contexts, shard_contexts, batch_size), ``n_tokens`` (tokens in listed shards),
-``complete``, ``tokens_sha256`` and ``shards``: for each, its context and token range and the
-sha256 of each of its files. A shard exists only once meta.json lists it: its files are
-written under a temporary name, renamed, and only then is meta.json replaced. A rerun of the
-same config resumes after the last listed shard; because every shard is computed from a fixed
-set of batches (a resume keeps the batch_size and shard_contexts it started with), the result
-is byte-identical to an uninterrupted run, whenever it was killed. All hooks of one harvest
-must have the same width (d_in); ``[batch, pos, head, d_head]`` hooks are stored with their
-heads concatenated.
+The files are `saelab.shards`'s format (see there): shards first, then the meta.json that
+lists them, so a killed harvest resumes after its last listed shard and ends byte-identical
+to an uninterrupted one.
 
 Gradients (``grads``) are ``dL/dx`` at each hooked activation ``x``, where ``L`` is the sum of
 the next-token cross-entropies over the context; they need the full forward and a backward.
@@ -32,8 +12,6 @@ gradient is still the total derivative through all later layers.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -41,7 +19,7 @@ import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,8 +30,18 @@ from saelab import __version__
 from saelab.config import HarvestConfig
 from saelab.corpus import contexts, load_texts
 from saelab.errors import UserError
-from saelab.models import enable_hooks, load_model, resolve_hook, stop_layer
-from saelab.shards import FORMAT, STORE_DTYPES, sha256_file, shard_path, to_numpy
+from saelab.models import enable_hooks, load_model, resolve_device, resolve_hook, stop_layer
+from saelab.shards import (
+    FORMAT,
+    META,
+    STORE_DTYPES,
+    TOKENS,
+    read_meta,
+    save_npy,
+    sha256_file,
+    write_meta,
+    write_shard,
+)
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -73,60 +61,6 @@ def harvest_dir(cfg: HarvestConfig) -> Path:
 
 def n_contexts_for(cfg: HarvestConfig) -> int:
     return math.ceil(cfg.n_tokens / (cfg.n_ctx - 1))
-
-
-def read_meta(out: Path) -> dict[str, Any] | None:
-    path = out / "meta.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not valid JSON; delete {out} and harvest again") from None
-
-
-# ---------------------------------------------------------------------------------------
-# Atomic, checksummed writes
-
-
-class _HashingWriter:
-    """File wrapper that hashes what passes through, so checksums cost no second read."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f, self.sha = f, hashlib.sha256()
-
-    def write(self, data: Any) -> int:
-        self.sha.update(data)
-        return self.f.write(data)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> str:
-    """Write through a temp file in the same directory, fsync, rename; return the sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        w = _HashingWriter(f)
-        write(w)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return w.sha.hexdigest()
-
-
-def save_npy(path: Path, arr: np.ndarray) -> str:
-    """The same bytes as np.save, written and hashed straight from the array's memory."""
-    arr = np.ascontiguousarray(arr)
-
-    def write(f: Any) -> None:
-        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
-        f.write(memoryview(arr).cast("B"))  # type: ignore[arg-type]  # ndarray is a buffer
-
-    return _atomic_write(path, write)
-
-
-def _save_meta(out: Path, meta: dict[str, Any]) -> None:
-    text = json.dumps(meta, indent=1).encode()
-    _atomic_write(out / "meta.json", lambda f: f.write(text))
 
 
 # ---------------------------------------------------------------------------------------
@@ -163,7 +97,7 @@ def _check_same(out: Path, meta: dict[str, Any], want: dict[str, Any]) -> None:
 
 
 def _check_foreign(out: Path) -> None:
-    ours = {"tokens.npy", "acts", "grads", ".tokens.npy.tmp", ".meta.json.tmp"}
+    ours = {TOKENS, "acts", "grads", f".{TOKENS}.tmp", f".{META}.tmp"}
     if out.is_dir() and any(p.name not in ours for p in out.iterdir()):
         raise UserError(f"{out} exists and is not a harvest; pass another --name or delete it")
 
@@ -178,14 +112,6 @@ def _check_disk(out: Path, need: int) -> None:
             f"harvest needs {need / 1e9:.2f} GB but {probe} has {free / 1e9:.2f} GB free; "
             "free some space, lower n_tokens or pick another --out_dir"
         )
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' asked for but CUDA is not available; use --device cpu")
-    return name
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,31 +217,6 @@ class _Recorder:
             self._store("grads", h, self.live.pop(h).grad)  # type: ignore[arg-type]
 
 
-def write_shard(
-    out: Path, meta: dict[str, Any], index: int, c0: int, c1: int, bufs: dict[str, torch.Tensor]
-) -> None:
-    """Runs on the writer thread: shard files first, then the meta.json that lists them."""
-    files = {}
-    for key, buf in bufs.items():
-        kind, hook = key.split("/", 1)
-        rel = shard_path(kind, hook, index)
-        files[rel] = save_npy(out / rel, to_numpy(buf.cpu()))
-    per = meta["tokens_per_context"]
-    meta["shards"].append(
-        {
-            "index": index,
-            "context_start": c0,
-            "context_stop": c1,
-            "token_start": c0 * per,
-            "token_stop": c1 * per,
-            "files": files,
-        }
-    )
-    meta["n_tokens"] = c1 * per
-    meta["complete"] = c1 == meta["n_contexts"]
-    _save_meta(out, meta)
-
-
 # ---------------------------------------------------------------------------------------
 # The driver
 
@@ -339,7 +240,7 @@ def _new_meta(cfg: HarvestConfig, ident: dict[str, Any], d_in: int, tokens_sha: 
 
 
 def _load_tokens(out: Path, meta: dict[str, Any]) -> np.ndarray:
-    path = out / "tokens.npy"
+    path = out / TOKENS
     if not path.is_file() or sha256_file(path) != meta["tokens_sha256"]:
         raise UserError(f"{path} is missing or corrupt; delete {out} and harvest again")
     return np.load(path)
@@ -366,7 +267,7 @@ def _prepare(
     if meta is None:
         _check_foreign(out)
     texts = load_texts(cfg.corpus, cfg.text_field, cfg.split, cfg.seed)
-    model = load_model(cfg.model, device=_device(cfg.device))
+    model = load_model(cfg.model, device=str(resolve_device(cfg.device)))
     if cfg.n_ctx > model.cfg.n_ctx:
         raise UserError(f"n_ctx={cfg.n_ctx} exceeds the model's {model.cfg.n_ctx}; lower n_ctx")
     if len(set(cfg.hooks)) != len(cfg.hooks):
@@ -405,7 +306,7 @@ def _limit_threads() -> None:
 def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
     """Harvest (or resume) ``cfg`` into `harvest_dir(cfg)` and return that directory."""
     out = harvest_dir(cfg)
-    meta = read_meta(out)
+    meta = read_meta(out) if (out / META).is_file() else None
     ident = _identity(cfg, n_contexts_for(cfg))
     if meta is not None:
         _check_same(out, meta, ident)
@@ -417,8 +318,8 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     _remove_temps(out)
     if not meta["tokens_sha256"]:
-        meta["tokens_sha256"] = save_npy(out / "tokens.npy", tokens)
-        _save_meta(out, meta)
+        meta["tokens_sha256"] = save_npy(out / TOKENS, tokens)
+        write_meta(out, meta)
     _run_shards(model, meta, tokens, stop, out, progress)
     return out
 

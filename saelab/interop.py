@@ -38,7 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from saelab.errors import UserError
-from saelab.sae import CFG, WEIGHTS, SparseCoder
+from saelab.runs import CFG, WEIGHTS
+from saelab.sae import SparseCoder
 
 log = logging.getLogger(__name__)
 

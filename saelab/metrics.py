@@ -1,4 +1,4 @@
-"""Pure tensor metrics (definitions in ALGORITHMS.md §7).
+"""Pure tensor metrics (definitions in docs/algorithms.md §7).
 
 Streaming evaluation accumulates sums in `ReconStats` so that a metric over many batches
 equals the metric over their concatenation.

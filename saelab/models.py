@@ -51,6 +51,15 @@ TINY_CONFIG = dict(
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' (CUDA when visible, else CPU), or a torch device name checked to exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' asked for but CUDA is not visible; use --device cpu")
+    return torch.device(name)
+
+
 def cache_root() -> Path:
     """Where dequantized embedded weights live: ``$SAELAB_CACHE`` or ``~/.cache/saelab``."""
     return Path(os.environ.get("SAELAB_CACHE") or Path.home() / ".cache" / "saelab")

@@ -1,32 +1,210 @@
-"""The run directory: what makes two runs the same, checkpoints, and the training log.
+"""The run folder: every file in it, how each is written, and which runs are finished.
 
 runs/<name>/
-  cfg.json           SAE shape and arch, input scale, hook, harvest, row ranges, the full
-                     training config, "complete"
-  sae.safetensors    weights (and inference thresholds) only
-  train_log.jsonl    one JSON object per logged step
+  cfg.json                  SAE shape and arch, input scale, hook, harvest, row ranges, the
+                            full training config, "complete"
+  sae.safetensors           weights (and inference thresholds) only
+  train_log.jsonl           one JSON object per logged step
   checkpoints/state.safetensors
-                     weights, Adam moments, dead-latent counters, firing-frequency EMA;
-                     the step in its metadata. One file, replaced atomically.
+                            weights, Adam moments, dead-latent counters, firing-frequency EMA;
+                            the step in its metadata (written and read by the trainer)
+  eval.json                 `saelab eval`
+  darkmatter.json           `saelab darkmatter`, with darkmatter_tokens.sqlite (one row per
+                            scored token) and figures/
+  features.sqlite           `saelab index` (read by `saelab.feature_index`)
+
+Every file is replaced atomically (`atomic_write`), so a reader never sees half of one. This
+module imports no torch: the app reads runs through it. `open_run` is the one way compute
+modules load a finished run's SAE and harvest.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+import numpy as np
 
 from saelab.config import TrainConfig, to_dict
 from saelab.errors import UserError
-from saelab.sae import CFG, SparseCoder
 
-CHECKPOINT = "checkpoints/state.safetensors"
+if TYPE_CHECKING:
+    import torch
+
+    from saelab.sae import SparseCoder
+    from saelab.store import ActivationStore
+
+CFG = "cfg.json"
+WEIGHTS = "sae.safetensors"
 LOG = "train_log.jsonl"
+CHECKPOINT = "checkpoints/state.safetensors"
+EVAL = "eval.json"
+DARKMATTER = "darkmatter.json"
+DARKMATTER_TOKENS = "darkmatter_tokens.sqlite"
+FIGURES = "figures"
+INDEX = "features.sqlite"
+SCALING = "darkmatter-scaling"
+"""Beside the runs it compares (in their parent folder): `saelab darkmatter --scaling`."""
+COMPARE = "compare"
+"""Beside the runs it compares: `saelab compare`'s table and figures."""
+SYNTHETIC = "synthetic"
+"""The model name of synthetic harvests: no model behind them, so nothing to splice into."""
+
+
+# ---------------------------------------------------------------------------------------
+# Writing and reading files
+
+
+def atomic_write(path: Path, content: str | bytes | Callable[[Path], None]) -> None:
+    """Write `content` (or let it write itself to the path it is given) to a hidden temp
+    file beside `path`, fsync it, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write(path, json.dumps(data, indent=2))
+
+
+def read_json(path: Path, hint: str = "") -> dict[str, Any]:
+    """A JSON object from disk, or a UserError saying what is wrong (and `hint`: how to fix)."""
+    fix = f"; {hint}" if hint else ""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist{fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}){fix}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}){fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds {type(data).__name__}, not a JSON object{fix}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------
+# Finished runs
+
+
+def is_finished(run: Path) -> bool:
+    """Training completed and the weights are there (cfg.json says "complete")."""
+    try:
+        return (
+            bool(json.loads((run / CFG).read_text()).get("complete")) and (run / WEIGHTS).is_file()
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def finished_cfg(run: str | Path) -> dict[str, Any]:
+    """The cfg.json of a finished run, or the UserError that says why it is not one."""
+    run = Path(run)
+    if not (run / CFG).is_file():
+        raise UserError(f"{run} is not a run directory (no {CFG}); train one with saelab train")
+    cfg = read_json(run / CFG, f"delete {run} and retrain it")
+    if not cfg.get("complete"):
+        raise UserError(f"{run} has not finished training; rerun its saelab train command")
+    return cfg
+
+
+@dataclass
+class OpenRun:
+    """A finished run loaded for computing: its SAE on `device` (eval mode) and its harvest."""
+
+    path: Path
+    cfg: dict[str, Any]
+    sae: SparseCoder
+    store: ActivationStore
+    device: torch.device
+
+    @property
+    def heldout(self) -> tuple[int, int]:
+        """The rows training held out (cfg.json's eval_range)."""
+        if "eval_range" not in self.cfg:
+            raise UserError(f"{self.path} records no held-out rows (eval_range); retrain it")
+        lo, hi = self.cfg["eval_range"]
+        return int(lo), int(hi)
+
+
+def open_run(run: str | Path, device: str = "cpu") -> OpenRun:
+    """Load a finished run's SAE and open its harvest; every check before any loading."""
+    # NOTE: imported here so that reading runs (the app) never imports torch.
+    from saelab.models import resolve_device
+    from saelab.sae import SparseCoder
+    from saelab.store import ActivationStore
+
+    run = Path(run)
+    cfg = finished_cfg(run)
+    if not Path(cfg.get("harvest", "")).is_dir():
+        raise UserError(
+            f"the harvest of {run} ({cfg.get('harvest')}) is missing; restore it or "
+            "re-run its saelab harvest command"
+        )
+    dev = resolve_device(device)
+    sae = SparseCoder.load(run, dev).eval()
+    return OpenRun(run, cfg, sae, ActivationStore(cfg["harvest"], cfg["hook"]), dev)
+
+
+# ---------------------------------------------------------------------------------------
+# The dark-matter token table: one row per scored token, keyed by activation row
+
+TOKEN_COLUMNS = ("row", "context", "position", "e_norm", "e_nl_norm", "e_lin_norm", "e_sq_pred")
+
+
+def write_token_table(path: Path, columns: dict[str, np.ndarray]) -> None:
+    """SQLite table `tokens` with TOKEN_COLUMNS (all given), indexed by the nonlinear error."""
+
+    def build(tmp: Path) -> None:
+        con = sqlite3.connect(tmp)
+        try:
+            con.execute(
+                "CREATE TABLE tokens (row INTEGER PRIMARY KEY, context INTEGER, position INTEGER, "
+                "e_norm REAL, e_nl_norm REAL, e_lin_norm REAL, e_sq_pred REAL)"
+            )
+            data = zip(*(columns[c].tolist() for c in TOKEN_COLUMNS))
+            con.executemany(f"INSERT INTO tokens VALUES ({', '.join('?' * 7)})", data)
+            con.execute("CREATE INDEX tokens_e_nl ON tokens (e_nl_norm)")
+            con.commit()
+        finally:
+            con.close()
+
+    atomic_write(path, build)
+
+
+def read_token_table(path: str | Path) -> dict[str, np.ndarray]:
+    """The per-token table as numpy columns, ordered by row."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        got = con.execute(f"SELECT {', '.join(TOKEN_COLUMNS)} FROM tokens ORDER BY row").fetchall()
+    finally:
+        con.close()
+    arr = np.array(got, dtype=np.float64).reshape(-1, len(TOKEN_COLUMNS))
+    return {c: arr[:, i] for i, c in enumerate(TOKEN_COLUMNS)}
+
+
+# ---------------------------------------------------------------------------------------
+# Starting or resuming a run: is the folder this run, another, or free?
+
 # Fields that do not change what a run computes; any other difference makes another run.
 _RUNTIME_ONLY = {
     "out",
@@ -91,54 +269,6 @@ def prepare_run_dir(out: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
     return old
 
 
-# ---------------------------------------------------------------------------------------
-# Checkpoints: one safetensors file, scalars in its metadata, written atomically.
-
-
-def save_checkpoint(
-    path: Path,
-    sae: SparseCoder,
-    opt: torch.optim.Optimizer,
-    step: int,
-    counters: dict[str, torch.Tensor],
-) -> None:
-    """Weights, optimizer state and the trainer's per-latent counters at `step`."""
-    tensors = {f"sae.{k}": v.detach().cpu() for k, v in sae.state_dict().items()}
-    names = {id(p): n for n, p in sae.named_parameters()}
-    for p, s in opt.state.items():
-        for key, v in s.items():
-            tensors[f"opt.{names[id(p)]}.{key}"] = torch.as_tensor(v).detach().cpu().clone()
-    tensors.update({f"state.{k}": v.detach().cpu() for k, v in counters.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step)}
-    )
-    os.replace(tmp, path)
-
-
-def load_checkpoint(
-    path: Path, sae: SparseCoder, opt: torch.optim.Optimizer, device: torch.device
-) -> tuple[int, dict[str, torch.Tensor]]:
-    """Restore weights and optimizer state in place; return (step, counters)."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            step = int((f.metadata() or {})["step"])
-        tensors = load_file(str(path), device=str(device))
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
-        raise UserError(
-            f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to restart the run"
-        ) from None
-    sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
-    for name, p in sae.named_parameters():
-        s = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"opt.{name}.")}
-        if s:
-            if "step" in s:
-                s["step"] = s["step"].cpu()
-            opt.state[p] = s
-    return step, {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
-
-
 def trim_log(path: Path, step: int) -> None:
     """Keep only log lines up to the checkpoint, so a resume never duplicates them."""
     if not path.exists():
@@ -151,4 +281,4 @@ def trim_log(path: Path, step: int) -> None:
                 kept.append(ln)
         except (json.JSONDecodeError, KeyError):
             break  # a line cut by a kill: drop it and everything after
-    path.write_text("".join(ln + "\n" for ln in kept))
+    atomic_write(path, "".join(ln + "\n" for ln in kept))

@@ -12,7 +12,6 @@ input_scale, and whatever the trainer adds).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,7 @@ from torch import Tensor, nn
 from saelab import kernels
 from saelab.archs import ARCHS, EncodeArgs, Encoding, SparseCode
 from saelab.errors import UserError
-
-WEIGHTS = "sae.safetensors"
-CFG = "cfg.json"
+from saelab.runs import CFG, WEIGHTS, atomic_write, write_json
 
 
 class SparseCoder(nn.Module):
@@ -131,13 +128,12 @@ class SparseCoder(nn.Module):
         }
 
     def save(self, run_dir: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """Write sae.safetensors and cfg.json atomically (temp file, then os.replace)."""
+        """Write sae.safetensors, then cfg.json, each atomically."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         tensors = {n: t.detach().contiguous().cpu() for n, t in self.state_dict().items()}
-        _atomic(run_dir / WEIGHTS, lambda p: save_file(tensors, p))
-        cfg = {**(extra or {}), **self.config()}
-        _atomic(run_dir / CFG, lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+        atomic_write(run_dir / WEIGHTS, lambda p: save_file(tensors, str(p)))
+        write_json(run_dir / CFG, {**(extra or {}), **self.config()})
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
@@ -164,9 +160,3 @@ class SparseCoder(nn.Module):
                 f"{run_dir} holds a damaged SAE ({type(e).__name__}); retrain it"
             ) from None
         return sae
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)

@@ -1,6 +1,31 @@
-"""The harvest's file format: names, dtypes, checksums and validated reading of its parts.
+"""The harvest folder: its layout, names, dtypes, checksums, and writing and reading its parts.
 
-Written by `saelab.harvest`, read by `saelab.store` (see harvest.py for the layout).
+Written through this module by `saelab.harvest` (and `saelab.synthetic`), read through it by
+`saelab.store`.
+
+Layout of a harvest directory (``cached_activations/<name>/``)::
+
+    meta.json                       rewritten atomically (tmp + os.replace) after every shard
+    tokens.npy                      int32 [n_contexts, n_ctx], BOS at position 0 of every
+                                    context; written once, atomically, before any shard
+    acts/<hook>/shard_00000.npy     [contexts_in_shard * (n_ctx - 1), d_in]
+    grads/<hook>/shard_00000.npy    same shape, only with grads=True
+
+Activations are stored as float16 or float32; bfloat16 as its raw uint16 bits (view them as
+bfloat16 to read). BOS positions are not stored: row ``t`` of the token stream belongs to
+context ``t // tokens_per_context`` at position ``1 + t % tokens_per_context``. ``<hook>`` is
+the hook name as given (aliases such as ``blocks.6.hook_resid_post`` are kept).
+
+meta.json holds the identity of the harvest (model, hooks, d_in, dtype, n_ctx, corpus, seed,
+grads, n_contexts, shard_contexts, batch_size), ``n_tokens`` (tokens in listed shards),
+``complete``, ``tokens_sha256`` and ``shards``: for each, its context and token range and the
+sha256 of each of its files. A shard exists only once meta.json lists it: its files are
+written under a temporary name, renamed, and only then is meta.json replaced. A rerun of the
+same config resumes after the last listed shard; because every shard is computed from a fixed
+set of batches (a resume keeps the batch_size and shard_contexts it started with), the result
+is byte-identical to an uninterrupted run, whenever it was killed. All hooks of one harvest
+must have the same width (d_in); ``[batch, pos, head, d_head]`` hooks are stored with their
+heads concatenated.
 """
 
 from __future__ import annotations
@@ -12,16 +37,19 @@ import queue
 import threading
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 from saelab.errors import UserError
+from saelab.runs import atomic_write
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+META = "meta.json"
+TOKENS = "tokens.npy"
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 NP_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}
 _HEADER_READERS = {
@@ -33,6 +61,12 @@ REPAIR = (
     "delete that shard's entry (and later ones) from meta.json's \"shards\" and re-run "
     "`saelab harvest` with the same settings to redo them"
 )
+
+
+def locate(rows: Any, tokens_per_context: int) -> tuple[Any, Any]:
+    """(context, position) of activation rows (an int or an integer array): BOS is position 0
+    and is never stored, so row t is context t // tpc at position 1 + t % tpc."""
+    return rows // tokens_per_context, 1 + rows % tokens_per_context
 
 
 def shard_path(kind: str, hook: str, index: int) -> str:
@@ -121,11 +155,70 @@ VERIFIER = _Verifier()
 
 
 # ---------------------------------------------------------------------------------------
+# Writing: atomic, checksummed, hashed on the way out (no second read)
+
+
+class _HashingWriter:
+    def __init__(self, f: BinaryIO, sha: Any) -> None:
+        self.f, self.sha = f, sha
+
+    def write(self, data: Any) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+
+def save_npy(path: Path, arr: np.ndarray) -> str:
+    """The same bytes as np.save, written atomically from the array's memory; the sha256."""
+    arr = np.ascontiguousarray(arr)
+    sha = hashlib.sha256()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            w = _HashingWriter(f, sha)
+            header = np.lib.format.header_data_from_array_1_0(arr)
+            np.lib.format.write_array_header_1_0(w, header)  # type: ignore[arg-type]
+            w.write(memoryview(arr).cast("B"))
+
+    atomic_write(path, write)
+    return sha.hexdigest()
+
+
+def write_meta(path: Path, meta: dict[str, Any]) -> None:
+    atomic_write(path / META, json.dumps(meta, indent=1))
+
+
+def write_shard(
+    out: Path, meta: dict[str, Any], index: int, c0: int, c1: int, bufs: dict[str, torch.Tensor]
+) -> None:
+    """Runs on the writer thread: shard files first, then the meta.json that lists them."""
+    files = {}
+    for key, buf in bufs.items():
+        kind, hook = key.split("/", 1)
+        rel = shard_path(kind, hook, index)
+        files[rel] = save_npy(out / rel, to_numpy(buf.cpu()))
+    per = meta["tokens_per_context"]
+    meta["shards"].append(
+        {
+            "index": index,
+            "context_start": c0,
+            "context_stop": c1,
+            "token_start": c0 * per,
+            "token_stop": c1 * per,
+            "files": files,
+        }
+    )
+    meta["n_tokens"] = c1 * per
+    meta["complete"] = c1 == meta["n_contexts"]
+    write_meta(out, meta)
+
+
+# ---------------------------------------------------------------------------------------
 # Reading
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    meta_path = path / "meta.json"
+    """A harvest's meta.json, validated, or a UserError naming what is wrong and the fix."""
+    meta_path = path / META
     if not path.is_dir() or not meta_path.is_file():
         raise UserError(
             f"no harvest at {path} (missing {meta_path.name}); run `saelab harvest` to create it "

@@ -34,10 +34,13 @@ import torch
 
 from saelab.errors import UserError
 from saelab.shards import (
+    META,
     NP_DTYPES,
     REPAIR,
+    TOKENS,
     VERIFIER,
     check_header,
+    locate,
     read_meta,
     to_torch,
 )
@@ -92,7 +95,7 @@ def _complete_shards(meta: dict[str, Any], path: Path) -> list[_Shard]:
         )
         if shard.start != row or shard.stop <= shard.start:
             raise UserError(
-                f"{path / 'meta.json'} lists shard {shard.index} at rows "
+                f"{path / META} lists shard {shard.index} at rows "
                 f"[{shard.start}, {shard.stop}) after row {row}; {REPAIR}"
             )
         shards.append(shard)
@@ -250,7 +253,7 @@ class ActivationStore:
 
     def tokens(self) -> np.ndarray:
         """Memmap of ``tokens.npy``: int32 ``[n_contexts, n_ctx]``."""
-        file = self.path / "tokens.npy"
+        file = self.path / TOKENS
         if not file.is_file():
             raise UserError(f"{file} is missing; re-run `saelab harvest` to rewrite the harvest")
         return np.load(file, mmap_mode="r")
@@ -258,7 +261,7 @@ class ActivationStore:
     def locate(self, row: int) -> tuple[int, int]:
         """(context index, position in context) of activation row ``row``; BOS is position 0."""
         self._check_range(row, row + 1)
-        return row // self.tokens_per_context, 1 + row % self.tokens_per_context
+        return locate(row, self.tokens_per_context)
 
     def context(self, row: int, before: int = 8, after: int = 4) -> tuple[np.ndarray, int]:
         """Token window around ``row``'s token, and the index of that token in the window."""

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saelab import __version__
+from saelab.runs import SYNTHETIC
+from saelab.shards import FORMAT, STORE_DTYPES, TOKENS, save_npy, write_shard
 
 
 @dataclass
@@ -86,16 +88,14 @@ def write_harvest(
     With grads, each token also gets a stand-in gradient (Gaussian, seeded), enough to
     exercise gradient_topk's code paths.
     """
-    from saelab.harvest import save_npy, write_shard
-    from saelab.shards import STORE_DTYPES
 
     path = Path(path)
     n_contexts = -(-n_tokens // tokens_per_context)
     tokens = np.zeros((n_contexts, tokens_per_context + 1), dtype=np.int32)
     meta: dict[str, Any] = {
-        "format": 1,
+        "format": FORMAT,
         "saelab_version": __version__,
-        "model": "synthetic",
+        "model": SYNTHETIC,
         "hooks": ["synthetic"],
         "d_in": data.d_in,
         "dtype": dtype,
@@ -109,7 +109,7 @@ def write_harvest(
         "seed": data.seed,
         "grads": grads,
         "complete": False,
-        "tokens_sha256": save_npy(path / "tokens.npy", tokens),
+        "tokens_sha256": save_npy(path / TOKENS, tokens),
         "shards": [],
     }
     rows = shard_contexts * tokens_per_context

@@ -22,25 +22,64 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from saelab import __version__, kernels
 from saelab.archs import ARCHS, ArchSpec, EncodeArgs, Encoding, feature_choice_m
 from saelab.config import SAEConfig, TrainConfig, to_dict
 from saelab.errors import UserError
-from saelab.runs import CHECKPOINT, LOG, load_checkpoint, prepare_run_dir, save_checkpoint, trim_log
+from saelab.models import resolve_device
+from saelab.runs import CHECKPOINT, LOG, atomic_write, prepare_run_dir, trim_log
 from saelab.sae import SparseCoder
 from saelab.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' asked for but no CUDA device is visible; use --device cpu")
-    return torch.device(name)
+# ---------------------------------------------------------------------------------------
+# Checkpoints: one safetensors file, scalars in its metadata, written atomically.
+
+
+def save_checkpoint(
+    path: Path,
+    sae: SparseCoder,
+    opt: torch.optim.Optimizer,
+    step: int,
+    counters: dict[str, torch.Tensor],
+) -> None:
+    """Weights, optimizer state and the trainer's per-latent counters at `step`."""
+    tensors = {f"sae.{k}": v.detach().cpu() for k, v in sae.state_dict().items()}
+    names = {id(p): n for n, p in sae.named_parameters()}
+    for p, s in opt.state.items():
+        for key, v in s.items():
+            tensors[f"opt.{names[id(p)]}.{key}"] = torch.as_tensor(v).detach().cpu().clone()
+    tensors.update({f"state.{k}": v.detach().cpu() for k, v in counters.items()})
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"step": str(step)}))
+
+
+def load_checkpoint(
+    path: Path, sae: SparseCoder, opt: torch.optim.Optimizer, device: torch.device
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """Restore weights and optimizer state in place; return (step, counters)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            step = int((f.metadata() or {})["step"])
+        tensors = load_file(str(path), device=str(device))
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
+        raise UserError(
+            f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to restart the run"
+        ) from None
+    sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+    for name, p in sae.named_parameters():
+        s = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"opt.{name}.")}
+        if s:
+            if "step" in s:
+                s["step"] = s["step"].cpu()
+            opt.state[p] = s
+    return step, {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
 
 
 Range = tuple[int, int]
@@ -85,7 +124,7 @@ def zipf_deficit(freq: torch.Tensor, exponent: float) -> torch.Tensor:
 
     Latents are ranked by their firing-frequency EMA f; the target at rank r is
     t_r ∝ r^-exponent, normalised so that Σt = Σf. The paper's exact formula could not be
-    recovered from its text; this is the principled version of ALGORITHMS.md §4.
+    recovered from its text; this is the principled version of docs/algorithms.md §4.
     """
     n = freq.numel()
     rank = torch.empty(n, dtype=freq.dtype, device=freq.device)

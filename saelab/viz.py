@@ -179,6 +179,15 @@ def predicted_vs_actual_figure(
     return fig
 
 
+def error_split_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Bars for `error_split_figure` from darkmatter.json: the SAE, and gradient pursuit
+    when it was run."""
+    rows = [{"name": "SAE", **result}]
+    if "pursuit" in result:
+        rows.append({"name": "gradient pursuit", **result["pursuit"]})
+    return rows
+
+
 def error_split_figure(rows: list[dict[str, Any]]) -> go.Figure:
     """Linear and nonlinear parts of the error as fractions of the activations' variance,
     one bar per SAE (rows need name, fvu_linear, fvu_nonlinear; fvu optional)."""

@@ -17,13 +17,20 @@ from typing import Any
 import numpy as np
 
 from saelab.compare import eval_rows
-from saelab.darkmatter import OUT as DARKMATTER
-from saelab.darkmatter import SCALING_DIR, TOKENS_DB, read_token_table
 from saelab.errors import UserError
-from saelab.evaluate import EVAL
-from saelab.feature_index import INDEX
-from saelab.runs import LOG
-from saelab.sae import CFG, WEIGHTS
+from saelab.runs import (
+    CFG,
+    DARKMATTER,
+    DARKMATTER_TOKENS,
+    EVAL,
+    INDEX,
+    LOG,
+    SCALING,
+    WEIGHTS,
+    is_finished,
+    read_json,
+    read_token_table,
+)
 
 RUNS_DEPTH = 2
 """Runs are found at runs/<name> and one level deeper (a sweep: runs/<sweep>/<name>)."""
@@ -70,22 +77,6 @@ def resolve_run(root: Path, name: str) -> Path:
 # Files
 
 
-def read_json(path: Path, hint: str = "") -> dict[str, Any]:
-    """A JSON object from disk, or a UserError saying what is wrong (and `hint`: how to fix)."""
-    fix = f"; {hint}" if hint else ""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist{fix}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} cannot be read ({type(e).__name__}){fix}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}){fix}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} holds {type(data).__name__}, not a JSON object{fix}")
-    return data
-
-
 @dataclass
 class RunInfo:
     """One run directory and what it holds, as far as it could be read."""
@@ -101,7 +92,7 @@ class RunInfo:
 
     @property
     def complete(self) -> bool:
-        return bool(self.cfg.get("complete")) and (self.path / WEIGHTS).is_file()
+        return is_finished(self.path)
 
     @property
     def has_index(self) -> bool:
@@ -137,7 +128,7 @@ def run_info(root: Path, name: str) -> RunInfo:
     return info
 
 
-def find_runs(root: Path) -> list[str]:
+def run_names(root: Path) -> list[str]:
     """Names (relative to root, '/'-separated) of the run directories under root, sorted;
     symlinked directories that lead out of root are skipped."""
     root = root.resolve()
@@ -167,7 +158,7 @@ def first_complete(root: Path, names: list[str]) -> str:
 
 
 def list_runs(root: Path) -> list[RunInfo]:
-    return [run_info(root, n) for n in find_runs(root)]
+    return [run_info(root, n) for n in run_names(root)]
 
 
 def _pct(v: Any) -> float | None:
@@ -295,7 +286,7 @@ def darkmatter(run: Path) -> dict[str, Any]:
 
 def darkmatter_tokens(run: Path) -> dict[str, np.ndarray] | None:
     """The per-token error table, or None when it is absent; UserError when unreadable."""
-    path = run / TOKENS_DB
+    path = run / DARKMATTER_TOKENS
     if not path.is_file():
         return None
     try:
@@ -311,19 +302,11 @@ def scaling_result(root: Path, run: Path) -> tuple[Path, dict[str, Any]] | None:
     root, run = root.resolve(), run.resolve()
     if run == root:
         return None
-    path = run.parent / SCALING_DIR / "scaling.json"
+    path = run.parent / SCALING / "scaling.json"
     if not path.is_file():
         return None
     path = inside(root, path.relative_to(root))  # a symlinked folder must not lead out
     return path, read_json(path, "rerun saelab darkmatter --scaling")
-
-
-def split_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Bars for viz.error_split_figure: the SAE, and gradient pursuit when it was run."""
-    rows = [{"name": "SAE", **result}]
-    if "pursuit" in result:
-        rows.append({"name": "gradient pursuit", **result["pursuit"]})
-    return rows
 
 
 def ce_rows(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -131,14 +131,14 @@ def test_inside_refuses_escapes(tmp_path):
         wb.resolve_run(root, "a")
 
 
-def test_find_runs_nested_and_escaping_links(runs_dir, tmp_path):
-    assert wb.find_runs(runs_dir) == [HALF, PLAIN, RUN]
+def test_run_names_nested_and_escaping_links(runs_dir, tmp_path):
+    assert wb.run_names(runs_dir) == [HALF, PLAIN, RUN]
     root = tmp_path / "runs"
     root.mkdir()
     shutil.copytree(runs_dir / RUN, tmp_path / "elsewhere", ignore=lambda *a: ["features.sqlite"])
     (root / "linked").symlink_to(tmp_path / "elsewhere")
-    assert wb.find_runs(root) == []
-    assert wb.find_runs(runs_dir / RUN) == ["."]
+    assert wb.run_names(root) == []
+    assert wb.run_names(runs_dir / RUN) == ["."]
 
 
 def test_list_runs_reports_problems_instead_of_raising(runs_dir):

@@ -1,6 +1,7 @@
 """Dark matter: the streamed fits on constructed errors with known answers, gradient pursuit,
 held-out discipline, the files the app reads, --scaling, and refusals of bad input."""
 
+import dataclasses
 import json
 import shutil
 
@@ -11,6 +12,7 @@ from torch import nn
 
 import saelab.darkmatter as D
 import saelab.fitting as FIT
+from saelab import runs
 from saelab.cli import main
 from saelab.config import DarkMatterConfig, HarvestConfig, SAEConfig, TrainConfig
 from saelab.errors import UserError
@@ -154,7 +156,7 @@ class FixedError(nn.Module):
 
 def _subject(run, sae, cfg):
     s = D.prepare(run, cfg)
-    return D.Subject(s.run, s.cfg, sae, s.store, s.fit_rows, s.eval_rows)
+    return dataclasses.replace(s, sae=sae)
 
 
 def test_exactly_linear_error_leaves_no_nonlinear_part(synth):
@@ -202,7 +204,7 @@ def test_fit_and_eval_rows_are_disjoint_held_out(synth, monkeypatch):
     monkeypatch.setattr(ActivationStore, "read", read)
     monkeypatch.setattr(D, "fit_pass", fit_pass)
     assert main(["darkmatter", str(run), "--figures", "false", "-q"]) == 0
-    res = json.loads((run / D.OUT).read_text())
+    res = json.loads((run / runs.DARKMATTER).read_text())
     (f0, f1), (e0, e1) = res["fit_rows"], res["eval_rows"]
     start, stop = cfg["eval_range"]
     assert cfg["train_range"][1] <= start <= f0 < f1 <= e0 < e1 <= stop
@@ -213,7 +215,7 @@ def test_fit_and_eval_rows_are_disjoint_held_out(synth, monkeypatch):
     assert "ce" not in res or "skipped" in res["ce"]  # synthetic: no model to splice into
     top = res["top_nonlinear"]
     assert len({t["context"] for t in top}) == len(top) and "text" not in top[0]
-    table = D.read_token_table(run / D.TOKENS_DB)
+    table = runs.read_token_table(run / runs.DARKMATTER_TOKENS)
     assert table["row"].tolist() == list(range(e0, e1))
     i = int(np.argmax(table["e_nl_norm"]))
     assert (table["context"][i], table["position"][i]) == ActivationStore(cfg["harvest"]).locate(
@@ -232,14 +234,14 @@ def test_figures_are_written(synth, monkeypatch):
     assert main(["darkmatter", str(synth[1]), "--eval_tokens", "1000", "-q"]) == 0
     names = {p.name for p in (synth[1] / "figures").iterdir()}
     assert {"darkmatter_norms.html", "darkmatter_norm_sq.html", "darkmatter_split.html"} <= names
-    assert json.loads((synth[1] / D.OUT).read_text())["n_eval"] == 1000
+    assert json.loads((synth[1] / runs.DARKMATTER).read_text())["n_eval"] == 1000
 
 
 def test_scaling_matrix(synth, monkeypatch):
     monkeypatch.setattr("plotly.io.write_images", lambda *a, **k: None)
     argv = ["darkmatter", "--scaling", str(synth[1]), str(synth[0]), "-q"]
     assert main(argv) == 0
-    out = synth[0].parent / D.SCALING_DIR
+    out = synth[0].parent / runs.SCALING
     res = json.loads((out / "scaling.json").read_text())
     assert [r["d_sae"] for r in res["runs"]] == [32, 64]  # ordered by width
     r2, r2_nl = np.array(res["r2_norm"]), np.array(res["r2_norm_with_nonlinear"])

@@ -20,6 +20,7 @@ from saelab.evaluate import (
 )
 from saelab.harvest import harvest
 from saelab.models import load_model
+from saelab.runs import OpenRun
 from saelab.sae import SparseCoder
 from saelab.store import ActivationStore
 from saelab.trainer import train
@@ -184,7 +185,8 @@ def test_gradient_topk_also_reports_with_gradients(tiny_run):
     run_cfg = json.loads((tiny_run / "cfg.json").read_text())
     sae = SparseCoder(64, 128, 8, "gradient_topk", beta=4.0)
     store = ActivationStore(run_cfg["harvest"], run_cfg["hook"])
-    ds = run_downstream(EvalConfig(downstream_contexts=2), run_cfg, sae, store)
+    run = OpenRun(tiny_run, run_cfg, sae, store, torch.device("cpu"))
+    ds = run_downstream(EvalConfig(downstream_contexts=2), run)
     plain, with_grad = ds["variants"]["sae"], ds["variants"]["with_grad"]
     assert plain["ce"] != with_grad["ce"]  # the gradients changed which latents fire
     result = {"modes": {}}

@@ -19,6 +19,7 @@ from saelab.feature_index import FeatureIndex
 from saelab.features import build_index
 from saelab.harvest import harvest
 from saelab.models import load_tokenizer
+from saelab.runs import INDEX
 from saelab.sae import SparseCoder
 from saelab.store import ActivationStore
 from saelab.synthetic import SyntheticData, write_harvest
@@ -241,9 +242,9 @@ def _dump(path):
 
 
 def test_rebuild_is_idempotent(run):
-    before = _dump(run / F.INDEX)
+    before = _dump(run / INDEX)
     build_index(run, CFG, progress=False)
-    assert _dump(run / F.INDEX) == before
+    assert _dump(run / INDEX) == before
     assert not list(run.glob("*.tmp")) and not list(run.glob(".index-*"))
 
 
@@ -252,7 +253,7 @@ def _sha(path):
 
 
 def test_failed_build_leaves_the_index_intact(run, monkeypatch):
-    good = _sha(run / F.INDEX)
+    good = _sha(run / INDEX)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -260,22 +261,22 @@ def test_failed_build_leaves_the_index_intact(run, monkeypatch):
     monkeypatch.setattr(F, "_vocab", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_index(run, CFG, progress=False)
-    assert _sha(run / F.INDEX) == good and not list(run.glob(".index-*"))
+    assert _sha(run / INDEX) == good and not list(run.glob(".index-*"))
 
 
 def test_missing_incomplete_or_corrupt_index(run, tmp_path):
     with pytest.raises(UserError, match="saelab index"):
-        FeatureIndex(tmp_path / F.INDEX)
+        FeatureIndex(tmp_path / INDEX)
     bad = tmp_path / "bad.sqlite"
     bad.write_bytes(b"not a database" * 100)
     with pytest.raises(UserError, match="damaged.*saelab index"):
         FeatureIndex(bad)
     cut = tmp_path / "cut.sqlite"
-    cut.write_bytes((run / F.INDEX).read_bytes()[:4096])
+    cut.write_bytes((run / INDEX).read_bytes()[:4096])
     with pytest.raises(UserError, match="saelab index"):
         FeatureIndex(cut).latent(0)
     half = tmp_path / "half.sqlite"
-    shutil.copy(run / F.INDEX, half)
+    shutil.copy(run / INDEX, half)
     con = sqlite3.connect(half)
     con.execute("DELETE FROM meta WHERE key = 'complete'")
     con.commit()
@@ -285,7 +286,7 @@ def test_missing_incomplete_or_corrupt_index(run, tmp_path):
 
 
 def test_cli_bad_runs_exit_2(run, tmp_path, capsys):
-    good = _sha(run / F.INDEX)
+    good = _sha(run / INDEX)
     cfg = json.loads((run / "cfg.json").read_text())
     (tmp_path / "empty").mkdir()
     half = tmp_path / "half"
@@ -304,7 +305,7 @@ def test_cli_bad_runs_exit_2(run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "error:" in err
         assert re.search(msg, err), err
-    assert _sha(orphan / F.INDEX) == good  # the copied index survived the failed build
+    assert _sha(orphan / INDEX) == good  # the copied index survived the failed build
     assert main(["index", "-q"]) == 2
 
 

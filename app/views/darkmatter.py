@@ -7,7 +7,7 @@ import streamlit as st
 
 from saelab import viz
 from saelab import workbench as wb
-from saelab.darkmatter import TOKENS_DB
+from saelab.runs import DARKMATTER_TOKENS
 
 NORMS = ("e_norm", "e_lin_norm", "e_nl_norm")
 FVUS = ("fvu", "fvu_linear", "fvu_nonlinear")
@@ -27,11 +27,11 @@ def headline(dm: dict) -> None:
 
 
 def figures(info: wb.RunInfo, dm: dict) -> None:
-    path = info.path / TOKENS_DB
+    path = info.path / DARKMATTER_TOKENS
     tokens = common.darkmatter_tokens(str(info.path), common.mtime(path))
     left, right = st.columns(2)
     if tokens is None:
-        left.info(f"{TOKENS_DB} is missing, so the per-token figures are not shown.")
+        left.info(f"{DARKMATTER_TOKENS} is missing, so the per-token figures are not shown.")
     else:
         left.plotly_chart(viz.error_norms_figure({k: tokens[k] for k in NORMS}))
         right.plotly_chart(
@@ -40,7 +40,7 @@ def figures(info: wb.RunInfo, dm: dict) -> None:
             )
         )
     left, right = st.columns(2)
-    left.plotly_chart(viz.error_split_figure(wb.split_rows(dm)))
+    left.plotly_chart(viz.error_split_figure(viz.error_split_rows(dm)))
     with right:
         if ce := wb.ce_rows(dm):
             st.markdown("**Splicing into the model** (CE on held-out contexts)")

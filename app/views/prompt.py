@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from saelab import viz
-from saelab.evaluate import SYNTHETIC
+from saelab.runs import SYNTHETIC
 
 DEFAULT_PROMPT = "In the beginning God created the heaven and the earth."
 
