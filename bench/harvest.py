@@ -43,7 +43,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = HarvestConfig(
             model=args.model, hooks=[args.hook], n_tokens=args.n_tokens, n_ctx=args.n_ctx,
-            batch_size=args.batch_size, dtype=args.dtype, out_dir=tmp, name="bench",
+            batch_size=args.batch_size, dtype=args.dtype, out=f"{tmp}/bench",
         )  # fmt: skip
         model, meta, tokens, stop = H._prepare(cfg, Path(tmp) / "bench")
         tokens_t = torch.from_numpy(tokens).long()

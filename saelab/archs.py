@@ -1,6 +1,6 @@
 """Selection rules: how an SAE picks which latents fire for each token.
 
-Each rule is one `ArchSpec` registered in `ARCHS` (and named in the `Arch` Literal; a test
+Each rule is one `ArchSpec` registered in `ARCHS` (and named in `saelab.config.Arch`, the Literal that types `--sae.arch`; a test
 keeps the two equal). A rule receives the SAE and a batch of *scaled* activations and
 returns the sparse code, plus, during training, the candidates for the auxiliary loss.
 The trainer, evaluation and CLI discover rules from `ARCHS` alone.
@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from saelab import kernels
+from saelab.config import Arch
 
 if TYPE_CHECKING:
     from saelab.sae import SparseCoder
@@ -250,8 +251,6 @@ def mp_select(r: Tensor, W_dec: Tensor, steps: int, tol: float = 0.0) -> Tensor:
         c[rows, j] = float("-inf")  # no repeats
     return chosen
 
-
-Arch = Literal["topk", "gradient_topk", "feature_choice", "mutual_choice", "matching_pursuit"]
 
 ARCHS: dict[str, ArchSpec] = {
     "topk": ArchSpec(topk),

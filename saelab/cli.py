@@ -7,10 +7,10 @@ A `UserError` ends the command with its one-line message and exit status 2.
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from saelab import config as C
@@ -83,8 +83,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def cmd_eval(ns: argparse.Namespace) -> int:
     from saelab.evaluate import evaluate, summary_table
 
-    extra = {"run": ns.run_dir} if ns.run_dir else {}
-    cfg = _config_from_args(C.EvalConfig, ns, extra)
+    cfg = _config_from_args(C.EvalConfig, ns, {})
     result = evaluate(cfg)
     sys.stdout.write(summary_table([(cfg.run, result)]) + "\n")
     return 0
@@ -98,7 +97,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     from saelab.runs import COMPARE
 
     runs = expand_runs(ns.run)
-    results = eval_results(runs, _config_from_args(C.EvalConfig, ns, {}))
+    results = eval_results(runs, _config_from_args(C.EvalConfig, ns, {"run": ""}))
     rows = [row for run, res in results for row in eval_rows(run.name, res)]
     files = write_comparison(rows, Path(ns.out) if ns.out else runs[0].parent / COMPARE)
     sys.stdout.write(table(rows) + "\n\nwrote " + ", ".join(map(str, files)) + "\n")
@@ -127,8 +126,7 @@ def cmd_darkmatter(ns: argparse.Namespace) -> int:
 def cmd_index(ns: argparse.Namespace) -> int:
     from saelab.features import build_index
 
-    extra = {"run": ns.run_dir} if ns.run_dir else {}
-    cfg = _config_from_args(C.IndexConfig, ns, extra)
+    cfg = _config_from_args(C.IndexConfig, ns, {})
     if not cfg.run:
         raise UserError("no run given; use saelab index runs/<name>")
     log.info("feature index ready: %s", build_index(cfg.run, cfg, progress=not ns.quiet))
@@ -136,9 +134,10 @@ def cmd_index(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    from saelab.interop import export_cli
+    from saelab.interop import export_saelens
 
-    return export_cli(ns)
+    log.info("SAELens export ready: %s", export_saelens(ns.run, ns.out))
+    return 0
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -165,10 +164,10 @@ def cmd_app(ns: argparse.Namespace) -> int:
         raise UserError(
             f"the app is not at {home}; run saelab from a source checkout (pip install -e .)"
         )
-    runs = Path(ns.runs_dir).resolve()
+    runs = Path(ns.runs).resolve()
     if not runs.is_dir():
         raise UserError(
-            f"{ns.runs_dir} is not a directory; train a run first (saelab demo) or pass runs_dir"
+            f"{ns.runs} is not a directory; train a run first (saelab demo) or pass a runs folder"
         )
     _check_port_free(ns.host, ns.port)
     cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--server.headless", "true"]
@@ -185,32 +184,85 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return demo(quick=ns.quick)
 
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], type | None]] = {
-    "harvest": (
-        "record a model's activations to cached_activations/",
-        cmd_harvest,
-        C.HarvestConfig,
+@dataclass(frozen=True)
+class Command:
+    help: str
+    handler: Callable[[argparse.Namespace], int]
+    config: type | None = None
+    """The config dataclass whose fields become flags (`--sae.k`), if any."""
+    args: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = ()
+    """Its own arguments: (names, add_argument keywords) each."""
+
+
+def _arg(*names: str, **kw: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    return names, kw
+
+
+# A positional run that fills the config's `run` field; SUPPRESS lets a preset's value stand.
+_RUN = _arg("run", nargs="?", default=argparse.SUPPRESS, help="run directory (runs/<name>)")
+
+COMMANDS: dict[str, Command] = {
+    "harvest": Command(
+        "record a model's activations to cached_activations/", cmd_harvest, C.HarvestConfig
     ),
-    "train": ("train an SAE on a harvest", cmd_train, C.TrainConfig),
-    "eval": ("evaluate a run on held-out tokens (writes eval.json)", cmd_eval, C.EvalConfig),
-    "compare": (
+    "train": Command("train an SAE on a harvest", cmd_train, C.TrainConfig),
+    "eval": Command(
+        "evaluate a run on held-out tokens (writes eval.json)", cmd_eval, C.EvalConfig, (_RUN,)
+    ),
+    "compare": Command(
         "runs side by side: table and FVU-vs-L0 figure (HTML, PNG)",
         cmd_compare,
         C.EvalConfig,
+        (
+            _arg("run", nargs="+", help="run directories, or folders of runs (a sweep)"),
+            _arg("--out", help="output folder (default: <first run's parent>/compare)"),
+        ),
     ),
-    "darkmatter": (
+    "darkmatter": Command(
         "decompose a run's SAE error (darkmatter.json); --scaling across runs",
         cmd_darkmatter,
         C.DarkMatterConfig,
+        (
+            _arg("run", nargs="+", help="run directory (several with --scaling)"),
+            _arg(
+                "--scaling",
+                action="store_true",
+                help="per-token error-norm R² matrix across SAEs of one harvest",
+            ),
+        ),
     ),
-    "index": (
+    "index": Command(
         "build a run's feature index for the app (features.sqlite)",
         cmd_index,
         C.IndexConfig,
+        (_RUN,),
     ),
-    "export": ("export a run to another SAE layout (SAELens)", cmd_export, None),
-    "app": ("the Streamlit workbench on a runs directory (localhost)", cmd_app, None),
-    "demo": ("harvest, train and evaluate on the embedded default model", cmd_demo, None),
+    "export": Command(
+        "export a run to another SAE layout (SAELens)",
+        cmd_export,
+        None,
+        (
+            _arg("run", help="run directory (runs/<name>)"),
+            _arg("out", help="output directory"),
+            _arg("--format", default="saelens", choices=["saelens"], help="target layout"),
+        ),
+    ),
+    "app": Command(
+        "the Streamlit workbench on a folder of runs (localhost)",
+        cmd_app,
+        None,
+        (
+            _arg("runs", nargs="?", default="runs", help="folder of runs (default: runs)"),
+            _arg("--port", type=int, default=8501, help="port (default: 8501)"),
+            _arg("--host", default="127.0.0.1", help="address to bind (default: localhost)"),
+        ),
+    ),
+    "demo": Command(
+        "harvest, train and evaluate on the embedded default model",
+        cmd_demo,
+        None,
+        (_arg("--quick", action="store_true", help="a smaller, faster demo"),),
+    ),
 }
 
 
@@ -220,37 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_, _, cls) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, allow_abbrev=False)
         p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-        if name in ("eval", "index"):
-            p.add_argument("run_dir", nargs="?", help="run directory (same as --run)")
-        if name == "compare":
-            p.add_argument("runs", nargs="+", help="run directories, or sweep directories")
-            p.add_argument("--out", help="output folder (default: <first run's parent>/compare)")
-        if name == "darkmatter":
-            p.add_argument("runs", nargs="+", help="run directory (several with --scaling)")
-            p.add_argument(
-                "--scaling",
-                action="store_true",
-                help="per-token error-norm R² matrix across SAEs of one harvest",
-            )
-        if name == "export":
-            p.add_argument("run", help="run directory")
-            p.add_argument("dest", help="output directory")
-            p.add_argument("--format", default="saelens", choices=["saelens"], help="target layout")
-        if name == "app":
-            p.add_argument(
-                "runs_dir", nargs="?", default="runs", help="runs directory (default: runs)"
-            )
-            p.add_argument("--port", type=int, default=8501, help="port (default: 8501)")
-            p.add_argument(
-                "--host", default="127.0.0.1", help="address to bind (default: localhost)"
-            )
-        if name == "demo":
-            p.add_argument("--quick", action="store_true", help="a smaller, faster demo")
-        if cls is not None:
-            _add_config_flags(p, cls)
+        for names, kw in cmd.args:
+            p.add_argument(*names, **kw)
+        if cmd.config is not None:
+            _add_config_flags(p, cmd.config)
     return parser
 
 
@@ -260,11 +288,11 @@ def _check_unknown(
     flags = [u for u in unknown if u.startswith("--")]
     if not unknown:
         return
-    cls = COMMANDS[ns.command][2]
+    cls = COMMANDS[ns.command].config
     known = ["--" + k for k in C.flat_fields(cls)] if cls else []
     bad = flags[0] if flags else unknown[0]
-    close = difflib.get_close_matches(bad.split("=")[0], known, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; see saelab {ns.command} --help"
+    close = C.did_you_mean(bad.split("=")[0].removeprefix("--"), [k[2:] for k in known])
+    hint = f"; did you mean '--{close}'?" if close else f"; see saelab {ns.command} --help"
     raise UserError(f"unknown option '{bad}' for saelab {ns.command}{hint}")
 
 
@@ -283,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         _check_unknown(parser, ns, unknown)
-        return COMMANDS[ns.command][1](ns)
+        return COMMANDS[ns.command].handler(ns)
     except UserError as e:
         sys.stderr.write(f"saelab {ns.command}: error: {e}\n")
         return 2

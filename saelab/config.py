@@ -32,6 +32,8 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HOOK = "blocks.6.hook_resid_post"
 
 Dtype = Literal["float16", "bfloat16", "float32"]
+Arch = Literal["topk", "gradient_topk", "feature_choice", "mutual_choice", "matching_pursuit"]
+"""The selection rules of `saelab.archs.ARCHS` (a test keeps the two equal)."""
 
 
 @dataclass
@@ -72,11 +74,8 @@ class HarvestConfig:
     """Also store the gradient of the next-token loss with respect to each hooked activation
     (needed by gradient_topk)."""
 
-    name: str = ""
-    """Directory name under out_dir; defaults to <model>-<first hook>."""
-
-    out_dir: str = "cached_activations"
-    """Parent directory of harvests."""
+    out: str = ""
+    """Harvest directory to write; default cached_activations/<model>-<first hook>."""
 
     seed: int = 0
     """Seed for corpus shuffling."""
@@ -94,8 +93,8 @@ class HarvestConfig:
 
 @dataclass
 class SAEConfig:
-    arch: str = "topk"
-    """Selection rule, one of saelab.archs.ARCHS."""
+    arch: Arch = "topk"
+    """Selection rule (saelab/archs.py)."""
 
     d_sae: int = 4096
     """Number of latents."""
@@ -238,7 +237,7 @@ class EvalConfig:
     downstream: bool = True
     """Also splice the SAE into the model and measure CE/KL on held-out contexts."""
 
-    downstream_contexts: int = 64
+    ce_contexts: int = 64
     """Held-out contexts for the downstream (CE, KL) metrics."""
 
     splice_from: int = 1
@@ -249,7 +248,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size")
-        _nonnegative(self, "n_tokens", "downstream_contexts")
+        _nonnegative(self, "n_tokens", "ce_contexts")
         if self.splice_from < 1:
             raise UserError(f"splice_from={self.splice_from} would splice BOS; use 1 or more")
         if not 0 < self.mp_tol < 1:
@@ -262,7 +261,7 @@ class DarkMatterConfig:
     """Held-out tokens used to fit the linear predictor of the SAE error; 0: half of the
     run's held-out split, at most 150k (the paper's fit size)."""
 
-    eval_tokens: int = 0
+    score_tokens: int = 0
     """Further held-out tokens (disjoint from the fit tokens) the predictor is scored on;
     0: the rest of the held-out split, at most 300k (the paper's)."""
 
@@ -299,7 +298,7 @@ class DarkMatterConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size")
-        _nonnegative(self, "fit_tokens", "eval_tokens", "ce_contexts", "top_contexts")
+        _nonnegative(self, "fit_tokens", "score_tokens", "ce_contexts", "top_contexts")
         _nonnegative(self, "pursuit_steps", "ridge")
         if self.splice_from < 1:
             raise UserError(f"splice_from={self.splice_from} would splice BOS; use 1 or more")
@@ -314,11 +313,11 @@ class IndexConfig:
     """Harvest rows to index: 'all' (more text, so better contexts for rare latents; the SAE
     was trained on most of it) or 'heldout' (only the run's held-out split)."""
 
-    tokens: int = 0
+    n_tokens: int = 0
     """Index only the first this many of those rows; 0 means all of them."""
 
-    top_n: int = 20
-    """Top-activating contexts kept per latent: the best of its top 2·top_n tokens whose
+    top_contexts: int = 20
+    """Top-activating contexts kept per latent: the best of its top 2·top_contexts tokens whose
     windows do not overlap a better one's in the same context."""
 
     quantile_samples: int = 2
@@ -359,8 +358,8 @@ class IndexConfig:
     """'auto', 'cpu' or 'cuda'."""
 
     def __post_init__(self) -> None:
-        _positive(self, "top_n", "quantile_pool", "hist_bins", "batch_size", "token_latents")
-        _nonnegative(self, "tokens", "quantile_samples", "context_before", "context_after")
+        _positive(self, "top_contexts", "quantile_pool", "hist_bins", "batch_size", "token_latents")
+        _nonnegative(self, "n_tokens", "quantile_samples", "context_before", "context_after")
         _nonnegative(self, "neighbours", "logit_tokens")
 
 
@@ -446,8 +445,30 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _unknown_key(key: str, known: list[str]) -> UserError:
+RENAMED = {
+    "out_dir": "out",
+    "name": "out",
+    "downstream_contexts": "ce_contexts",
+    "top_n": "top_contexts",
+    "tokens": "n_tokens",
+    "eval_tokens": "score_tokens",
+}
+"""Names that an earlier saelab used for a field, refused with the new one as the hint (an
+old name that still names another field, like train's eval_tokens, is simply that field)."""
+
+
+def did_you_mean(key: str, known: list[str]) -> str | None:
+    """The known key that `key` most likely meant: its new name, or the closest spelling."""
+    prefix, _, last = key.rpartition(".")
+    renamed = (prefix + "." if prefix else "") + RENAMED.get(last, "\0")
+    if renamed in known:
+        return renamed
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _unknown_key(key: str, known: list[str]) -> UserError:
+    close = [m] if (m := did_you_mean(key, known)) else []
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(known)}"
     return UserError(f"unknown config key '{key}'{hint}")
 

@@ -76,13 +76,13 @@ def split_rows(
     start, stop = heldout
     n = stop - start
     n_fit = cfg.fit_tokens or min(n // 2, FIT_CAP)
-    n_eval = cfg.eval_tokens or min(n - n_fit, EVAL_CAP)
+    n_eval = cfg.score_tokens or min(n - n_fit, EVAL_CAP)
     need = ROWS_PER_PARAM * (d_in + 1)
     if n_fit + n_eval > n or min(n_fit, n_eval) < need:
         raise UserError(
             f"{where} has {n:,} held-out tokens; dark matter needs at least {need:,} to fit and "
             f"{need:,} to evaluate (asked {n_fit:,} + {n_eval:,}); retrain with a larger "
-            f"--eval_tokens or lower --fit_tokens/--eval_tokens"
+            f"--eval_tokens or lower --fit_tokens/--score_tokens"
         )
     if n_fit < WARN_ROWS_PER_PARAM * (d_in + 1):
         log.warning(

@@ -45,7 +45,7 @@ def demo(quick: bool = False, runs_dir: str = "runs") -> int:
     run = train(tcfg)
     t_train = time.perf_counter() - t0 - t_harvest
 
-    result = evaluate(EvalConfig(run=str(run), downstream_contexts=16 if quick else 64))
+    result = evaluate(EvalConfig(run=str(run), ce_contexts=16 if quick else 64))
     t_eval = time.perf_counter() - t0 - t_harvest - t_train
 
     dcfg = DarkMatterConfig(ce_contexts=8 if quick else 16)

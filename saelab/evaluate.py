@@ -256,7 +256,7 @@ def run_downstream(cfg: EvalConfig, run: OpenRun) -> dict[str, Any]:
     """The `downstream` section of eval.json: the SAE (inference rule) spliced on whole
     held-out contexts, and for gradient_topk also with on-the-fly gradients."""
     run_cfg, sae, store = run.cfg, run.sae, run.store
-    contexts = heldout_contexts(store, run.heldout, cfg.downstream_contexts)
+    contexts = heldout_contexts(store, run.heldout, cfg.ce_contexts)
     if not contexts:
         log.info("downstream metrics skipped: no whole context inside the held-out rows")
         return {"skipped": "no whole held-out context"}
@@ -305,7 +305,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "modes": results,
     }
     result["dead_window_tokens"] = result["n_tokens"]
-    if cfg.downstream and cfg.downstream_contexts:
+    if cfg.downstream and cfg.ce_contexts:
         _add_downstream(result, run_downstream(cfg, run))
     write_json(run.path / EVAL, result)
     return result

@@ -19,7 +19,7 @@ import numpy as np
 from saelab.errors import UserError
 from saelab.runs import INDEX, SYNTHETIC
 
-VERSION = 3
+VERSION = 4
 """Bumped whenever the schema or the meaning of a column changes; older files are refused."""
 
 

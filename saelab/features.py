@@ -100,7 +100,7 @@ class _Pass:
         self.max_act, self.hi = z(torch.float32), z(torch.float32)
         self.hist = torch.zeros(d_sae, cfg.hist_bins, dtype=torch.int64, device=device)
         # Twice the contexts shown: those whose windows overlap a better one are dropped.
-        self.top = _TopM(d_sae, 2 * cfg.top_n, device, torch.int64)
+        self.top = _TopM(d_sae, 2 * cfg.top_contexts, device, torch.int64)
         self.pool = _TopM(d_sae, cfg.quantile_pool, device, torch.int64, torch.float32)
         self.gen = torch.Generator(device).manual_seed(cfg.seed)
         self.keys_file, self.acts_file = tmp / "keys.i64", tmp / "acts.f32"
@@ -160,7 +160,7 @@ def _prepare(run: str | Path, cfg: IndexConfig) -> _Subject:
     lo, hi = (0, store.n_tokens)
     if cfg.rows == "heldout":
         lo, hi = opened.heldout
-    hi = min(hi, store.n_tokens, lo + cfg.tokens) if cfg.tokens else min(hi, store.n_tokens)
+    hi = min(hi, store.n_tokens, lo + cfg.n_tokens) if cfg.n_tokens else min(hi, store.n_tokens)
     if hi <= lo:
         raise UserError(f"{run}: no rows to index in [{lo}, {hi}); check --rows and --tokens")
     return _Subject(**vars(opened), rows=(lo, hi))
@@ -422,7 +422,7 @@ def _contexts(acc: _Pass, cfg: IndexConfig, tpc: int) -> dict[str, np.ndarray]:
     samples."""
     score, rows = acc.top.score.cpu().numpy(), acc.top.pay[0].cpu().numpy()
     reach = cfg.context_before + cfg.context_after
-    lat, slot = _distinct_top(score, rows, tpc, reach, cfg.top_n)
+    lat, slot = _distinct_top(score, rows, tpc, reach, cfg.top_contexts)
     first = np.searchsorted(lat, lat, side="left")
     rank = np.arange(lat.size) - first
     q = _quantile_picks(acc, cfg.quantile_samples)
@@ -488,7 +488,8 @@ def build_index(run: str | Path, cfg: IndexConfig | None = None, progress: bool 
     meta = {
         "run": str(s.path), "harvest": s.cfg["harvest"], "model": s.cfg.get("model"),
         "hook": s.cfg["hook"], "d_sae": s.sae.d_sae, "k": s.sae.k, "arch": s.sae.arch,
-        "tokens": hi - lo, "rows": [lo, hi], "row_choice": cfg.rows, "top_n": cfg.top_n,
+        "n_tokens": hi - lo, "rows": [lo, hi], "row_choice": cfg.rows,
+        "top_contexts": cfg.top_contexts,
         "quantiles": list(QUANTILES), "quantile_samples": cfg.quantile_samples,
         "context": [cfg.context_before, cfg.context_after], "logit_lens": lens is not None,
         "logit_lens_note": note, "built_at": datetime.now(timezone.utc).isoformat(),

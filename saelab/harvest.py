@@ -55,8 +55,7 @@ _HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")
 
 
 def harvest_dir(cfg: HarvestConfig) -> Path:
-    name = cfg.name or f"{Path(cfg.model).name}-{cfg.hooks[0]}"
-    return Path(cfg.out_dir) / name
+    return Path(cfg.out or f"cached_activations/{Path(cfg.model).name}-{cfg.hooks[0]}")
 
 
 def n_contexts_for(cfg: HarvestConfig) -> int:
@@ -110,7 +109,7 @@ def _check_disk(out: Path, need: int) -> None:
     if need > free:
         raise UserError(
             f"harvest needs {need / 1e9:.2f} GB but {probe} has {free / 1e9:.2f} GB free; "
-            "free some space, lower n_tokens or pick another --out_dir"
+            "free some space, lower n_tokens or pick another --out"
         )
 
 

@@ -22,7 +22,6 @@ sparsify (EleutherAI; one directory per hookpoint):
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -161,15 +160,6 @@ def _replace_dir(new: Path, dest: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(new, dest)  # rename onto an empty directory is allowed
-
-
-def export_cli(ns: argparse.Namespace) -> int:
-    """`saelab export --format saelens RUN DEST`."""
-    if ns.format != "saelens":
-        raise UserError(f"unknown export format {ns.format!r}; valid: saelens")
-    dest = export_saelens(ns.run, ns.dest)
-    logging.getLogger("saelab").info("SAELens export ready: %s", dest)
-    return 0
 
 
 # ---------------------------------------------------------------------------------------

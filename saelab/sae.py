@@ -127,22 +127,20 @@ class SparseCoder(nn.Module):
             "beta": self.beta,
         }
 
-    def save(self, run_dir: str | Path, extra: dict[str, Any] | None = None) -> None:
+    def save(self, run: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write sae.safetensors, then cfg.json, each atomically."""
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run = Path(run)
+        run.mkdir(parents=True, exist_ok=True)
         tensors = {n: t.detach().contiguous().cpu() for n, t in self.state_dict().items()}
-        atomic_write(run_dir / WEIGHTS, lambda p: save_file(tensors, str(p)))
-        write_json(run_dir / CFG, {**(extra or {}), **self.config()})
+        atomic_write(run / WEIGHTS, lambda p: save_file(tensors, str(p)))
+        write_json(run / CFG, {**(extra or {}), **self.config()})
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
-        run_dir = Path(run_dir)
-        cfg_path, w_path = run_dir / CFG, run_dir / WEIGHTS
+    def load(cls, run: str | Path, device: str | torch.device = "cpu") -> SparseCoder:
+        run = Path(run)
+        cfg_path, w_path = run / CFG, run / WEIGHTS
         if not cfg_path.is_file() or not w_path.is_file():
-            raise UserError(
-                f"{run_dir} holds no trained SAE ({CFG} and {WEIGHTS}); train one first"
-            )
+            raise UserError(f"{run} holds no trained SAE ({CFG} and {WEIGHTS}); train one first")
         try:
             cfg = json.loads(cfg_path.read_text())
             sae = cls(
@@ -156,7 +154,5 @@ class SparseCoder(nn.Module):
             )
             sae.load_state_dict(load_file(w_path, device=str(device)))
         except (KeyError, json.JSONDecodeError, RuntimeError, OSError, SafetensorError) as e:
-            raise UserError(
-                f"{run_dir} holds a damaged SAE ({type(e).__name__}); retrain it"
-            ) from None
+            raise UserError(f"{run} holds a damaged SAE ({type(e).__name__}); retrain it") from None
         return sae

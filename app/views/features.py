@@ -93,7 +93,7 @@ def card(idx: FeatureIndex, i: int) -> None:
     m[2].metric("mean activation", f"{c.mean_act:.3g}")
     m[3].metric("max activation", f"{c.max_act:.3g}")
     if c.n_fires == 0:
-        st.info(f"Latent {i} never fired on the {idx.meta.get('tokens', 0):,} indexed tokens.")
+        st.info(f"Latent {i} never fired on the {idx.meta.get('n_tokens', 0):,} indexed tokens.")
     left, right = st.columns(2)
     if c.n_fires:
         left.plotly_chart(viz.activation_hist_figure(c.hist_edges, c.hist_counts, c.n_zero))
@@ -145,7 +145,7 @@ def main() -> None:
     meta = idx.meta
     st.caption(
         f"{info.name}: {meta.get('arch')} · {meta.get('d_sae'):,} latents · k {meta.get('k')} · "
-        f"{meta.get('tokens', 0):,} indexed tokens of {meta.get('model')} at {meta.get('hook')}"
+        f"{meta.get('n_tokens', 0):,} indexed tokens of {meta.get('model')} at {meta.get('hook')}"
     )
     d_sae = int(meta["d_sae"])
     read_query(d_sae)
