@@ -1,7 +1,11 @@
-"""Shared fixtures: every RNG seeded, the hub switched off so accidental downloads fail fast."""
+"""Shared fixtures: every RNG seeded, the hub switched off so accidental downloads fail fast,
+and factories for the harvests and tiny trained runs that many tests start from."""
 
 import os
 import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,3 +23,104 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+# The factories are session-scoped (they hold no state) so that module- and session-scoped
+# fixtures can use them too; those pass paths from tmp_path_factory, tests pass tmp_path.
+
+
+@pytest.fixture(scope="session")
+def synthetic_harvest():
+    """Factory: write a saelab.synthetic harvest at `path` and return its directory."""
+    from saelab.synthetic import SyntheticData, write_harvest
+
+    def make(
+        path: Path,
+        *,
+        n_tokens: int,
+        d_in: int = 16,
+        n_features: int = 64,
+        k_true: float = 3,
+        seed: int = 0,
+        tokens_per_context: int = 31,
+        shard_contexts: int = 32,
+        grads: bool = False,
+    ) -> Path:
+        data = SyntheticData(d_in=d_in, n_features=n_features, k_true=k_true, seed=seed)
+        return write_harvest(
+            path,
+            data,
+            n_tokens,
+            tokens_per_context=tokens_per_context,
+            shard_contexts=shard_contexts,
+            grads=grads,
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def model_harvest():
+    """Factory: harvest one hook of the tiny model (float32) into `root`/h; returns the path."""
+    from saelab.config import HarvestConfig
+    from saelab.harvest import harvest
+
+    def make(
+        root: Path,
+        *,
+        n_tokens: int,
+        hook: str = "blocks.0.hook_resid_post",
+        n_ctx: int = 16,
+        batch_size: int = 32,
+    ) -> Path:
+        cfg = HarvestConfig(
+            model="tiny", hooks=[hook], n_tokens=n_tokens, n_ctx=n_ctx, batch_size=batch_size,
+            dtype="float32", out_dir=str(root), name="h",
+        )  # fmt: skip
+        return harvest(cfg, progress=False)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_harvest):
+    """Factory: train a tiny SAE into `out` and return the run directory.
+
+    harvest is a harvest directory, or a mapping of synthetic_harvest keywords for a
+    synthetic harvest written next to the run (at out/../h). Any other TrainConfig field
+    can be given as a keyword; batch_size, dead_tokens and checkpoint_every have small
+    defaults here.
+    """
+    from saelab.config import SAEConfig, TrainConfig
+    from saelab.trainer import train
+
+    def make(
+        out: Path,
+        *,
+        harvest: Path | Mapping[str, Any],
+        d_sae: int,
+        k: int,
+        eval_tokens: int,
+        arch: str = "topk",
+        n_tokens: int = 0,
+        batch_size: int = 256,
+        dead_tokens: int = 2000,
+        checkpoint_every: int = 0,
+        **overrides: Any,
+    ) -> Path:
+        if isinstance(harvest, Mapping):
+            harvest = synthetic_harvest(Path(out).parent / "h", **harvest)
+        cfg = TrainConfig(
+            harvest=str(harvest),
+            out=str(out),
+            sae=SAEConfig(arch, d_sae, k),
+            n_tokens=n_tokens,
+            eval_tokens=eval_tokens,
+            batch_size=batch_size,
+            dead_tokens=dead_tokens,
+            checkpoint_every=checkpoint_every,
+            **overrides,
+        )
+        return train(cfg, progress=False)
+
+    return make

@@ -14,14 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from saelab import viz
 from saelab import workbench as wb
-from saelab.config import (
-    DarkMatterConfig,
-    EvalConfig,
-    HarvestConfig,
-    IndexConfig,
-    SAEConfig,
-    TrainConfig,
-)
+from saelab.config import DarkMatterConfig, EvalConfig, IndexConfig
 from saelab.errors import UserError
 
 HOME = Path(__file__).resolve().parent.parent / "app" / "Home.py"
@@ -31,32 +24,19 @@ HALF = "half"  # cfg.json only, training not finished
 PAGES = ["runs", "features", "dead", "darkmatter", "compare", "prompt"]
 
 
-def build_runs(root: Path) -> Path:
+def build_runs(root: Path, model_harvest, trained_run) -> Path:
     """A runs dir with one fully analysed run on the tiny model, a finished run with nothing
-    else, and a half-written run. Built once per test session (the browser test reuses it)."""
+    else, and a half-written run. Built once per test session (the browser test reuses it);
+    model_harvest and trained_run are the conftest factories."""
     runs = root / "runs"
     if (runs / "READY").is_file():
         return runs
     from saelab.darkmatter import prepare, run_one
     from saelab.evaluate import evaluate
     from saelab.features import build_index
-    from saelab.harvest import harvest
-    from saelab.trainer import train
 
-    h = harvest(
-        HarvestConfig(
-            model="tiny", hooks=["blocks.0.hook_resid_post"], n_tokens=31 * 200, n_ctx=32,
-            batch_size=32, dtype="float32", out_dir=str(root), name="h",
-        ),
-        progress=False,
-    )  # fmt: skip
-    run = train(
-        TrainConfig(
-            harvest=str(h), out=str(runs / RUN), sae=SAEConfig("topk", 128, 8), batch_size=256,
-            eval_tokens=31 * 100, dead_tokens=2000, checkpoint_every=0, log_every=2,
-        ),
-        progress=False,
-    )  # fmt: skip
+    h = model_harvest(root, n_tokens=31 * 200, n_ctx=32)
+    run = trained_run(runs / RUN, harvest=h, d_sae=128, k=8, eval_tokens=31 * 100, log_every=2)
     evaluate(EvalConfig(run=str(run), downstream_contexts=8), progress=False)
     dm = DarkMatterConfig(ce_contexts=4, top_contexts=5, pursuit_steps=3, figures=False)
     run_one(prepare(run, dm), dm)
@@ -73,8 +53,8 @@ def build_runs(root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def runs_dir(tmp_path_factory):
-    return build_runs(tmp_path_factory.getbasetemp() / "app")
+def runs_dir(tmp_path_factory, model_harvest, trained_run):
+    return build_runs(tmp_path_factory.getbasetemp() / "app", model_harvest, trained_run)
 
 
 def app(monkeypatch, runs: Path, page: str = "runs", **query: str) -> AppTest:

@@ -51,8 +51,8 @@ def _wait_healthy(proc: subprocess.Popen, url: str, limit: float = 60.0) -> None
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    runs = build_runs(tmp_path_factory.getbasetemp() / "app")
+def server(tmp_path_factory, model_harvest, trained_run):
+    runs = build_runs(tmp_path_factory.getbasetemp() / "app", model_harvest, trained_run)
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none"}
     proc = subprocess.Popen(

@@ -8,20 +8,12 @@ import yaml
 from saelab.archs import ARCHS
 from saelab.cli import main
 from saelab.store import ActivationStore
-from saelab.synthetic import SyntheticData, write_harvest
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, synthetic_harvest):
     root = tmp_path_factory.mktemp("sweep")
-    h = write_harvest(
-        root / "h",
-        SyntheticData(d_in=16, n_features=64, k_true=3),
-        20_000,
-        tokens_per_context=31,
-        shard_contexts=32,
-        grads=True,
-    )
+    h = synthetic_harvest(root / "h", n_tokens=20_000, grads=True)
     preset = root / "all.yaml"
     preset.write_text(
         yaml.safe_dump(
@@ -50,14 +42,11 @@ def test_sweep_trains_every_arch_on_one_read(sweep, monkeypatch):
         assert cfg["complete"] and json.loads(log[-1])["step"] == 30_000 // 512
 
 
-def test_sweep_reads_the_store_once(tmp_path, monkeypatch):
-    h = write_harvest(
-        tmp_path / "h",
-        SyntheticData(d_in=8, n_features=16, k_true=2),
-        3000,
-        tokens_per_context=15,
-        shard_contexts=16,
-    )
+def test_sweep_reads_the_store_once(tmp_path, monkeypatch, synthetic_harvest):
+    h = synthetic_harvest(
+        tmp_path / "h", d_in=8, n_features=16, k_true=2, n_tokens=3000,
+        tokens_per_context=15, shard_contexts=16,
+    )  # fmt: skip
     calls = []
     real = ActivationStore.batches
     monkeypatch.setattr(

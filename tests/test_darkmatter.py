@@ -14,13 +14,10 @@ import saelab.darkmatter as D
 import saelab.fitting as FIT
 from saelab import runs
 from saelab.cli import main
-from saelab.config import DarkMatterConfig, HarvestConfig, SAEConfig, TrainConfig
+from saelab.config import DarkMatterConfig
 from saelab.errors import UserError
-from saelab.harvest import harvest
 from saelab.sae import SparseCoder
 from saelab.store import ActivationStore
-from saelab.synthetic import SyntheticData, write_harvest
-from saelab.trainer import train
 
 D_IN = 16
 
@@ -110,21 +107,14 @@ def test_greedy_pursuit_recovers_a_sparse_sum():
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
+def synth(tmp_path_factory, synthetic_harvest, trained_run):
     """Two trained TopK SAEs of different widths on one synthetic harvest."""
     root = tmp_path_factory.mktemp("dm")
-    h = write_harvest(
-        root / "h", SyntheticData(d_in=D_IN, n_features=64, k_true=3), 9_000,
-        tokens_per_context=31, shard_contexts=32,
-    )  # fmt: skip
-    runs = []
-    for width in (32, 64):
-        cfg = TrainConfig(
-            harvest=str(h), out=str(root / f"r{width}"), sae=SAEConfig("topk", width, 3),
-            batch_size=256, eval_tokens=3000, dead_tokens=2000, checkpoint_every=0,
-        )  # fmt: skip
-        runs.append(train(cfg, progress=False))
-    return runs
+    h = synthetic_harvest(root / "h", d_in=D_IN, n_tokens=9_000)
+    return [
+        trained_run(root / f"r{width}", harvest=h, d_sae=width, k=3, eval_tokens=3000)
+        for width in (32, 64)
+    ]
 
 
 @pytest.mark.parametrize("greedy", [False, True])
@@ -254,13 +244,16 @@ def _files(root):
     return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
 
 
-def test_bad_input_returns_2_and_writes_nothing(synth, tmp_path, capsys):
+def test_bad_input_returns_2_and_writes_nothing(synth, tmp_path, capsys, synthetic_harvest):
     runs = tmp_path / "runs"
     shutil.copytree(synth[0], runs / "a", ignore=shutil.ignore_patterns("darkmatter*", "fig*"))
     cfg = json.loads((runs / "a/cfg.json").read_text())
     (runs / "half").mkdir()
     (runs / "half/cfg.json").write_text(json.dumps({**cfg, "complete": False}))
-    other = write_harvest(tmp_path / "h2", SyntheticData(d_in=D_IN, n_features=8), 3_100)
+    other = synthetic_harvest(
+        tmp_path / "h2", d_in=D_IN, n_features=8, k_true=32.0, n_tokens=3_100,
+        tokens_per_context=127, shard_contexts=256,
+    )  # fmt: skip
     shutil.copytree(runs / "a", runs / "b")
     (runs / "b/cfg.json").write_text(json.dumps({**cfg, "harvest": str(other)}))
     before = _files(tmp_path)
@@ -285,32 +278,9 @@ def test_bad_input_returns_2_and_writes_nothing(synth, tmp_path, capsys):
 # The three-way CE splice on the tiny model
 
 
-def test_three_way_ce_on_the_tiny_model(tmp_path):
-    h = harvest(
-        HarvestConfig(
-            model="tiny",
-            hooks=["blocks.0.hook_resid_post"],
-            n_tokens=15 * 120,
-            n_ctx=16,
-            batch_size=32,
-            dtype="float32",
-            out_dir=str(tmp_path),
-            name="h",
-        ),  # fmt: skip
-        progress=False,
-    )
-    run = train(
-        TrainConfig(
-            harvest=str(h),
-            out=str(tmp_path / "r"),
-            sae=SAEConfig("topk", 128, 8),
-            batch_size=256,
-            eval_tokens=15 * 60,
-            dead_tokens=2000,
-            checkpoint_every=0,
-        ),  # fmt: skip
-        progress=False,
-    )
+def test_three_way_ce_on_the_tiny_model(tmp_path, model_harvest, trained_run):
+    h = model_harvest(tmp_path, n_tokens=15 * 120)
+    run = trained_run(tmp_path / "r", harvest=h, d_sae=128, k=8, eval_tokens=15 * 60)
     cfg = DarkMatterConfig(ce_contexts=3, top_contexts=2, pursuit_steps=3)
     res, _ = D.analyse(D.prepare(run, cfg), cfg)
     ce = res["ce"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.config import EvalConfig, HarvestConfig, SAEConfig, TrainConfig
+from saelab.config import EvalConfig
 from saelab.evaluate import (
     _add_downstream,
     clean_logits_and_grads,
@@ -18,12 +18,10 @@ from saelab.evaluate import (
     run_downstream,
     spliced_logits,
 )
-from saelab.harvest import harvest
 from saelab.models import load_model
 from saelab.runs import OpenRun
 from saelab.sae import SparseCoder
 from saelab.store import ActivationStore
-from saelab.trainer import train
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -128,31 +126,18 @@ def test_grads_match_autograd_and_reach_the_splice(tiny, tokens):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, model_harvest, trained_run):
     root = tmp_path_factory.mktemp("ds")
-    h = harvest(
-        HarvestConfig(
-            model="tiny",
-            hooks=[HOOK],
-            n_tokens=15 * 64,
-            n_ctx=16,
-            batch_size=16,
-            dtype="float32",
-            out_dir=str(root),
-            name="h",
-        ),  # fmt: skip
-        progress=False,
-    )
-    cfg = TrainConfig(
-        harvest=str(h),
-        out=str(root / "r"),
-        sae=SAEConfig("topk", 128, 8),
+    h = model_harvest(root, hook=HOOK, n_tokens=15 * 64, batch_size=16)
+    return trained_run(
+        root / "r",
+        harvest=h,
+        d_sae=128,
+        k=8,
         batch_size=64,
         eval_tokens=15 * 16 + 7,  # not a whole number of contexts: the first one is partial
         dead_tokens=500,
-        checkpoint_every=0,
     )
-    return train(cfg, progress=False)
 
 
 def test_heldout_contexts_lie_inside_eval_range(tiny_run):

@@ -6,36 +6,18 @@ import pytest
 import torch
 
 from saelab.cli import main
-from saelab.config import EvalConfig, SAEConfig, TrainConfig
+from saelab.config import EvalConfig
 from saelab.errors import UserError
 from saelab.evaluate import evaluate
 from saelab.metrics import fvu
 from saelab.sae import SparseCoder
 from saelab.store import ActivationStore
-from saelab.synthetic import SyntheticData, write_harvest
-from saelab.trainer import train
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, trained_run):
     root = tmp_path_factory.mktemp("e")
-    h = write_harvest(
-        root / "h",
-        SyntheticData(d_in=16, n_features=64, k_true=3),
-        12_000,
-        tokens_per_context=31,
-        shard_contexts=32,
-    )
-    cfg = TrainConfig(
-        harvest=str(h),
-        out=str(root / "r"),
-        sae=SAEConfig("topk", 64, 3),
-        batch_size=256,
-        eval_tokens=3000,
-        dead_tokens=2000,
-        checkpoint_every=0,
-    )
-    return train(cfg, progress=False)
+    return trained_run(root / "r", harvest={"n_tokens": 12_000}, d_sae=64, k=3, eval_tokens=3000)
 
 
 def test_eval_matches_direct_computation(run):

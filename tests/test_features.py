@@ -13,17 +13,14 @@ import torch
 
 import saelab.features as F
 from saelab.cli import main
-from saelab.config import HarvestConfig, IndexConfig, SAEConfig, TrainConfig
+from saelab.config import IndexConfig
 from saelab.errors import UserError
 from saelab.feature_index import FeatureIndex
 from saelab.features import build_index
-from saelab.harvest import harvest
 from saelab.models import load_tokenizer
 from saelab.runs import INDEX
 from saelab.sae import SparseCoder
 from saelab.store import ActivationStore
-from saelab.synthetic import SyntheticData, write_harvest
-from saelab.trainer import train
 
 TPC = 15  # tokens per context: n_ctx 16 minus BOS
 CFG = IndexConfig(
@@ -34,22 +31,10 @@ CFG = IndexConfig(
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, model_harvest, trained_run):
     root = tmp_path_factory.mktemp("feat")
-    h = harvest(
-        HarvestConfig(
-            model="tiny", hooks=["blocks.1.hook_resid_post"], n_tokens=TPC * 120, n_ctx=16,
-            batch_size=32, dtype="float32", out_dir=str(root), name="h",
-        ),
-        progress=False,
-    )  # fmt: skip
-    run = train(
-        TrainConfig(
-            harvest=str(h), out=str(root / "r"), sae=SAEConfig("topk", 96, 6), batch_size=256,
-            eval_tokens=TPC * 40, dead_tokens=2000, checkpoint_every=0,
-        ),
-        progress=False,
-    )  # fmt: skip
+    h = model_harvest(root, hook="blocks.1.hook_resid_post", n_tokens=TPC * 120)
+    run = trained_run(root / "r", harvest=h, d_sae=96, k=6, eval_tokens=TPC * 40)
     build_index(run, CFG, progress=False)
     return run
 
@@ -309,17 +294,10 @@ def test_cli_bad_runs_exit_2(run, tmp_path, capsys):
     assert main(["index", "-q"]) == 2
 
 
-def test_synthetic_run_skips_the_logit_lens(tmp_path):
-    h = write_harvest(
-        tmp_path / "h", SyntheticData(d_in=16, n_features=64, k_true=3), 3000,
-        tokens_per_context=31, shard_contexts=32,
-    )  # fmt: skip
-    run = train(
-        TrainConfig(
-            harvest=str(h), out=str(tmp_path / "r"), sae=SAEConfig("mutual_choice", 48, 3),
-            batch_size=256, eval_tokens=600, dead_tokens=2000, checkpoint_every=0,
-        ),
-        progress=False,
+def test_synthetic_run_skips_the_logit_lens(tmp_path, trained_run):
+    run = trained_run(
+        tmp_path / "r", harvest={"n_tokens": 3000}, arch="mutual_choice", d_sae=48, k=3,
+        eval_tokens=600,
     )  # fmt: skip
     assert main(["index", str(run), "--rows", "heldout", "--top_n", "3", "-q"]) == 0
     ix = FeatureIndex.of_run(run)

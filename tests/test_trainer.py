@@ -2,6 +2,7 @@
 refuses bad input without touching existing runs."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -9,25 +10,32 @@ import torch
 from safetensors.torch import load_file
 
 from saelab.cli import main
-from saelab.config import SAEConfig, TrainConfig
+from saelab.config import TrainConfig
 from saelab.errors import UserError
 from saelab.store import ActivationStore
-from saelab.synthetic import SyntheticData, write_harvest
-from saelab.trainer import geometric_median, lr_at, split_ranges, train
+from saelab.synthetic import SyntheticData
+from saelab.trainer import geometric_median, lr_at, split_ranges
+
+DATA = dict(d_in=32, n_features=128, k_true=4, seed=3)
 
 
 @pytest.fixture(scope="module")
-def harvest(tmp_path_factory) -> Path:
+def harvest(tmp_path_factory, synthetic_harvest) -> Path:
     path = tmp_path_factory.mktemp("h") / "syn"
-    data = SyntheticData(d_in=32, n_features=128, k_true=4, seed=3)
-    return write_harvest(path, data, 40_000, tokens_per_context=63, shard_contexts=64)
+    return synthetic_harvest(
+        path, n_tokens=40_000, tokens_per_context=63, shard_contexts=64, **DATA
+    )
 
 
-def _cfg(harvest, out, **kw) -> TrainConfig:
-    base = dict(
-        harvest=str(harvest),
-        out=str(out),
-        sae=SAEConfig("topk", 128, 4),
+@pytest.fixture
+def train_syn(trained_run, harvest):
+    """Train into a directory on the module's harvest with this file's settings; keywords
+    override them."""
+    return partial(
+        trained_run,
+        harvest=harvest,
+        d_sae=128,
+        k=4,
         batch_size=512,
         eval_tokens=4000,
         n_tokens=40_000,
@@ -37,12 +45,10 @@ def _cfg(harvest, out, **kw) -> TrainConfig:
         lr_warmup_steps=5,
         shuffle_buffer=8192,
     )
-    base.update(kw)
-    return TrainConfig(**base)
 
 
-def test_training_learns_the_dictionary(harvest, tmp_path):
-    run = train(_cfg(harvest, tmp_path / "r", n_tokens=120_000), progress=False)
+def test_training_learns_the_dictionary(train_syn, harvest, tmp_path):
+    run = train_syn(tmp_path / "r", n_tokens=120_000)
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert log[0]["fvu"] > 0.5 and log[-1]["fvu"] < 0.2
     assert [r["step"] for r in log] == sorted({r["step"] for r in log})
@@ -56,7 +62,7 @@ def test_training_learns_the_dictionary(harvest, tmp_path):
     # The decoder recovers true directions: most of the 64 most frequent features have a
     # latent with cosine > 0.9.
     W_dec = load_file(run / "sae.safetensors")["W_dec"]
-    truth = SyntheticData(d_in=32, n_features=128, k_true=4, seed=3).dictionary[:64]
+    truth = SyntheticData(**DATA).dictionary[:64]
     best = (truth @ W_dec.T).max(1).values
     assert (best > 0.9).float().mean() > 0.8
 
@@ -65,8 +71,8 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resume_gives_identical_weights(harvest, tmp_path, monkeypatch):
-    full = train(_cfg(harvest, tmp_path / "full"), progress=False)
+def test_resume_gives_identical_weights(train_syn, tmp_path, monkeypatch):
+    full = train_syn(tmp_path / "full")
 
     real = ActivationStore.batches
 
@@ -78,10 +84,10 @@ def test_resume_gives_identical_weights(harvest, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ActivationStore, "batches", dying)
     with pytest.raises(_Interrupt):
-        train(_cfg(harvest, tmp_path / "cut"), progress=False)
+        train_syn(tmp_path / "cut")
     assert not json.loads((tmp_path / "cut" / "cfg.json").read_text())["complete"]
     monkeypatch.setattr(ActivationStore, "batches", real)
-    cut = train(_cfg(harvest, tmp_path / "cut"), progress=False)
+    cut = train_syn(tmp_path / "cut")
 
     a, b = load_file(full / "sae.safetensors"), load_file(cut / "sae.safetensors")
     for k in a:
@@ -92,32 +98,32 @@ def test_resume_gives_identical_weights(harvest, tmp_path, monkeypatch):
     assert strip(la) == strip(lb)  # nothing lost, nothing duplicated
 
 
-def test_rerun_of_complete_run_is_a_no_op(harvest, tmp_path):
-    run = train(_cfg(harvest, tmp_path / "r", n_tokens=5000), progress=False)
+def test_rerun_of_complete_run_is_a_no_op(train_syn, tmp_path):
+    run = train_syn(tmp_path / "r", n_tokens=5000)
     before = (run / "sae.safetensors").read_bytes()
-    train(_cfg(harvest, tmp_path / "r", n_tokens=5000), progress=False)
+    train_syn(tmp_path / "r", n_tokens=5000)
     assert (run / "sae.safetensors").read_bytes() == before
 
 
-def test_output_dir_with_another_run_is_refused_untouched(harvest, tmp_path):
-    run = train(_cfg(harvest, tmp_path / "r", n_tokens=5000), progress=False)
+def test_output_dir_with_another_run_is_refused_untouched(train_syn, tmp_path):
+    run = train_syn(tmp_path / "r", n_tokens=5000)
     snapshot = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     with pytest.raises(UserError, match=r"already holds a different run .*sae.k"):
-        train(_cfg(harvest, tmp_path / "r", n_tokens=5000, sae=SAEConfig("topk", 128, 8)))
+        train_syn(tmp_path / "r", n_tokens=5000, k=8)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == snapshot
 
 
-def test_output_dir_that_is_not_a_run_is_refused(harvest, tmp_path):
+def test_output_dir_that_is_not_a_run_is_refused(train_syn, tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not a saelab run"):
-        train(_cfg(harvest, tmp_path / "r"))
+        train_syn(tmp_path / "r")
     assert (tmp_path / "r" / "notes.txt").read_text() == "mine"
 
 
-def test_auxk_revives_dead_latents(harvest, tmp_path):
+def test_auxk_revives_dead_latents(train_syn, tmp_path):
     # A tiny dead_tokens makes latents count as dead quickly, so AuxK runs.
-    run = train(_cfg(harvest, tmp_path / "r", dead_tokens=600, n_tokens=20_000), progress=False)
+    run = train_syn(tmp_path / "r", dead_tokens=600, n_tokens=20_000)
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert any(r["aux"] > 0 for r in log)
 
@@ -178,25 +184,22 @@ def test_cli_missing_harvest(tmp_path, capsys):
     assert "saelab harvest" in capsys.readouterr().err
 
 
-def test_wandb_offline_logging(harvest, tmp_path, monkeypatch):
+def test_wandb_offline_logging(train_syn, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run = train(_cfg(harvest, tmp_path / "r", n_tokens=5000, wandb=True), progress=False)
+    run = train_syn(tmp_path / "r", n_tokens=5000, wandb=True)
     files = list((run / "wandb").rglob("*.wandb"))
     assert files and files[0].stat().st_size > 0
 
 
 @pytest.mark.parametrize("damage", ["truncate", "corrupt"])
-def test_cli_damaged_shard_is_named(tmp_path, capsys, damage):
-    h = write_harvest(
-        tmp_path / "h",
-        SyntheticData(d_in=8, n_features=16, k_true=2),
-        3000,
-        tokens_per_context=15,
-        shard_contexts=16,
-    )
+def test_cli_damaged_shard_is_named(tmp_path, capsys, synthetic_harvest, damage):
+    h = synthetic_harvest(
+        tmp_path / "h", d_in=8, n_features=16, k_true=2, n_tokens=3000,
+        tokens_per_context=15, shard_contexts=16,
+    )  # fmt: skip
     shard = sorted((h / "acts" / "synthetic").glob("shard_*.npy"))[1]
     data = bytearray(shard.read_bytes())
     if damage == "truncate":
@@ -239,9 +242,9 @@ def test_zipf_deficit_hand_worked():
     assert w[2] == 1.0 and w[0] == 0.0  # a silent latent has full deficit; the top has none
 
 
-def test_run_from_before_a_new_config_field_still_matches(harvest, tmp_path):
-    run = train(_cfg(harvest, tmp_path / "r", n_tokens=5000), progress=False)
+def test_run_from_before_a_new_config_field_still_matches(train_syn, tmp_path):
+    run = train_syn(tmp_path / "r", n_tokens=5000)
     cfg = json.loads((run / "cfg.json").read_text())
     del cfg["train"]["sae"]["aux"], cfg["train"]["zipf_exponent"]  # as an older saelab wrote it
     (run / "cfg.json").write_text(json.dumps(cfg))
-    assert train(_cfg(harvest, tmp_path / "r", n_tokens=5000), progress=False) == run
+    assert train_syn(tmp_path / "r", n_tokens=5000) == run
