@@ -1,8 +1,8 @@
 """Selection rules: how an SAE picks which latents fire for each token.
 
-Each rule is one `ArchSpec` registered in `ARCHS` (and named in `saelab.config.Arch`, the Literal that types `--sae.arch`; a test
-keeps the two equal). A rule receives the SAE and a batch of *scaled* activations and
-returns the sparse code, plus, during training, the candidates for the auxiliary loss.
+Each rule is one `ArchSpec` registered in `ARCHS` (and named in `saelab.config.Arch`, the
+Literal that types `--sae.arch`; a test keeps the two equal). A rule receives the SAE and a
+batch of *scaled* activations and returns the sparse code, plus, during training, the candidates for the auxiliary loss.
 The trainer, evaluation and CLI discover rules from `ARCHS` alone.
 
 - topk: a = TopK_k(ReLU(z)) per token (Gao et al. 2024, arXiv 2406.04093).
@@ -32,7 +32,6 @@ import torch
 from torch import Tensor
 
 from saelab import kernels
-from saelab.config import Arch
 
 if TYPE_CHECKING:
     from saelab.sae import SparseCoder

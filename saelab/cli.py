@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +41,15 @@ def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
                 dest=key,
                 help=help_,
                 default=argparse.SUPPRESS,
-                metavar=key.split(".")[-1].upper(),
+                metavar=_metavar(key, tp),
             )
+
+
+def _metavar(key: str, tp: Any) -> str:
+    """A Literal's choices (`topk|gradient_topk|…`), else the field's name in capitals."""
+    if typing.get_origin(tp) is typing.Literal:
+        return "|".join(map(str, typing.get_args(tp)))
+    return key.split(".")[-1].upper()
 
 
 def _default_of(cls: type, dotted: str) -> Any:

@@ -75,7 +75,7 @@ def model_harvest():
     ) -> Path:
         cfg = HarvestConfig(
             model="tiny", hooks=[hook], n_tokens=n_tokens, n_ctx=n_ctx, batch_size=batch_size,
-            dtype="float32", out_dir=str(root), name="h",
+            dtype="float32", out=str(root / "h"),
         )  # fmt: skip
         return harvest(cfg, progress=False)
 

@@ -6,6 +6,8 @@ helpers the pages use."""
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +39,10 @@ def build_runs(root: Path, model_harvest, trained_run) -> Path:
 
     h = model_harvest(root, n_tokens=31 * 200, n_ctx=32)
     run = trained_run(runs / RUN, harvest=h, d_sae=128, k=8, eval_tokens=31 * 100, log_every=2)
-    evaluate(EvalConfig(run=str(run), downstream_contexts=8), progress=False)
+    evaluate(EvalConfig(run=str(run), ce_contexts=8), progress=False)
     dm = DarkMatterConfig(ce_contexts=4, top_contexts=5, pursuit_steps=3, figures=False)
     run_one(prepare(run, dm), dm)
-    build_index(run, IndexConfig(run=str(run), top_n=5), progress=False)
+    build_index(run, IndexConfig(run=str(run), top_contexts=5), progress=False)
     plain = runs / PLAIN
     plain.mkdir(parents=True)
     for name in ("cfg.json", "sae.safetensors", "train_log.jsonl"):
@@ -369,3 +371,14 @@ def test_app_cli_refuses_bad_input_with_exit_2(tmp_path, capsys):
         assert main(["app", str(tmp_path), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port}" in err and "--port" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_app_data_layer_imports_no_torch():
+    """The app's readers (and every page's saelab import) stay light: no torch, no trainer."""
+    code = (
+        "import sys; import saelab.workbench, saelab.viz, saelab.feature_index, saelab.runs; "
+        "heavy = [m for m in ('torch', 'saelab.trainer', 'saelab.store', 'saelab.evaluate') "
+        "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -79,3 +79,45 @@ def test_harvest_checks():
         C.HarvestConfig(hooks=[])
     with pytest.raises(UserError, match="n_tokens=0 must be positive"):
         C.HarvestConfig(n_tokens=0)
+
+
+@pytest.mark.parametrize(
+    "cls,old,new",
+    [
+        (C.HarvestConfig, "out_dir", "out"),
+        (C.HarvestConfig, "name", "out"),
+        (C.EvalConfig, "downstream_contexts", "ce_contexts"),
+        (C.IndexConfig, "top_n", "top_contexts"),
+        (C.IndexConfig, "tokens", "n_tokens"),
+        (C.DarkMatterConfig, "eval_tokens", "score_tokens"),
+    ],
+)
+def test_old_names_are_refused_with_the_new_one(cls, old, new):
+    with pytest.raises(UserError, match=f"unknown config key '{old}'; did you mean '{new}'"):
+        C.build(cls, None, {old: 1})
+
+
+@pytest.mark.parametrize(
+    "argv,new",
+    [
+        (["index", "r", "--top_n", "3"], "--top_contexts"),
+        (["harvest", "--out_dir", "x"], "--out"),
+        (["darkmatter", "r", "--eval_tokens", "9"], "--score_tokens"),
+        (["eval", "r", "--downstream_contexts", "9"], "--ce_contexts"),
+    ],
+)
+def test_cli_refuses_old_flags_naming_the_new_one(argv, new, capsys):
+    from saelab.cli import main
+
+    assert main(argv) == 2
+    assert f"did you mean '{new}'" in capsys.readouterr().err
+
+
+def test_arch_choices_come_from_the_type(capsys):
+    from saelab.cli import main
+
+    assert main(["train", "--help"]) == 0
+    choices = "topk|gradient_topk|feature_choice|mutual_choice|matching_pursuit"
+    assert choices in capsys.readouterr().out
+    with pytest.raises(UserError, match="sae.arch='topkk' is not one of topk, gradient_topk"):
+        C.build(C.TrainConfig, None, {"sae.arch": "topkk"})

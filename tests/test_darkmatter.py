@@ -221,7 +221,7 @@ def test_figures_are_written(synth, monkeypatch):
         raise RuntimeError("no browser in this test")
 
     monkeypatch.setattr(pio, "write_images", no_browser)
-    assert main(["darkmatter", str(synth[1]), "--eval_tokens", "1000", "-q"]) == 0
+    assert main(["darkmatter", str(synth[1]), "--score_tokens", "1000", "-q"]) == 0
     names = {p.name for p in (synth[1] / "figures").iterdir()}
     assert {"darkmatter_norms.html", "darkmatter_norm_sq.html", "darkmatter_split.html"} <= names
     assert json.loads((synth[1] / runs.DARKMATTER).read_text())["n_eval"] == 1000
@@ -262,7 +262,7 @@ def test_bad_input_returns_2_and_writes_nothing(synth, tmp_path, capsys, synthet
         # A valid run first: nothing is written for it either when a later one is bad.
         "not a run": [a, str(tmp_path / "nowhere")],
         "not finished": [a, str(runs / "half")],
-        "held-out tokens": [a, "--fit_tokens", "2000", "--eval_tokens", "2000"],
+        "held-out tokens": [a, "--fit_tokens", "2000", "--score_tokens", "2000"],
         "one harvest": ["--scaling", a, str(runs / "b")],
         "two or more": ["--scaling", a],
     }

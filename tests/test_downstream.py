@@ -153,7 +153,7 @@ def test_heldout_contexts_lie_inside_eval_range(tiny_run):
 
 
 def test_eval_writes_downstream_section(tiny_run):
-    res = evaluate(EvalConfig(run=str(tiny_run), downstream_contexts=4), progress=False)
+    res = evaluate(EvalConfig(run=str(tiny_run), ce_contexts=4), progress=False)
     ds = res["downstream"]
     assert ds["n_contexts"] == 4 and len(ds["contexts"]) == 4
     assert ds["n_tokens"] == 4 * 14 and ds["positions"] == [1, 14]
@@ -171,7 +171,7 @@ def test_gradient_topk_also_reports_with_gradients(tiny_run):
     sae = SparseCoder(64, 128, 8, "gradient_topk", beta=4.0)
     store = ActivationStore(run_cfg["harvest"], run_cfg["hook"])
     run = OpenRun(tiny_run, run_cfg, sae, store, torch.device("cpu"))
-    ds = run_downstream(EvalConfig(downstream_contexts=2), run)
+    ds = run_downstream(EvalConfig(ce_contexts=2), run)
     plain, with_grad = ds["variants"]["sae"], ds["variants"]["with_grad"]
     assert plain["ce"] != with_grad["ce"]  # the gradients changed which latents fire
     result = {"modes": {}}

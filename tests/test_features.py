@@ -24,8 +24,8 @@ from saelab.store import ActivationStore
 
 TPC = 15  # tokens per context: n_ctx 16 minus BOS
 CFG = IndexConfig(
-    tokens=1700,  # ends inside a context: windows there reach rows that were not indexed
-    top_n=5, quantile_samples=1, quantile_pool=16, context_before=4, context_after=2,
+    n_tokens=1700,  # ends inside a context: windows there reach rows that were not indexed
+    top_contexts=5, quantile_samples=1, quantile_pool=16, context_before=4, context_after=2,
     batch_size=256, device="cpu",
 )  # fmt: skip
 
@@ -64,29 +64,30 @@ def index(run):
 def _token_ids(run):
     cfg = json.loads((run / "cfg.json").read_text())
     tokens = ActivationStore(cfg["harvest"]).tokens()
-    r = np.arange(CFG.tokens)
+    r = np.arange(CFG.n_tokens)
     return np.asarray(tokens[r // TPC, 1 + r % TPC])
 
 
 def test_meta(index):
     m = index.meta
-    assert m["tokens"] == CFG.tokens and m["rows"] == [0, CFG.tokens] and m["top_n"] == 5
+    assert m["n_tokens"] == CFG.n_tokens and m["rows"] == [0, CFG.n_tokens]
+    assert m["top_contexts"] == 5
     assert (m["d_sae"], m["k"], m["arch"], m["model"]) == (96, 6, "topk", "tiny")
     assert m["logit_lens"] is True and m["version"] == F.VERSION and m["built_at"]
 
 
 def test_statistics_match_brute_force(index, dense):
-    acts = dense[: CFG.tokens]
+    acts = dense[: CFG.n_tokens]
     st = index.stats()
     n_fires = (acts > 0).sum(0)
     np.testing.assert_array_equal(st["n_fires"], n_fires)
-    np.testing.assert_allclose(st["freq"], n_fires / CFG.tokens)
+    np.testing.assert_allclose(st["freq"], n_fires / CFG.n_tokens)
     np.testing.assert_allclose(st["max_act"], acts.max(0), rtol=1e-6)
     mean = acts.sum(0) / np.maximum(n_fires, 1)
     np.testing.assert_allclose(st["mean_act"], mean, rtol=1e-5)
     for i in range(acts.shape[1]):
         card = index.latent(i)
-        assert sum(card.hist_counts) + card.n_zero == CFG.tokens
+        assert sum(card.hist_counts) + card.n_zero == CFG.n_tokens
         assert card.n_fires == n_fires[i] and card.freq == st["freq"][i]
         if card.n_fires:
             fired = acts[:, i][acts[:, i] > 0]
@@ -104,18 +105,18 @@ def _window_acts(dense, c, latent):
 
 
 def test_top_contexts_match_brute_force(index, dense):
-    acts = dense[: CFG.tokens]
+    acts = dense[: CFG.n_tokens]
     tok = load_tokenizer("tiny")
     seen_outside = dropped = 0
     for i in range(acts.shape[1]):
-        cand = np.argsort(-acts[:, i], kind="stable")[: 2 * CFG.top_n]
+        cand = np.argsort(-acts[:, i], kind="stable")[: 2 * CFG.top_contexts]
         cand = cand[acts[cand, i] > 0]
         kept: list[int] = []  # greedily, skipping peaks whose windows overlap a kept one's
         reach = CFG.context_before + CFG.context_after
         for r in cand.tolist():
             if all(r // TPC != s // TPC or abs(r - s) > reach for s in kept):
                 kept.append(r)
-        order = np.array(kept[: CFG.top_n], np.int64)
+        order = np.array(kept[: CFG.top_contexts], np.int64)
         dropped += len(kept) < len(cand)
         got = index.contexts(i, "top")
         assert [c.row for c in got] == order.tolist()
@@ -128,13 +129,13 @@ def test_top_contexts_match_brute_force(index, dense):
             ids = ActivationStore(index.meta["harvest"]).context(c.row, 4, 2)[0]
             assert c.tokens == [tok.decode([t]) for t in ids]
             assert c.peak == min(pos, 4) and len(c.tokens) == min(16, pos + 3) - pos + c.peak
-            seen_outside += ctx * TPC + min(pos + 2, TPC) - 1 >= CFG.tokens
+            seen_outside += ctx * TPC + min(pos + 2, TPC) - 1 >= CFG.n_tokens
     assert seen_outside  # some window reached past the indexed rows (re-encoded there)
     assert dropped  # the fixture has overlapping candidates, so de-duplication was exercised
 
 
 def test_quantile_contexts_are_firing_tokens(index, dense):
-    acts = dense[: CFG.tokens]
+    acts = dense[: CFG.n_tokens]
     n = 0
     for i in range(acts.shape[1]):
         top = {c.row for c in index.contexts(i)}
@@ -186,14 +187,14 @@ def test_search_token_ranks_latents_by_f1_as_brute_force(index, dense, run):
         if {tok.decode([t]), tok.convert_ids_to_tokens(t)} & forms
     ]  # fmt: skip
     rows = np.isin(ids, same)
-    fires = dense[: CFG.tokens] > 0
+    fires = dense[: CFG.n_tokens] > 0
     counts = fires[rows].sum(0)
     f1 = 2 * counts / (fires.sum(0) + rows.sum())
     hits = index.search_token(word)
     best = int(np.argmax(f1))
     assert hits[0].latent == best and hits[0].f1 == pytest.approx(f1[best])
     assert hits[0].count == counts[best]
-    fired = dense[: CFG.tokens][rows, best]
+    fired = dense[: CFG.n_tokens][rows, best]
     assert hits[0].mean_act == pytest.approx(fired[fired > 0].mean(), rel=1e-5)
     assert [h.f1 for h in hits] == sorted((h.f1 for h in hits), reverse=True)
     assert hits[0].f1 > 0
@@ -299,11 +300,11 @@ def test_synthetic_run_skips_the_logit_lens(tmp_path, trained_run):
         tmp_path / "r", harvest={"n_tokens": 3000}, arch="mutual_choice", d_sae=48, k=3,
         eval_tokens=600,
     )  # fmt: skip
-    assert main(["index", str(run), "--rows", "heldout", "--top_n", "3", "-q"]) == 0
+    assert main(["index", str(run), "--rows", "heldout", "--top_contexts", "3", "-q"]) == 0
     ix = FeatureIndex.of_run(run)
     assert ix.meta["logit_lens"] is False and "synthetic" in ix.meta["logit_lens_note"]
     lo, hi = json.loads((run / "cfg.json").read_text())["eval_range"]
-    assert ix.meta["rows"] == [lo, hi] and ix.meta["tokens"] == hi - lo
+    assert ix.meta["rows"] == [lo, hi] and ix.meta["n_tokens"] == hi - lo
     card = ix.latent(int(ix.stats()["n_fires"].argmax()))
     assert card.logit_top == [] and sum(card.hist_counts) + card.n_zero == hi - lo
     assert ix.search_token("<0>") and ix.search_text("<0>")

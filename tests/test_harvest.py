@@ -19,14 +19,15 @@ from saelab.cli import main
 from saelab.config import HarvestConfig
 from saelab.errors import UserError
 from saelab.models import load_model
+from saelab.shards import shard_path
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 
 
-def cfg_for(tmp_path: Path, **kw) -> HarvestConfig:
+def cfg_for(tmp_path: Path, name: str = "h", **kw) -> HarvestConfig:
     base = dict(
         model="tiny", hooks=HOOKS, n_tokens=15 * 10, n_ctx=16, batch_size=3, shard_contexts=4,
-        dtype="float32", out_dir=str(tmp_path), name="h",
+        dtype="float32", out=str(tmp_path / name),
     )  # fmt: skip
     return HarvestConfig(**{**base, **kw})
 
@@ -62,7 +63,7 @@ def test_format(reference):
     assert [s["context_start"] for s in meta["shards"]] == [0, 4, 8]
     assert [s["token_stop"] for s in meta["shards"]] == [60, 120, 150]
     for shard in meta["shards"]:
-        assert set(shard["files"]) == {H.shard_path("acts", h, shard["index"]) for h in HOOKS}
+        assert set(shard["files"]) == {shard_path("acts", h, shard["index"]) for h in HOOKS}
         for rel, sha in shard["files"].items():
             arr = np.load(reference / rel)
             assert arr.shape == (shard["token_stop"] - shard["token_start"], 64)
@@ -76,15 +77,15 @@ def test_acts_match_run_with_hooks(reference, tiny):
     for hook in HOOKS:
         _, cache = tiny.run_with_cache(tokens, names_filter=lambda n, hook=hook: n == hook)
         want = cache[hook][:, 1:].reshape(-1, 64).numpy()
-        got = np.concatenate([np.load(reference / H.shard_path("acts", hook, i)) for i in range(3)])
+        got = np.concatenate([np.load(reference / shard_path("acts", hook, i)) for i in range(3)])
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_storage_dtypes(tmp_path, reference, dtype):
     out = H.harvest(cfg_for(tmp_path, dtype=dtype, hooks=HOOKS[:1]), progress=False)
-    got = np.load(out / H.shard_path("acts", HOOKS[0], 0))
-    full = np.load(reference / H.shard_path("acts", HOOKS[0], 0))
+    got = np.load(out / shard_path("acts", HOOKS[0], 0))
+    full = np.load(reference / shard_path("acts", HOOKS[0], 0))
     if dtype == "bfloat16":
         assert got.dtype == np.uint16
         got = torch.from_numpy(got.view(np.int16)).view(torch.bfloat16).float().numpy()
@@ -108,9 +109,9 @@ def test_grads_match_autograd(tmp_path, tiny):
                 logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"
             )
             (grad,) = torch.autograd.grad(loss, leaf["x"])
-        got = np.load(out / H.shard_path("grads", hook, 0))
+        got = np.load(out / shard_path("grads", hook, 0))
         np.testing.assert_allclose(got, grad[:, 1:].reshape(-1, 64).numpy(), atol=1e-5)
-        acts = np.load(out / H.shard_path("acts", hook, 0))
+        acts = np.load(out / shard_path("acts", hook, 0))
         np.testing.assert_allclose(acts, leaf["x"][:, 1:].reshape(-1, 64).detach(), atol=1e-5)
 
 
@@ -156,7 +157,7 @@ def test_sigkill_resume_is_byte_identical(tmp_path):
         f"harvest(HarvestConfig(**{killed.__dict__!r}), progress=False)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ})
-    meta = Path(killed.out_dir) / "h" / "meta.json"
+    meta = Path(killed.out) / "meta.json"
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         if meta.is_file() and json.loads(meta.read_text())["shards"]:
@@ -167,7 +168,7 @@ def test_sigkill_resume_is_byte_identical(tmp_path):
     proc.wait()
     assert not json.loads(meta.read_text())["complete"], "the run ended before it was killed"
     H.harvest(killed, progress=False)
-    assert snapshot(Path(killed.out_dir) / "h") == want
+    assert snapshot(Path(killed.out)) == want
 
 
 def test_other_config_is_refused_untouched(reference):
@@ -211,7 +212,7 @@ def test_progress_bar(tmp_path, capsys):
 def test_cli_bad_input_exits_2_and_touches_nothing(reference, tmp_path, capsys, flags, message):
     before = snapshot(reference)
     argv = ["harvest", "--model", "tiny", "--n_tokens", "100", "--n_ctx", "16"]
-    argv += ["--out_dir", str(reference.parent), "--name", "new", *flags]
+    argv += ["--out", str(reference.parent / "new"), *flags]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert snapshot(reference) == before

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from saelab.archs import ARCHS, Arch, EncodeArgs, SparseCode
+from saelab.archs import ARCHS, EncodeArgs, SparseCode
+from saelab.config import Arch
 from saelab.errors import UserError
 from saelab.sae import SparseCoder
 

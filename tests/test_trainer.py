@@ -153,7 +153,7 @@ def test_geometric_median_resists_outliers():
     [
         (["--sae.k", "128"], "k=128 must be smaller than d_sae=128"),
         (["--lr", "-0.1"], "lr=-0.1 must not be negative"),
-        (["--sae.arch", "nope"], "unknown arch 'nope'; valid: topk"),
+        (["--sae.arch", "nope"], "sae.arch='nope' is not one of topk, gradient_topk"),
         (["--batch_sise", "3"], "did you mean '--batch_size'"),
         (["--hook", "blocks.99.hook_resid_post"], "blocks.99.hook_resid_post"),
     ],
