@@ -52,21 +52,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'saelab' has no attribute {name!r}")
 
 
-__all__ = [
-    "UserError",
-    "__version__",
-    "SparseCoder",
-    "load_model",
-    "load_sae",
-    "steer",
-    "add",
-    "clamp",
-    "ablate",
-    "generate",
-    "compare_generations",
-    "top_latents",
-    "next_token_probs",
-    "export_saelens",
-    "load_saelens",
-    "load_sparsify",
-]
+__all__ = ["UserError", "__version__", *_LAZY]

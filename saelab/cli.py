@@ -290,9 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_unknown(
-    parser: argparse.ArgumentParser, ns: argparse.Namespace, unknown: list[str]
-) -> None:
+def _check_unknown(ns: argparse.Namespace, unknown: list[str]) -> None:
     flags = [u for u in unknown if u.startswith("--")]
     if not unknown:
         return
@@ -318,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        _check_unknown(parser, ns, unknown)
+        _check_unknown(ns, unknown)
         return COMMANDS[ns.command].handler(ns)
     except UserError as e:
         sys.stderr.write(f"saelab {ns.command}: error: {e}\n")

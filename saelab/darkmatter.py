@@ -189,7 +189,6 @@ def _summary(acc: _EvalSums, cfg: DarkMatterConfig) -> dict[str, Any]:
         "r2_e": acc.r2["e"].value,
         "r2_e_norm_sq": acc.r2["e_sq"].value,
         "fvu": f["e"],
-        "fvu_with_e_lin": f["nl"],
         "fvu_linear": f["lin"],
         "fvu_nonlinear": f["nl"],
         "nonlinear_share": acc.sums["nl"] / acc.sums["e"],
@@ -375,7 +374,7 @@ def summary_lines(result: dict[str, Any]) -> str:
         "eval tokens, held out)",
         f"  R²(e) = {result['r2_e']:.3f}   R²(‖e‖²) = {result['r2_e_norm_sq']:.3f}"
         "   (paper: about 0.5 and over 0.9)",
-        f"  FVU(x̂) = {result['fvu']:.4f}   FVU(x̂ + e_lin) = {result['fvu_with_e_lin']:.4f}",
+        f"  FVU(x̂) = {result['fvu']:.4f}   FVU(x̂ + e_lin) = {result['fvu_nonlinear']:.4f}",
     ]
     if gp := result.get("pursuit"):
         lines.append(

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 def demo(quick: bool = False, runs_dir: str = "runs") -> int:
     n_tokens = 40_000 if quick else 400_000
     t0 = time.perf_counter()
-    hcfg = HarvestConfig(n_tokens=n_tokens, name="smollm2-135m-demo" + ("-quick" if quick else ""))
+    out = "cached_activations/smollm2-135m-demo" + ("-quick" if quick else "")
+    hcfg = HarvestConfig(n_tokens=n_tokens, out=out)
     path = harvest(hcfg)
     t_harvest = time.perf_counter() - t0
 

@@ -299,7 +299,7 @@ def marked_html(text: str, open_mark: str = "«", close_mark: str = "»") -> str
     """Text holding one «marked» token (darkmatter.json's contexts) as HTML with the token
     highlighted; everything escaped."""
     before, sep, rest = text.partition(open_mark)
-    token, sep2, after = rest.partition(close_mark) if sep else ("", "", "")
+    token, _, after = rest.partition(close_mark) if sep else ("", "", "")
     r, g, b = ACT_COLOR
     body = _token_text(before, "")
     if sep:

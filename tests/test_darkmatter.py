@@ -155,7 +155,7 @@ def test_exactly_linear_error_leaves_no_nonlinear_part(synth):
     s = _subject(synth[0], FixedError(lambda x: x @ A + 0.3), cfg)
     res, tokens = D.eval_pass(s, D.fit_pass(s, cfg), cfg)
     assert res["r2_e"] == pytest.approx(1.0, abs=1e-6)
-    assert res["fvu_with_e_lin"] < 1e-8 * res["fvu"] and res["nonlinear_share"] < 1e-8
+    assert res["fvu_nonlinear"] < 1e-8 * res["fvu"] and res["nonlinear_share"] < 1e-8
     assert np.all(tokens["e_nl_norm"] < 1e-5 * tokens["e_norm"].mean())
 
 

@@ -10,7 +10,6 @@ from saelab import workbench as wb
 from saelab.runs import DARKMATTER_TOKENS
 
 NORMS = ("e_norm", "e_lin_norm", "e_nl_norm")
-FVUS = ("fvu", "fvu_linear", "fvu_nonlinear")
 
 
 def headline(dm: dict) -> None:
@@ -18,7 +17,7 @@ def headline(dm: dict) -> None:
     cols[0].metric("R²(e)", f"{dm['r2_e']:.3f}", help="paper: about 0.5")
     cols[1].metric("R²(‖e‖²)", f"{dm['r2_e_norm_sq']:.3f}", help="paper: over 0.9")
     cols[2].metric("FVU(x̂)", f"{dm['fvu']:.4f}")
-    cols[3].metric("FVU(x̂ + e_lin)", f"{dm['fvu_with_e_lin']:.4f}")
+    cols[3].metric("FVU(x̂ + e_lin)", f"{dm['fvu_nonlinear']:.4f}")
     cols[4].metric("nonlinear share of ‖e‖²", f"{dm['nonlinear_share']:.1%}")
     st.caption(
         f"{dm['n_fit']:,} fit + {dm['n_eval']:,} evaluation tokens, all held out; "

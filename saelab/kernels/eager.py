@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The CSR product below is the fastest CPU path for grad W_enc; torch flags CSR as beta.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 def _scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n_out: int) -> Tensor:
@@ -29,9 +27,11 @@ def _scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n_out: int) ->
     if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
         # A token-major CSR needs no sort (row b holds its K latents); MKL applies Sᵀ.
         crow = torch.arange(0, B * K + 1, K, device=indices.device)
-        S = torch.sparse_csr_tensor(
-            crow, indices.reshape(-1), w.reshape(-1), (B, n_out), check_invariants=False
-        )
+        with warnings.catch_warnings():  # the fastest CPU path for grad W_enc; CSR is "beta"
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            S = torch.sparse_csr_tensor(
+                crow, indices.reshape(-1), w.reshape(-1), (B, n_out), check_invariants=False
+            )
         return S.t() @ rows
     # One slot at a time: [B, D] of scratch, never a [B·K, D] copy of the rows (tens of
     # GB at d_in 2304 with AuxK); MKL has no bf16 CSR product, so bf16 on CPU lands here too.
