@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-
 def _scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n_out: int) -> Tensor:
     """out[i] = Σ_{(b, j): indices[b, j] = i} weights[b, j] · rows[b], i.e. Sᵀ·rows.
 
