@@ -3,7 +3,8 @@
 Each rule is one `ArchSpec` registered in `ARCHS` (and named in `saelab.config.Arch`, the
 Literal that types `--sae.arch`; a test keeps the two equal). A rule receives the SAE and a
 batch of *scaled* activations and returns the sparse code, plus, during training, the
-candidates for the auxiliary loss. The trainer, evaluation and CLI discover rules from `ARCHS` alone.
+candidates for the auxiliary loss. The trainer, evaluation and CLI discover rules from
+`ARCHS` alone.
 
 - topk: a = TopK_k(ReLU(z)) per token (Gao et al. 2024, arXiv 2406.04093).
 - gradient_topk (g-SAE, Olmo et al., arXiv 2411.10397): select by
