@@ -331,7 +331,7 @@ def kv_cache_ok(model: TransformerBridge, prompt: str) -> bool:
         return True
     if model not in _KV_VERDICT:
         with torch.no_grad():
-            out = model.generate(
+            out: Any = model.generate(  # output_logits: a ModelOutput (sequences, logits)
                 prompt, 2, do_sample=False, output_logits=True, return_type="tokens", verbose=False
             )
             if len(out.logits) < 2:  # stopped at EOS: nothing was decoded from the cache
