@@ -52,4 +52,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'saelab' has no attribute {name!r}")
 
 
-__all__ = ["UserError", "__version__", *_LAZY]
+__all__ = ["UserError", "__version__", *_LAZY]  # pyright: ignore[reportUnsupportedDunderAll]

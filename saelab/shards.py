@@ -177,7 +177,7 @@ def save_npy(path: Path, arr: np.ndarray) -> str:
             w = _HashingWriter(f, sha)
             header = np.lib.format.header_data_from_array_1_0(arr)
             np.lib.format.write_array_header_1_0(w, header)  # type: ignore[arg-type]
-            w.write(memoryview(arr).cast("B"))
+            w.write(memoryview(arr).cast("B"))  # type: ignore[arg-type]  # ndarray is a buffer
 
     atomic_write(path, write)
     return sha.hexdigest()
