@@ -91,14 +91,14 @@ def _check_same(out: Path, meta: dict[str, Any], want: dict[str, Any]) -> None:
                 key, had, asked = "n_tokens", meta.get("n_tokens_planned"), asked * per
             raise UserError(
                 f"{out} was harvested with {key}={had!r}, but {asked!r} was asked for; pass "
-                "another --name or delete the directory"
+                "another --out or delete the directory"
             )
 
 
 def _check_foreign(out: Path) -> None:
     ours = {TOKENS, "acts", "grads", f".{TOKENS}.tmp", f".{META}.tmp"}
     if out.is_dir() and any(p.name not in ours for p in out.iterdir()):
-        raise UserError(f"{out} exists and is not a harvest; pass another --name or delete it")
+        raise UserError(f"{out} exists and is not a harvest; pass another --out or delete it")
 
 
 def _check_disk(out: Path, need: int) -> None:
@@ -146,7 +146,7 @@ def _probe_d_in(model: TransformerBridge, hooks: list[str], stop: int | None) ->
         raise UserError(f"hook {missing[0]} never fires in a forward pass; pick another hook")
     if len(set(widths.values())) > 1:
         raise UserError(
-            f"hooks have different widths ({widths}); harvest them under separate --name"
+            f"hooks have different widths ({widths}); harvest them under separate --out folders"
         )
     return widths[hooks[0]]
 
@@ -280,7 +280,7 @@ def _prepare(
         if meta["d_in"] != d_in:
             raise UserError(
                 f"{out} holds d_in={meta['d_in']} but the model gives {d_in}; pass another "
-                "--name or delete the directory"
+                "--out or delete the directory"
             )
         tokens = _load_tokens(out, meta)
     else:
