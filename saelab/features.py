@@ -162,7 +162,7 @@ def _prepare(run: str | Path, cfg: IndexConfig) -> _Subject:
         lo, hi = opened.heldout
     hi = min(hi, store.n_tokens, lo + cfg.n_tokens) if cfg.n_tokens else min(hi, store.n_tokens)
     if hi <= lo:
-        raise UserError(f"{run}: no rows to index in [{lo}, {hi}); check --rows and --tokens")
+        raise UserError(f"{run}: no rows to index in [{lo}, {hi}); check --rows and --n_tokens")
     return _Subject(**vars(opened), rows=(lo, hi))
 
 
