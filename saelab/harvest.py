@@ -31,6 +31,7 @@ from saelab.config import HarvestConfig
 from saelab.corpus import contexts, load_texts
 from saelab.errors import UserError
 from saelab.models import enable_hooks, load_model, resolve_device, resolve_hook, stop_layer
+from saelab.runs import LOCK, writer_lock
 from saelab.shards import (
     FORMAT,
     META,
@@ -96,8 +97,9 @@ def _check_same(out: Path, meta: dict[str, Any], want: dict[str, Any]) -> None:
 
 
 def _check_foreign(out: Path) -> None:
-    ours = {TOKENS, "acts", "grads", f".{TOKENS}.tmp", f".{META}.tmp"}
-    if out.is_dir() and any(p.name not in ours for p in out.iterdir()):
+    ours = {TOKENS, "acts", "grads", LOCK}
+    temp = lambda p: p.name.startswith(".") and p.name.endswith(".tmp")  # noqa: E731
+    if out.is_dir() and any(p.name not in ours and not temp(p) for p in out.iterdir()):
         raise UserError(f"{out} exists and is not a harvest; pass another --out or delete it")
 
 
@@ -305,6 +307,11 @@ def _limit_threads() -> None:
 def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
     """Harvest (or resume) ``cfg`` into `harvest_dir(cfg)` and return that directory."""
     out = harvest_dir(cfg)
+    with writer_lock(out, "harvest"):
+        return _harvest(cfg, out, progress)
+
+
+def _harvest(cfg: HarvestConfig, out: Path, progress: bool) -> Path:
     meta = read_meta(out) if (out / META).is_file() else None
     ident = _identity(cfg, n_contexts_for(cfg))
     if meta is not None:

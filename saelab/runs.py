@@ -20,10 +20,12 @@ modules load a finished run's SAE and harvest.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,9 +64,10 @@ SYNTHETIC = "synthetic"
 
 def atomic_write(path: Path, content: str | bytes | Callable[[Path], None]) -> None:
     """Write `content` (or let it write itself to the path it is given) to a hidden temp
-    file beside `path`, fsync it, then rename it into place."""
+    file beside `path`, fsync it, then rename it into place. The temp name carries the PID,
+    so two writers never share one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
         if callable(content):
@@ -100,6 +103,45 @@ def read_json(path: Path, hint: str = "") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path} holds {type(data).__name__}, not a JSON object{fix}")
     return data
+
+
+# ---------------------------------------------------------------------------------------
+# One writer at a time
+
+
+LOCK = ".lock"
+"""Inside a run or harvest folder: the writer's advisory lock, holding its PID while held."""
+
+
+@contextmanager
+def writer_lock(folder: Path, what: str = "run") -> Iterator[None]:
+    """Hold an advisory lock on `folder` (a run or a harvest) while writing it; a second
+    writer gets a UserError naming the PID that holds it. The OS releases the lock when the
+    holder dies, so a killed writer never leaves the folder locked. A folder this call had
+    to create is removed again if nothing else was written into it."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(
+                f"{folder} is being written by another saelab process (pid {holder}); wait "
+                f"for it to finish, or write this {what} to another --out"
+            ) from None
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            if created and [q.name for q in folder.iterdir()] == [LOCK]:
+                (folder / LOCK).unlink()
+                folder.rmdir()
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,7 +275,10 @@ def _with_defaults(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str,
 def signature(plan: dict[str, Any]) -> dict[str, Any]:
     train = _with_defaults(plan["train"], to_dict(TrainConfig()))
     train = {k: v for k, v in train.items() if k not in _RUNTIME_ONLY}
-    return {"harvest": plan["harvest"], "hook": plan["hook"], **train}
+    # The harvest's size and token checksum, so a harvest that grew or was rewritten since
+    # the run started (which would move its train/held-out split) is another run.
+    ident = {"harvest_identity": plan["harvest_identity"]} if "harvest_identity" in plan else {}
+    return {"harvest": plan["harvest"], "hook": plan["hook"], **ident, **train}
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -253,14 +298,18 @@ def prepare_run_dir(out: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
         return None
     cfg_path = out / CFG
     if not cfg_path.is_file():
-        if any(out.iterdir()):
+        if any(p.name != LOCK for p in out.iterdir()):
             raise UserError(f"{out} exists and is not a saelab run; choose another --out")
         return None
     try:
         old = json.loads(cfg_path.read_text())
     except json.JSONDecodeError:
         raise UserError(f"{cfg_path} is damaged; delete {out} or choose another --out") from None
-    differences = _diff(signature(plan), signature(old)) if "train" in old else ["(foreign)"]
+    if "train" not in old:
+        raise UserError(f"{out} holds a run of another tool; choose another --out or delete it")
+    if "harvest_identity" not in old:  # written before saelab recorded it
+        plan = {k: v for k, v in plan.items() if k != "harvest_identity"}
+    differences = _diff(signature(plan), signature(old))
     if differences:
         raise UserError(
             f"{out} already holds a different run (existing vs asked: "

@@ -194,8 +194,14 @@ def write_shard(
     files = {}
     for key, buf in bufs.items():
         kind, hook = key.split("/", 1)
+        buf = buf.cpu()
+        if not bool(torch.isfinite(buf).all()):  # fp16 overflows to inf past 65504
+            raise UserError(
+                f"shard {index} of {kind} at {hook} holds non-finite values ({buf.dtype} "
+                f"overflow?); nothing of it was written: harvest with --dtype bfloat16 or float32"
+            )
         rel = shard_path(kind, hook, index)
-        files[rel] = save_npy(out / rel, to_numpy(buf.cpu()))
+        files[rel] = save_npy(out / rel, to_numpy(buf))
     per = meta["tokens_per_context"]
     meta["shards"].append(
         {

@@ -12,6 +12,7 @@ holds everything else, so a resumed run ends with the same weights as an uninter
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,7 +32,7 @@ from saelab.archs import ARCHS, ArchSpec, EncodeArgs, Encoding, feature_choice_m
 from saelab.config import SAEConfig, TrainConfig, to_dict
 from saelab.errors import UserError
 from saelab.models import resolve_device
-from saelab.runs import CHECKPOINT, LOG, atomic_write, prepare_run_dir, trim_log
+from saelab.runs import CHECKPOINT, LOG, atomic_write, prepare_run_dir, trim_log, writer_lock
 from saelab.sae import SparseCoder
 from saelab.store import ActivationStore
 
@@ -109,8 +110,9 @@ def geometric_median(x: torch.Tensor, iters: int = 50) -> torch.Tensor:
     return y
 
 
-def lr_at(step: int, n_steps: int, cfg: TrainConfig) -> float:
-    base = cfg.resolved_lr()
+def lr_at(step: int, n_steps: int, base: float, cfg: TrainConfig) -> float:
+    """The learning rate at `step`: linear warmup to `base` (the member's own rate, which
+    depends on its width), flat, then a linear decay to 0 over the last lr_decay_frac."""
     if step < cfg.lr_warmup_steps:
         return base * (step + 1) / cfg.lr_warmup_steps
     decay_start = int(n_steps * (1 - cfg.lr_decay_frac))
@@ -209,6 +211,10 @@ def _plans(cfg: TrainConfig, store: ActivationStore) -> list[tuple[Path, dict[st
                 {
                     "saelab_version": __version__,
                     "harvest": str(Path(cfg.harvest).resolve()),
+                    "harvest_identity": {
+                        "n_tokens": store.n_tokens,
+                        "tokens_sha256": store.meta["tokens_sha256"],
+                    },
                     "hook": store.hook,
                     "model": store.meta.get("model"),
                     "train_range": list(train_range),
@@ -266,7 +272,10 @@ def _train_step(
     fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     aux = _aux_loss(m, enc, x, x_hat, weights, n_aux, cfg) if enc.aux is not None else None
     m.opt.zero_grad(set_to_none=True)
-    (fvu if aux is None else fvu + aux).backward()
+    loss = fvu if aux is None else fvu + aux
+    if not math.isfinite(loss_value := loss.item()):
+        raise _diverged(m, f"the loss is {loss_value}")
+    loss.backward()
     sae.project_decoder_grad()
     m.opt.step()
     sae.normalize_decoder()
@@ -333,6 +342,21 @@ def _make_member(
     return m
 
 
+def _diverged(m: Member, what: str) -> UserError:
+    return UserError(
+        f"{m.out}: training diverged at step {m.step} ({what}; lr={m.plan['lr']:.3g}), likely "
+        "from a learning rate too high or non-finite activations in the harvest; the last "
+        f"checkpoint is kept. Lower --lr and train into another --out (or delete {m.out})"
+    )
+
+
+def _check_finite(m: Member) -> None:
+    """Refuse to write non-finite weights (a step can overflow them with a finite loss)."""
+    for name, p in m.sae.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise _diverged(m, f"{name} is no longer finite")
+
+
 def _log_step(m: Member, stats: dict[str, float], cfg: TrainConfig, rate: float) -> None:
     row = {
         "step": m.step,
@@ -359,6 +383,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     device = resolve_device(cfg.device)
     store = ActivationStore(cfg.harvest, cfg.hook or None)
     plans = _plans(cfg, store)
+    with contextlib.ExitStack() as locks:
+        for out, _ in plans:
+            locks.enter_context(writer_lock(out))
+        return _train(cfg, store, plans, device, progress)
+
+
+def _train(
+    cfg: TrainConfig,
+    store: ActivationStore,
+    plans: list[tuple[Path, dict[str, Any]]],
+    device: torch.device,
+    progress: bool,
+) -> Path:
     olds = [prepare_run_dir(out, plan) for out, plan in plans]
     todo = [(o, p, old) for (o, p), old in zip(plans, olds) if not (old and old.get("complete"))]
     root = plans[0][0].parent if cfg.sweep else plans[0][0]
@@ -383,6 +420,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             if m.wandb is not None:
                 m.wandb.finish()
     for m in members:
+        _check_finite(m)
         save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
         dead = int((m.since_fired >= cfg.dead_tokens).sum())
         m.sae.save(m.out, {**m.plan, "complete": True, "dead_latents": dead})
@@ -429,7 +467,7 @@ def _run(
                 if m.step != step:  # resumed ahead of the others: it has done this batch
                     continue
                 for group in m.opt.param_groups:
-                    group["lr"] = lr_at(m.step, n_steps, cfg)
+                    group["lr"] = lr_at(m.step, n_steps, m.plan["lr"], cfg)
                 xs = x * m.sae.input_scale
                 stats = _train_step(m, xs, g if m.spec.needs_grads else None, cfg)
                 if m.step % cfg.log_every == 0 or m.step == n_steps:
@@ -441,6 +479,7 @@ def _run(
                             tok_s=f"{rate:,.0f}",
                         )
                 if cfg.checkpoint_every and m.step % cfg.checkpoint_every == 0:
+                    _check_finite(m)
                     save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
             step += 1
             bar.update(1)

@@ -138,7 +138,7 @@ def test_split_is_disjoint_and_context_aligned(harvest):
 
 def test_lr_schedule_warms_up_and_decays():
     cfg = TrainConfig(lr=1.0, lr_warmup_steps=4, lr_decay_frac=0.5)
-    lrs = [lr_at(s, 20, cfg) for s in range(20)]
+    lrs = [lr_at(s, 20, 1.0, cfg) for s in range(20)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert lrs[4:10] == [1.0] * 6 and lrs[10] == 1.0 and lrs[19] == pytest.approx(0.1)
 
@@ -248,3 +248,84 @@ def test_run_from_before_a_new_config_field_still_matches(train_syn, tmp_path):
     del cfg["train"]["sae"]["aux"], cfg["train"]["zipf_exponent"]  # as an older saelab wrote it
     (run / "cfg.json").write_text(json.dumps(cfg))
     assert train_syn(tmp_path / "r", n_tokens=5000) == run
+
+
+def test_sweep_members_train_at_their_own_learning_rate(harvest, tmp_path):
+    """lr ∝ 1/√d_sae: a sweep of two widths gives each member its own rate, at every step."""
+    from saelab.config import SAEConfig
+    from saelab.trainer import train
+
+    cfg = TrainConfig(
+        harvest=str(harvest), out=str(tmp_path / "sw"), batch_size=512, n_tokens=10_240,
+        eval_tokens=4000, lr_warmup_steps=2, lr_decay_frac=0.0, log_every=1,
+        checkpoint_every=0, sweep=[SAEConfig("topk", 64, 4), SAEConfig("topk", 256, 4)],
+    )  # fmt: skip
+    root = train(cfg, progress=False)
+    rates = []
+    for member in sorted(root.iterdir()):
+        want = json.loads((member / "cfg.json").read_text())["lr"]
+        log = [json.loads(line) for line in (member / "train_log.jsonl").read_text().splitlines()]
+        assert [r["lr"] for r in log if r["step"] >= 2] == pytest.approx([want] * (len(log) - 2))
+        rates.append(want)
+    assert rates[0] == pytest.approx(2 * rates[1])  # widths 64 and 256
+
+
+@pytest.mark.parametrize("flag", [["--lr", "1e30"], ["--sae.k", "4"]])
+def test_divergence_stops_with_one_line_and_keeps_the_checkpoint(harvest, tmp_path, capsys, flag):
+    """An absurd learning rate overflows the weights; training stops at the first non-finite
+    loss or weight, names the step, and writes no non-finite checkpoint."""
+    out = tmp_path / "r"
+    argv = ["train", "--harvest", str(harvest), "--out", str(out), "--sae.d_sae", "128"]
+    argv += ["--batch_size", "512", "--n_tokens", "20480", "--checkpoint_every", "2", "-q"]
+    if flag[0] == "--sae.k":  # finite lr, non-finite activations: poison one shard's row
+        import numpy as np
+
+        h = tmp_path / "h"
+        import shutil
+
+        shutil.copytree(harvest, h)
+        shard = next((h / "acts").rglob("shard_00000.npy"))
+        arr = np.load(shard, mmap_mode="r+")
+        arr[5, 0] = np.inf
+        arr.flush()
+        meta = json.loads((h / "meta.json").read_text())
+        import hashlib
+
+        for s in meta["shards"]:
+            for rel in s["files"]:
+                s["files"][rel] = hashlib.sha256((h / rel).read_bytes()).hexdigest()
+        (h / "meta.json").write_text(json.dumps(meta))
+        argv[2] = str(h)
+        argv += ["--shuffle_buffer", "512"]
+    argv += flag
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "training diverged at step" in err and len(err.splitlines()) == 1
+    ckpt = out / "checkpoints" / "state.safetensors"
+    if ckpt.exists():
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt).values())
+    assert not json.loads((out / "cfg.json").read_text())["complete"]
+
+
+def test_resume_on_a_changed_harvest_is_refused(train_syn, harvest, tmp_path, synthetic_harvest):
+    h = tmp_path / "h"
+    synthetic_harvest(h, n_tokens=20_000, tokens_per_context=63, shard_contexts=64, **DATA)
+    run = train_syn(tmp_path / "r", harvest=h, n_tokens=5000, eval_tokens=2000)
+    assert json.loads((run / "cfg.json").read_text())["harvest_identity"]["n_tokens"] == 20_034
+    import shutil
+
+    shutil.rmtree(h)
+    synthetic_harvest(h, n_tokens=30_000, tokens_per_context=63, shard_contexts=64, **DATA)
+    with pytest.raises(UserError, match="already holds a different run .*harvest_identity"):
+        train_syn(tmp_path / "r", harvest=h, n_tokens=5000, eval_tokens=2000)
+
+
+def test_a_second_writer_is_refused_naming_the_holder(train_syn, tmp_path):
+    from saelab.runs import writer_lock
+
+    out = tmp_path / "r"
+    with writer_lock(out):
+        with pytest.raises(UserError, match=r"being written by another saelab process \(pid "):
+            train_syn(out, n_tokens=5000)
+    assert not out.exists()
+    assert (train_syn(out, n_tokens=5000) / "cfg.json").is_file()  # released on exit
