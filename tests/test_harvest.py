@@ -181,7 +181,7 @@ def test_other_config_is_refused_untouched(reference):
         (dict(model="smollm2-135m"), "model"),
         (dict(n_tokens=1000), "n_tokens"),
     ]:
-        with pytest.raises(UserError, match=f"{key}=.*another --name or delete"):
+        with pytest.raises(UserError, match=f"{key}=.*another --out or delete"):
             H.harvest(cfg_for(reference.parent, **change), progress=False)
     assert snapshot(reference) == before
 
