@@ -261,13 +261,14 @@ def test_sweep_members_train_at_their_own_learning_rate(harvest, tmp_path):
         checkpoint_every=0, sweep=[SAEConfig("topk", 64, 4), SAEConfig("topk", 256, 4)],
     )  # fmt: skip
     root = train(cfg, progress=False)
-    rates = []
-    for member in sorted(root.iterdir()):
-        want = json.loads((member / "cfg.json").read_text())["lr"]
+    rates = {}
+    for member in (p for p in root.iterdir() if (p / "cfg.json").is_file()):
+        member_cfg = json.loads((member / "cfg.json").read_text())
+        want = rates[member_cfg["d_sae"]] = member_cfg["lr"]
         log = [json.loads(line) for line in (member / "train_log.jsonl").read_text().splitlines()]
-        assert [r["lr"] for r in log if r["step"] >= 2] == pytest.approx([want] * (len(log) - 2))
-        rates.append(want)
-    assert rates[0] == pytest.approx(2 * rates[1])  # widths 64 and 256
+        after_warmup = [r["lr"] for r in log if r["step"] > 2]
+        assert len(after_warmup) > 10 and after_warmup == pytest.approx([want] * len(after_warmup))
+    assert rates[64] == pytest.approx(2 * rates[256])  # lr ∝ 1/√d_sae
 
 
 @pytest.mark.parametrize("flag", [["--lr", "1e30"], ["--sae.k", "4"]])
@@ -299,8 +300,8 @@ def test_divergence_stops_with_one_line_and_keeps_the_checkpoint(harvest, tmp_pa
         argv += ["--shuffle_buffer", "512"]
     argv += flag
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "training diverged at step" in err and len(err.splitlines()) == 1
+    errors = [ln for ln in capsys.readouterr().err.split("\n") if "error" in ln]
+    assert len(errors) == 1 and "training diverged at step" in errors[0]  # (after the bar)
     ckpt = out / "checkpoints" / "state.safetensors"
     if ckpt.exists():
         assert all(torch.isfinite(t).all() for t in load_file(ckpt).values())
