@@ -9,9 +9,13 @@ A corpus spec is one of:
   stdlib files.
 - a local ``.txt``/``.md`` file (the whole file is one document), a ``.jsonl`` file (one
   document per line, text under ``text_field``), or a directory holding such files (read
-  recursively in sorted path order). Local files are read in their own order.
+  recursively in sorted path order). Local files are read in their own order. They must be
+  UTF-8, and a JSONL record's text must be a string: a bad byte or a ``null`` text is refused
+  with the file and line (never decoded with replacement characters, never harvested as
+  "None").
 - otherwise an HF dataset name, streamed with `datasets.load_dataset(..., streaming=True)` and
-  shuffled with ``seed`` in a 10k-document buffer.
+  shuffled with ``seed`` in a 10k-document buffer. Records whose text is null are skipped,
+  with one warning.
 
 `contexts` turns documents into ``[BOS] + (n_ctx - 1)`` token windows; see its docstring.
 """
@@ -21,7 +25,9 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
+import itertools
 import json
+import logging
 import random
 import sysconfig
 from collections.abc import Iterable, Iterator
@@ -31,6 +37,8 @@ from typing import Any
 import numpy as np
 
 from saelab.errors import UserError
+
+log = logging.getLogger(__name__)
 
 DEFAULT = "default"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -142,28 +150,59 @@ def default_texts(seed: int = 0) -> Iterator[str]:
 # Local files and HF datasets
 
 
+def _not_utf8(path: Path, data: bytes, line: int, err: UnicodeDecodeError, at: int = 0) -> str:
+    """The one-line refusal of a file that is not UTF-8: where, and how to convert it."""
+    offset = at + err.start
+    return (
+        f"{path}:{line} is not UTF-8 (byte 0x{data[err.start]:02x} at byte offset {offset}); "
+        "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
 def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    """One document per line. A record whose text is null (or not a string) is refused with
+    its line: str() would harvest it as the text "None"."""
+    with path.open("rb") as f:
+        at = 0  # byte offset of the line, for the UTF-8 error
+        for i, raw in enumerate(f, 1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{i} is not valid JSON; fix the line") from None
-            if not isinstance(row, dict) or text_field not in row:
-                keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                raise UserError(
-                    f"{path}:{i} has no field '{text_field}' (has: {keys}); pass --text_field"
-                )
-            yield str(row[text_field])
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(_not_utf8(path, raw, i, e, at)) from None
+            at += len(raw)
+            if line.strip():
+                yield _jsonl_text(path, i, line, text_field)
+
+
+def _jsonl_text(path: Path, i: int, line: str, text_field: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        raise UserError(f"{path}:{i} is not valid JSON; fix the line") from None
+    if not isinstance(row, dict) or text_field not in row:
+        keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+        raise UserError(f"{path}:{i} has no field '{text_field}' (has: {keys}); pass --text_field")
+    text = row[text_field]
+    if not isinstance(text, str):
+        got = "null" if text is None else f"a JSON {type(text).__name__}"
+        raise UserError(
+            f"{path}:{i} has {got} under '{text_field}', not a string; give the record text "
+            "or delete the line"
+        )
+    return text
 
 
 def _file_texts(path: Path, text_field: str) -> Iterator[str]:
     if path.suffix == ".jsonl":
         yield from _jsonl_texts(path, text_field)
-    else:
-        yield path.read_text(encoding="utf-8", errors="replace")
+        return
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(_not_utf8(path, data, line, e)) from None
+    yield text
 
 
 def _local_files(path: Path) -> list[Path]:
@@ -207,9 +246,29 @@ def _hf_texts(name: str, text_field: str, split: str, seed: int) -> Iterator[str
             f"dataset '{name}' has no field '{text_field}' (has: {', '.join(first)}); "
             "pass --text_field"
         )
-    yield str(first[text_field])
+    yield from _hf_text(name, text_field, itertools.chain([first], rows))
+
+
+def _hf_text(name: str, text_field: str, rows: Iterator[Any]) -> Iterator[str]:
+    """The text of each row. Null texts are skipped (a streamed dataset has no line to point
+    at, and one null should not make a whole dataset unusable), with one warning; str() would
+    harvest them as "None". Any other non-string means the field is not a text column."""
     for row in rows:
-        yield str(row[text_field])
+        text = row[text_field]
+        if isinstance(text, str):
+            yield text
+        elif text is None:
+            _warn_null(name, text_field)
+        else:
+            raise UserError(
+                f"dataset '{name}' has {type(text).__name__} under '{text_field}', not text; "
+                "pass --text_field naming a text column"
+            )
+
+
+@functools.cache  # once per dataset and field in a process
+def _warn_null(name: str, text_field: str) -> None:
+    log.warning("dataset '%s' has records with null '%s'; skipping them", name, text_field)
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -2,7 +2,8 @@
 
 The files are `saelab.shards`'s format (see there): shards first, then the meta.json that
 lists them, so a killed harvest resumes after its last listed shard and ends byte-identical
-to an uninterrupted one.
+to an uninterrupted one. A rerun of a finished harvest re-hashes every listed file before it
+reports the harvest ready, and refuses with the repair hint (`shards.REPAIR`) if one is bad.
 
 Gradients (``grads``) are ``dL/dx`` at each hooked activation ``x``, where ``L`` is the sum of
 the next-token cross-entropies over the context; they need the full forward and a backward.
@@ -43,6 +44,7 @@ from saelab.shards import (
     write_meta,
     write_shard,
 )
+from saelab.store import ActivationStore
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -240,11 +242,34 @@ def _new_meta(cfg: HarvestConfig, ident: dict[str, Any], d_in: int, tokens_sha: 
     }
 
 
-def _load_tokens(out: Path, meta: dict[str, Any]) -> np.ndarray:
+def _check_tokens(out: Path, meta: dict[str, Any]) -> Path:
     path = out / TOKENS
     if not path.is_file() or sha256_file(path) != meta["tokens_sha256"]:
         raise UserError(f"{path} is missing or corrupt; delete {out} and harvest again")
-    return np.load(path)
+    return path
+
+
+def _load_tokens(out: Path, meta: dict[str, Any]) -> np.ndarray:
+    return np.load(_check_tokens(out, meta))
+
+
+def _finished(meta: dict[str, Any]) -> bool:
+    """Complete and still listing every shard. Following the repair hint (deleting a damaged
+    shard's entry and later ones) leaves "complete" true; the rerun must then redo them."""
+    shards = meta["shards"]
+    return bool(meta["complete"] and shards and shards[-1]["context_stop"] == meta["n_contexts"])
+
+
+def _verify_complete(out: Path, meta: dict[str, Any]) -> None:
+    """Re-hash tokens.npy and every file of every listed shard (all hooks and kinds).
+
+    A rerun that reports a harvest ready vouches for it, so it reads it all once (about 1 GB/s)
+    rather than trust a meta.json that a damaged or deleted shard file no longer matches.
+    """
+    _check_tokens(out, meta)
+    n = sum(len(shard["files"]) for shard in meta["shards"])
+    log.info("verifying the checksums of %d shard files in %s", n, out)
+    ActivationStore(out, meta["hooks"][0]).verify()
 
 
 def _remove_temps(out: Path) -> None:
@@ -316,8 +341,9 @@ def _harvest(cfg: HarvestConfig, out: Path, progress: bool) -> Path:
     ident = _identity(cfg, n_contexts_for(cfg))
     if meta is not None:
         _check_same(out, meta, ident)
-        if meta["complete"]:
-            log.info("%s is already complete", out)
+        if _finished(meta):
+            _verify_complete(out, meta)
+            log.info("%s is already complete (checksums verified)", out)
             return out
     model, meta, tokens, stop = _prepare(cfg, out, meta, ident)
     _limit_threads()

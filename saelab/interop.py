@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from saelab.errors import UserError
-from saelab.runs import CFG, WEIGHTS
+from saelab.runs import CFG, WEIGHTS, finished_cfg, read_json
 from saelab.sae import SparseCoder
 
 log = logging.getLogger(__name__)
@@ -110,14 +110,15 @@ def saelens_config(sae: SparseCoder, run_cfg: dict[str, Any], source: str) -> di
     return cfg
 
 
-def export_saelens(run: str | Path, dest: str | Path) -> Path:
+def export_saelens(run: str | Path, dest: str | Path, *, allow_unfinished: bool = False) -> Path:
     """Write the run's SAE to `dest` in the SAELens layout, atomically.
 
-    `dest` must be missing, empty, or an earlier export of this same run (then replaced).
+    `dest` must be missing, empty, or an earlier export of this same run (then replaced). The
+    run must have finished training unless `allow_unfinished` (for debugging).
     """
     run, dest = Path(run), Path(dest)
+    run_cfg = _run_cfg(run, allow_unfinished)
     sae = SparseCoder.load(run)
-    run_cfg = json.loads((run / CFG).read_text())
     source = str(run.resolve())
     tensors = saelens_tensors(sae)
     cfg = saelens_config(sae, run_cfg, source)
@@ -131,6 +132,14 @@ def export_saelens(run: str | Path, dest: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _run_cfg(run: Path, allow_unfinished: bool) -> dict[str, Any]:
+    """A saelab run's cfg.json. An unfinished run's weights are its last checkpoint, or the
+    untrained initialisation before the first, so it is refused unless asked for."""
+    if allow_unfinished:
+        return read_json(run / CFG, f"pass a saelab run directory (cfg.json + {WEIGHTS})")
+    return finished_cfg(run)
 
 
 def _check_dest(dest: Path, source: str) -> None:
@@ -329,11 +338,14 @@ def load_sparsify(path: str | Path, hook: str | None = None, device: str = "cpu"
 # Any layout
 
 
-def load_sae(path: str | Path, device: str = "cpu") -> SparseCoder:
+def load_sae(
+    path: str | Path, device: str = "cpu", *, allow_unfinished: bool = False
+) -> SparseCoder:
     """A saelab run, a SAELens-format or a sparsify-format directory, told apart by its files.
 
     The SAE comes back with `sae.hook` (and `sae.model_name`) set from the file's metadata when
-    it names them, so that interventions know where they belong.
+    it names them, so that interventions know where they belong. A saelab run must have
+    finished training (cfg.json says "complete") unless `allow_unfinished` (for debugging).
     """
     path = Path(path)
     if not path.is_dir():
@@ -344,6 +356,7 @@ def load_sae(path: str | Path, device: str = "cpu") -> SparseCoder:
         cfg = _read_cfg(path)
         if "arch" not in cfg or "input_scale" not in cfg:  # not ours: sparsify names no arch
             return load_sparsify(path, device=device)
+        cfg = _run_cfg(path, allow_unfinished)
         sae = SparseCoder.load(path, device)
         sae.hook, sae.model_name = cfg.get("hook"), cfg.get("model")  # type: ignore[assignment]
         return sae

@@ -12,6 +12,9 @@ SAE's inference-mode code (thresholds for batch-level rules, no gradients for g-
 
 Each takes one latent or several (with one scale/value, or one per latent) and optional
 `positions`: indices into the whole token sequence (prompt, then generated tokens; 0 is BOS).
+An id or position is a Python or numpy integer or a 0-d integer tensor (what `argmax` gives);
+several are a list of those or a 1-d integer tensor/array. Scales and values must be finite
+numbers. Anything else (a float id, a NaN scale, an id outside [0, d_sae)) is a UserError.
 `steer(model, *interventions)` applies them through `model.hooks(...)` and removes them on
 exit; the model's weights are never touched.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import html
 import importlib.metadata
 import logging
+import math
 import os
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -64,6 +69,10 @@ __all__ = [
     "steer",
     "top_latents",
 ]
+
+# What the builders accept (see the module docstring); anything else is a UserError.
+LatentIds = int | np.integer | Tensor | Sequence[int | np.integer | Tensor]
+Coefs = float | Tensor | Sequence[float | Tensor]
 
 # Hooks whose width is d_model: a d_in mismatch there is caught before any forward pass.
 _RESIDUAL_WIDTH = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_in", "hook_out")
@@ -150,37 +159,110 @@ def _width_error(sae: SparseCoder, hook: str, width: int) -> str:
     )
 
 
-def _as_tuple(values: int | float | Sequence[Any] | None, n: int, what: str) -> tuple[Any, ...]:
-    if values is None or isinstance(values, (int, float)):
-        return (values,) * n
-    values = tuple(values)
-    if len(values) != n:
-        raise UserError(f"{len(values)} {what}s for {n} latents; give one, or one per latent")
-    return values
+def _short(x: Any) -> str:
+    """repr of a bad argument, kept to one short line for the error message."""
+    text = " ".join(repr(x).split())
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _kind(x: Any) -> str | None:
+    """'i' for one integer, 'f' for one float (Python, numpy or a 0-d tensor), else None.
+
+    Bools and complex numbers are neither: int()/float() would turn them into a silent
+    wrong id or scale.
+    """
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return "i" if isinstance(x, int) else "f"
+    if isinstance(x, Tensor) and x.ndim == 0:
+        if x.dtype == torch.bool or x.dtype.is_complex:
+            return None
+        return "f" if x.dtype.is_floating_point else "i"
+    if isinstance(x, (np.ndarray, np.generic)) and x.ndim == 0:
+        return {"i": "i", "u": "i", "f": "f"}.get(x.dtype.kind)
+    return None
+
+
+def _as_int(x: Any, what: str) -> int:
+    """One id or count; a 0-d integer tensor (what argmax gives) counts as one."""
+    if _kind(x) != "i":
+        raise UserError(f"{what} {_short(x)} is not an integer; pass an int or an integer tensor")
+    return int(x)
+
+
+def _as_float(x: Any, what: str) -> float:
+    """One finite number: NaN or inf would turn every steered activation (and probability) NaN."""
+    if _kind(x) is None:
+        raise UserError(f"{what} {_short(x)} is not a number; pass a finite float")
+    value = float(x)
+    if not math.isfinite(value):
+        raise UserError(f"{what} {value} is not finite; pass a finite float")
+    return value
+
+
+def _items(values: Any, what: str) -> list[Any] | None:
+    """The elements of a list, tuple or 1-d array/tensor; None for a single value."""
+    if isinstance(values, (Tensor, np.ndarray)):
+        if values.ndim == 0:
+            return None
+        if values.ndim > 1:
+            raise UserError(
+                f"{what}s must be one value or a flat list, not shape {tuple(values.shape)}"
+            )
+        return list(values)
+    if isinstance(values, Iterable) and not isinstance(values, (str, bytes)):
+        return list(values)
+    return None
+
+
+def _ids(values: Any, what: str) -> tuple[int, ...]:
+    items = _items(values, what)
+    return tuple(_as_int(v, what) for v in (items if items is not None else [values]))
+
+
+def _coefs(values: Any, n: int, what: str) -> tuple[float, ...]:
+    """One float per latent: a single scale/value repeated, or one per latent."""
+    items = _items(values, what)
+    if items is None:
+        return (_as_float(values, what),) * n
+    if len(items) != n:
+        raise UserError(f"{len(items)} {what}s for {n} latents; give one, or one per latent")
+    return tuple(_as_float(v, what) for v in items)
+
+
+def _count(value: Any, what: str, lo: int, hi: int | None, fix: str) -> int:
+    """An integer argument within [lo, hi] (no upper bound when hi is None)."""
+    n = _as_int(value, what)
+    if n < lo or (hi is not None and n > hi):
+        span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise UserError(f"{what}={n} is not in {span}; {fix}")
+    return n
 
 
 def _make(
     kind: Literal["add", "clamp"],
     sae: SparseCoder,
-    latents: int | Sequence[int],
-    coefs: float | Sequence[float],
+    latents: LatentIds,
+    coefs: Coefs,
     positions: Iterable[int] | None,
     hook: str | None,
     everywhere: bool = False,
 ) -> Intervention:
-    ids = (latents,) if isinstance(latents, int) else tuple(int(i) for i in latents)
+    ids = _ids(latents, "latent id")
+    if not ids:
+        raise UserError("no latent ids given; pass one id or a non-empty list of ids")
     bad = [i for i in ids if not 0 <= i < sae.d_sae]
-    if bad or not ids:
+    if bad:
         raise UserError(
-            f"latent id {bad[0] if bad else '(none)'} is out of range; this SAE has latents "
-            f"0-{sae.d_sae - 1}"
+            f"latent id {bad[0]} is out of range; this SAE has latents 0-{sae.d_sae - 1}"
         )
     if kind == "clamp":
         _check_thresholds(sae)
-    pos = None if positions is None else tuple(int(p) for p in positions)
+    pos = None if positions is None else _ids(positions, "position")
     if pos is not None and any(p < 0 for p in pos):
         raise UserError("positions must be >= 0 (0 is the first token, BOS when prepended)")
-    values = tuple(float(c) for c in _as_tuple(coefs, len(ids), "value"))
+    values = _coefs(coefs, len(ids), "scale" if kind == "add" else "value")
     return Intervention(kind, sae, _sae_hook(sae, hook), ids, values, pos, everywhere)
 
 
@@ -207,8 +289,8 @@ def _sae_hook(sae: SparseCoder, hook: str | None) -> str:
 
 def add(
     sae: SparseCoder,
-    latents: int | Sequence[int],
-    scale: float | Sequence[float],
+    latents: LatentIds,
+    scale: Coefs,
     positions: Iterable[int] | None = None,
     hook: str | None = None,
 ) -> Intervention:
@@ -218,8 +300,8 @@ def add(
 
 def clamp(
     sae: SparseCoder,
-    latents: int | Sequence[int],
-    value: float | Sequence[float],
+    latents: LatentIds,
+    value: Coefs,
     positions: Iterable[int] | None = None,
     everywhere: bool = False,
     hook: str | None = None,
@@ -230,7 +312,7 @@ def clamp(
 
 def ablate(
     sae: SparseCoder,
-    latents: int | Sequence[int],
+    latents: LatentIds,
     positions: Iterable[int] | None = None,
     hook: str | None = None,
 ) -> Intervention:
@@ -297,6 +379,12 @@ def decode(
 ) -> Any:
     """`generate`'s decoding loop: an output with `.sequences` (prompt and new tokens) and
     `.logits` (one [1, d_vocab] tensor per new token)."""
+    max_new_tokens = _count(max_new_tokens, "max_new_tokens", 1, None, "ask for 1 or more")
+    temperature = _as_float(temperature, "temperature")
+    if temperature < 0:
+        raise UserError(
+            f"temperature={temperature} is negative; pass 0 (greedy) or a positive value (sampling)"
+        )
     use_cache = all(iv.positions is None for iv in interventions) and kv_cache_ok(model, prompt)
     with torch.random.fork_rng(devices=_device_rng(model)), steer(model, *interventions):
         torch.manual_seed(seed)
@@ -459,6 +547,7 @@ def top_latents(
 ) -> TopLatents:
     """For each token of `prompt`: the k latents with the largest activations (firing only)."""
     hook = _sae_hook(sae, hook)
+    k = _count(k, "k", 1, sae.d_sae, f"ask for 1 to {sae.d_sae} latents (this SAE's d_sae)")
     _check_thresholds(sae)
     acts = hook_activations(model, prompt, hook)
     if acts.shape[-1] != sae.d_in:
@@ -488,6 +577,8 @@ def next_token_probs(
 ) -> dict[str, float]:
     """The k most likely next tokens after `prompt` under the interventions, with their
     probabilities, plus any `tokens` asked for by name (each must be a single token)."""
+    d_vocab = int(model.cfg.d_vocab)
+    k = _count(k, "k", 1, d_vocab, f"ask for 1 to {d_vocab} tokens (the vocabulary size)")
     with torch.no_grad(), steer(model, *interventions):
         logits = model(prompt, return_type="logits")[0, -1]
     probs = logits.float().softmax(-1)

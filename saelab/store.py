@@ -13,7 +13,9 @@ resumed at any row without reading what it skips.
 Integrity: each shard file's header and size are checked against ``meta.json`` when it is
 opened; its sha256 is checked the first time this process reads it. Hashing runs on a
 background thread (sha256 is about as fast as the fp16->fp32 shuffle itself), and data is
-never handed out before the hashes of the files it came from have been confirmed.
+never handed out before the hashes of the files it came from have been confirmed. A listed file
+that is missing (even one deleted after it was opened), truncated or changed is a UserError
+naming it, with the repair hint `shards.REPAIR`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -103,6 +105,26 @@ def _complete_shards(meta: dict[str, Any], path: Path) -> list[_Shard]:
             "until at least one shard is written"
         )
     return shards
+
+
+def _confirm(
+    file: Path, sha: str, wait: Literal["here", "thread", "queue"] = "here", fresh: bool = False
+) -> None:
+    """Confirm a shard file's sha256, once per process (`fresh`: hash it again): hashed in this
+    thread ("here"), on the hashing thread while this one waits ("thread"), or only queued."""
+    try:
+        if fresh:
+            VERIFIER.forget(file, sha)
+        if wait == "here":
+            VERIFIER.check(file, sha)
+        elif wait == "thread":
+            VERIFIER.submit(file, sha).result()
+        else:
+            VERIFIER.submit(file, sha)
+    except FileNotFoundError:
+        # Deleted since it was opened (its memmap still reads): the message of a shard missing
+        # at open, not an OSError from the hash's stat or open.
+        raise UserError(f"{file} is missing though meta.json lists it; {REPAIR}") from None
 
 
 # --------------------------------------------------------------------------- shuffle plan
@@ -230,7 +252,7 @@ class ActivationStore:
         self._check_range(start, stop)
         raw = np.empty((stop - start, self.d_in), self._np_dtype)
         for i in self._copy_rows(kind, start, stop, raw):
-            VERIFIER.check(*self._file_sha(kind, i))
+            _confirm(*self._file_sha(kind, i))
         return to_torch(raw, self.storage_dtype).to(dtype)
 
     def sample(
@@ -243,9 +265,9 @@ class ActivationStore:
         shard_of = np.searchsorted(self._stops, rows, side="right")
         parts = [np.empty((0, self.d_in), self._np_dtype)]
         for i in np.unique(shard_of):
-            VERIFIER.check(*self._file_sha("acts", int(i)))
-            local = rows[shard_of == i] - self.shards[i].start
-            parts.append(np.asarray(self._mmap("acts", int(i))[local]))
+            shard = self._mmap("acts", int(i))  # header and size first: names a truncation
+            _confirm(*self._file_sha("acts", int(i)))
+            parts.append(np.asarray(shard[rows[shard_of == i] - self.shards[i].start]))
         return to_torch(np.concatenate(parts), self.storage_dtype).to(torch.float32)
 
     def tokens(self) -> np.ndarray:
@@ -272,8 +294,7 @@ class ActivationStore:
             for rel, sha in shard.files.items():
                 file = self.path / rel
                 check_header(file, shard.stop - shard.start, self.d_in, self._np_dtype)
-                VERIFIER.forget(file, sha)
-                VERIFIER.check(file, sha)
+                _confirm(file, sha, fresh=True)
 
     # ----------------------------------------------------------------- streaming
 
@@ -447,7 +468,7 @@ def _prequeue_hashes(store: ActivationStore, spec: _StreamSpec, plan: list[np.nd
     for i in seen:
         for kind in spec.kinds:
             store._mmap(kind, i)  # header/size check up front: fail before any hashing
-            VERIFIER.submit(*store._file_sha(kind, i))
+            _confirm(*store._file_sha(kind, i), wait="queue")
 
 
 def _batches(store: ActivationStore, spec: _StreamSpec, stop: threading.Event) -> Iterator[Batch]:
@@ -497,7 +518,7 @@ def _shuffled_buffers(
                                out=dst[: rows - offset])  # fmt: skip
         for i in sorted(touched):  # shuffled before waiting: the hashes overlap the work
             for kind in spec.kinds:
-                VERIFIER.submit(*store._file_sha(kind, i)).result()
+                _confirm(*store._file_sha(kind, i), wait="thread")
         yield rows - offset
 
 

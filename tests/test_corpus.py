@@ -99,3 +99,63 @@ def test_unreachable_hub_fails_fast(monkeypatch):
     monkeypatch.setattr(M, "hub_reachable", lambda: False)
     with pytest.raises(UserError, match="unreachable.*HF_HUB_OFFLINE=1.*'default'"):
         list(load_texts("nobody-org/no-such-dataset-xyz"))
+
+
+@pytest.mark.parametrize(
+    "value, got",
+    [(None, "null"), (3, "a JSON int"), (["a"], "a JSON list"), ({"t": "a"}, "a JSON dict")],
+)
+def test_jsonl_text_that_is_not_a_string_is_refused_with_its_line(tmp_path, value, got):
+    path = tmp_path / "c.jsonl"
+    rows = [{"text": "fine"}, {"text": value}, {"text": "never read"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    texts = load_texts(str(path))
+    assert next(texts) == "fine"
+    with pytest.raises(UserError, match=rf"c.jsonl:2 has {got} under 'text', not a string") as e:
+        next(texts)
+    assert "\n" not in str(e.value) and "delete the line" in str(e.value)
+
+
+def test_non_utf8_jsonl_names_file_line_and_byte(tmp_path):
+    path = tmp_path / "c.jsonl"
+    good = (json.dumps({"text": "ok"}) + "\n").encode()
+    path.write_bytes(good + b"\n" + b'{"text": "caf\xe9"}\n')  # latin-1, line 3
+    offset = len(good) + 1 + len(b'{"text": "caf')
+    with pytest.raises(
+        UserError, match=rf"c.jsonl:3 is not UTF-8 \(byte 0xe9 at byte offset {offset}\); convert"
+    ) as e:
+        list(load_texts(str(path)))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.md"])
+def test_non_utf8_text_file_names_file_line_and_byte(tmp_path, name):
+    # Read whole before: decoded with replacement characters, the bad bytes went unnoticed.
+    (tmp_path / name).write_bytes("line one\nnaïve\n".encode("latin-1"))
+    with pytest.raises(UserError, match=rf"{name}:2 is not UTF-8 \(byte 0xef at byte offset 11\)"):
+        list(load_texts(str(tmp_path)))  # found inside a directory too
+
+
+def test_utf8_text_is_read_as_is(tmp_path):
+    (tmp_path / "a.txt").write_text("naïve — ünïcode\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "日本"}, ensure_ascii=False) + "\n")
+    assert list(load_texts(str(tmp_path))) == ["naïve — ünïcode\n", "日本"]
+
+
+def test_hf_null_texts_are_skipped_with_one_warning(monkeypatch, caplog):
+    import datasets
+
+    import saelab.models as M
+
+    class Stream(list):
+        def shuffle(self, seed, buffer_size):
+            return self
+
+    rows = Stream([{"text": "a"}, {"text": None}, {"text": "b"}, {"text": None}])
+    monkeypatch.setattr(M, "hub_offline", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: rows)
+    assert list(load_texts("some-org/with-nulls")) == ["a", "b"]
+    assert caplog.text.count("records with null 'text'; skipping them") == 1
+    rows.append({"text": 7})
+    with pytest.raises(UserError, match="has int under 'text', not text; pass --text_field"):
+        list(load_texts("some-org/with-nulls"))

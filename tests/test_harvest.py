@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from saelab.cli import main
 from saelab.config import HarvestConfig
 from saelab.errors import UserError
 from saelab.models import load_model
-from saelab.shards import shard_path
+from saelab.shards import REPAIR, shard_path
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 
@@ -230,3 +232,63 @@ def test_gated_hooks_are_enabled_or_refused(tmp_path):
 def test_duplicate_hooks_refused(tmp_path):
     with pytest.raises(UserError, match="twice"):
         H.harvest(cfg_for(tmp_path, hooks=[HOOKS[0], HOOKS[0]]), progress=False)
+
+
+def _cli_argv(out: Path) -> list[str]:
+    """`saelab harvest` with cfg_for's settings."""
+    cfg = cfg_for(out.parent, out.name)
+    flags = {k: getattr(cfg, k) for k in ("model", "n_tokens", "n_ctx", "batch_size", "dtype")}
+    argv = ["harvest", "--hooks", ",".join(cfg.hooks), "--shard_contexts", "4", "--out", str(out)]
+    return argv + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+
+
+DAMAGE = {
+    "flipped": ("is corrupted (sha256 differs from meta.json)", lambda f: _flip(f)),
+    "deleted": ("is missing though meta.json lists it", lambda f: f.unlink()),
+    "truncated": ("is truncated", lambda f: f.write_bytes(f.read_bytes()[:-8])),
+}
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_rerun_of_a_finished_harvest_verifies_every_shard(tmp_path, reference, capsys, damage):
+    out = tmp_path / "h"
+    shutil.copytree(reference, out)
+    message, spoil = DAMAGE[damage]
+    spoil(out / shard_path("acts", HOOKS[1], 1))  # not the first hook, not the first shard
+    before = snapshot(out)
+    with pytest.raises(UserError, match=rf"shard_00001.npy {re.escape(message)}") as err:
+        H.harvest(cfg_for(tmp_path), progress=False)
+    assert "\n" not in str(err.value) and REPAIR in str(err.value)
+    assert main(_cli_argv(out)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert message in lines[-1] and "harvest ready" not in "".join(lines)
+    assert snapshot(out) == before, "a refused rerun writes nothing"
+
+    # The repair hint, followed: drop the shard's entry and later ones, rerun the same config.
+    meta = json.loads((out / "meta.json").read_text())
+    meta["shards"] = meta["shards"][:1]
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    H.harvest(cfg_for(tmp_path), progress=False)
+    assert snapshot(out) == snapshot(reference)
+
+
+def test_rerun_of_a_finished_harvest_checks_its_tokens(tmp_path, reference):
+    out = tmp_path / "h"
+    shutil.copytree(reference, out)
+    _flip(out / "tokens.npy")
+    with pytest.raises(UserError, match="tokens.npy is missing or corrupt; delete"):
+        H.harvest(cfg_for(tmp_path), progress=False)
+
+
+def test_cli_null_text_corpus_exits_2_naming_the_line(tmp_path, capsys):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "a few words"}\n{"text": null}\n')
+    assert main([*_cli_argv(tmp_path / "new"), "--corpus", str(corpus)]) == 2
+    assert "c.jsonl:2 has null under 'text'" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "new").exists()

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import saelab
 from saelab import UserError, interop, steering
 from saelab.cli import main
 from saelab.sae import SparseCoder
@@ -25,7 +26,7 @@ def make_run(tmp_path, arch, scale, name="run"):
             sae.threshold.copy_(0.3 * torch.rand(256, generator=g))
         if arch == "mutual_choice":
             sae.threshold.fill_(0.2)
-    sae.save(tmp_path / name, {"hook": HOOK, "model": "tiny", "harvest": "h"})
+    sae.save(tmp_path / name, {"hook": HOOK, "model": "tiny", "harvest": "h", "complete": True})
     return sae, tmp_path / name
 
 
@@ -81,7 +82,7 @@ def test_export_refuses_what_saelens_cannot_hold(tmp_path):
     sae = SparseCoder(8, 16, 2, "feature_choice")  # thresholds still NaN: never trained
     sae.save(tmp_path / "fresh")
     with pytest.raises(UserError, match="no inference threshold yet"):
-        interop.export_saelens(tmp_path / "fresh", tmp_path / "out")
+        interop.export_saelens(tmp_path / "fresh", tmp_path / "out", allow_unfinished=True)
     assert not (tmp_path / "out").exists()
 
 
@@ -115,6 +116,29 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", str(run), str(tmp_path / "busy")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("saelab export: error:") and "choose another destination" in err[-1]
+
+
+@pytest.mark.parametrize("complete", [False, None])  # written mid-training, or never set
+def test_unfinished_run_is_refused_unless_asked(tmp_path, capsys, complete):
+    sae, run = make_run(tmp_path, "topk", 0.5)
+    cfg = json.loads((run / "cfg.json").read_text())
+    cfg.pop("complete")
+    if complete is not None:
+        cfg["complete"] = complete
+    (run / "cfg.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    assert main(["export", str(run), str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has not finished training" in err[0] and "saelab train" in err[0]
+    assert not out.exists()
+    with pytest.raises(UserError, match="has not finished training"):
+        interop.export_saelens(run, out)
+    with pytest.raises(UserError, match="has not finished training"):
+        saelab.load_sae(run)
+    loaded = saelab.load_sae(run, allow_unfinished=True)
+    assert torch.equal(loaded.W_dec, sae.W_dec) and loaded.hook == HOOK
+    interop.export_saelens(run, out, allow_unfinished=True)
+    assert interop.load_saelens(out).d_sae == 256
 
 
 # ---- hand-written fixtures -------------------------------------------------------------

@@ -16,7 +16,9 @@ NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "steering.ipynb"
 def test_steering_notebook_runs(tmp_path, monkeypatch):
     sae = SparseCoder(64, 128, 8, "topk", input_scale=0.5)
     sae.reset_parameters(torch.Generator().manual_seed(0))
-    sae.save(tmp_path / "run", {"hook": "blocks.1.hook_resid_post", "model": "tiny"})
+    # "complete": load_sae refuses runs that have not finished training.
+    extra = {"hook": "blocks.1.hook_resid_post", "model": "tiny", "complete": True}
+    sae.save(tmp_path / "run", extra)
     # The kernel inherits this process's environment.
     monkeypatch.setenv("SAELAB_NB_RUN", str(tmp_path / "run"))
     monkeypatch.setenv("SAELAB_NB_TOKENS", "3")

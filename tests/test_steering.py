@@ -3,6 +3,7 @@ formula says (read one hook downstream), leaves the model as it was, and fails c
 
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,8 +127,10 @@ def test_errors_name_the_problem(model):
         steering.clamp(sae, [0, 128], 1.0)
     with pytest.raises(UserError, match="latent id -1"):
         steering.ablate(sae, -1)
-    with pytest.raises(UserError, match="2 values for 3 latents"):
+    with pytest.raises(UserError, match="2 scales for 3 latents"):
         steering.add(sae, [0, 1, 2], [1.0, 2.0])
+    with pytest.raises(UserError, match="2 values for 3 latents"):
+        steering.clamp(sae, [0, 1, 2], [1.0, 2.0])
     narrow = make_sae(d_in=32)
     with pytest.raises(UserError, match="d_in=32 but blocks.0.hook_resid_post has width 64"):
         with steering.steer(model, steering.add(narrow, 0, 1.0)):
@@ -146,6 +149,91 @@ def test_errors_name_the_problem(model):
     with pytest.raises(UserError, match="pass hook="):
         steering.add(unnamed, 0, 1.0)
     assert steering.add(unnamed, 0, 1.0, hook=HOOK).hook == HOOK
+
+
+@pytest.mark.parametrize(
+    "ids, want",
+    [
+        (np.int64(3), (3,)),
+        (torch.tensor(3), (3,)),  # what argmax returns
+        (np.array(3), (3,)),
+        ([np.int32(3), torch.tensor(4), 5], (3, 4, 5)),
+        (torch.tensor([3, 4]), (3, 4)),  # what topk(...).indices gives
+        (np.array([3, 4], dtype=np.uint8), (3, 4)),
+    ],
+)
+def test_latent_ids_of_any_integer_type(clean, ids, want):
+    sae = make_sae()
+    assert steering.add(sae, ids, np.float32(2.0)).latents == want
+    assert steering.ablate(sae, ids).latents == want
+    assert steering.clamp(sae, ids, torch.tensor(1.5)).coefs == (1.5,) * len(want)
+    x = clean[None]
+    assert torch.equal(steering.add(sae, ids, 2.0)(x), steering.add(sae, list(want), 2.0)(x))
+
+
+def test_argmax_latent_clamps_like_its_int(model, clean):
+    sae = make_sae()
+    latent = dense(sae, clean)[3].argmax()  # a 0-d tensor
+    got = capture(model, DOWNSTREAM, [steering.clamp(sae, latent, 5.0)])
+    assert torch.equal(got, capture(model, DOWNSTREAM, [steering.clamp(sae, int(latent), 5.0)]))
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_BUILDS = [
+    # (builder, latents, coef, positions, message)
+    ("add", 3.0, 1.0, None, "latent id 3.0 is not an integer"),
+    ("add", True, 1.0, None, "latent id True is not an integer"),
+    ("add", "3", 1.0, None, "latent id '3' is not an integer"),
+    ("add", torch.tensor(3.0), 1.0, None, r"latent id tensor\(3.\) is not an integer"),
+    ("add", [], 1.0, None, "no latent ids given"),
+    ("add", torch.tensor([[1, 2]]), 1.0, None, r"not shape \(1, 2\)"),
+    ("add", np.int64(128), 1.0, None, "latent id 128 is out of range; .* 0-127"),
+    ("clamp", torch.tensor(-1), 1.0, None, "latent id -1 is out of range"),
+    ("add", 3, NAN, None, "scale nan is not finite"),
+    ("add", 3, INF, None, "scale inf is not finite"),
+    ("add", [3, 4], [1.0, -INF], None, "scale -inf is not finite"),
+    ("add", 3, torch.tensor(NAN), None, "scale nan is not finite"),
+    ("add", 3, "2", None, "scale '2' is not a number"),
+    ("add", 3, None, None, "scale None is not a number"),
+    ("clamp", 3, NAN, None, "value nan is not finite"),
+    ("clamp", 3, np.float32(INF), None, "value inf is not finite"),
+    ("add", 3, 1.0, [1.5], "position 1.5 is not an integer"),
+    ("add", 3, 1.0, [-1], "positions must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("builder, latents, coef, positions, message", BAD_BUILDS)
+def test_bad_builder_inputs_are_one_line_user_errors(builder, latents, coef, positions, message):
+    with pytest.raises(UserError, match=message) as err:
+        getattr(steering, builder)(make_sae(), latents, coef, positions=positions)
+    assert "\n" not in str(err.value)
+
+
+BAD_CALLS = [
+    ("next_token_probs", dict(k=10**6), r"k=1000000 is not in 1\.\.\d+; .*vocabulary"),
+    ("next_token_probs", dict(k=0), r"k=0 is not in 1\.\."),
+    ("next_token_probs", dict(k=2.5), "k 2.5 is not an integer"),
+    ("generate", dict(max_new_tokens=-1), "max_new_tokens=-1 is not in >= 1"),
+    ("generate", dict(max_new_tokens=0), "max_new_tokens=0 is not in >= 1"),
+    ("generate", dict(temperature=-1), "temperature=-1.0 is negative; pass 0"),
+    ("generate", dict(temperature=NAN), "temperature nan is not finite"),
+    ("compare_generations", dict(max_new_tokens=-5), "max_new_tokens=-5"),
+    ("top_latents", dict(k=0), r"k=0 is not in 1\.\.128"),
+    ("top_latents", dict(k=129), r"k=129 is not in 1\.\.128; .*d_sae"),
+]
+
+
+@pytest.mark.parametrize("fn, kwargs, message", BAD_CALLS)
+def test_bad_counts_are_one_line_user_errors(model, fn, kwargs, message):
+    args = {
+        "next_token_probs": (model, "Hello"),
+        "generate": (model, "Hello"),
+        "compare_generations": (model, "Hello", {}),
+        "top_latents": (model, make_sae(), "Hello"),
+    }[fn]
+    with pytest.raises(UserError, match=message) as err:
+        getattr(steering, fn)(*args, **kwargs)
+    assert "\n" not in str(err.value)
 
 
 def test_generate_is_deterministic_with_a_seed(model):
@@ -247,7 +335,7 @@ def test_next_token_probs_moves_under_steering(model):
 
 def test_load_sae_reads_a_run_and_its_hook(tmp_path):
     sae = make_sae(hook=None)
-    sae.save(tmp_path / "run", {"hook": HOOK, "model": "tiny"})
+    sae.save(tmp_path / "run", {"hook": HOOK, "model": "tiny", "complete": True})
     loaded = steering.load_sae(tmp_path / "run")
     assert loaded.hook == HOOK and loaded.model_name == "tiny"
     assert torch.equal(loaded.W_dec, sae.W_dec)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from saelab import shards
 from saelab.errors import UserError
 from saelab.store import ActivationStore
 
@@ -336,6 +337,37 @@ def test_truncated_shard_named(harvest: Path):
     assert "\n" not in str(err.value) and "saelab harvest" in str(err.value)
     with pytest.raises(UserError, match="shard_00002.npy is truncated"):
         next(s.batches(8, **SMALL))
+
+
+READS = {
+    "read": lambda s: s.read(80, 90),
+    "sample": lambda s: s.sample(200),
+    "verify": lambda s: s.verify(),
+    "batches": lambda s: take_rows(s.batches(8, **SMALL), 30),  # 240 rows: a whole epoch
+}
+
+
+@pytest.mark.parametrize("opened", [False, True], ids=["before-open", "after-open"])
+@pytest.mark.parametrize("path", list(READS))
+def test_deleted_shard_named_on_every_read_path(tmp_path: Path, path: str, opened: bool):
+    root = make_harvest(tmp_path)
+    s = ActivationStore(root)
+    if opened:
+        s._mmap("acts", 2)  # its memmap still reads: only the checksum can notice
+    (root / f"acts/{HOOK}/shard_00002.npy").unlink()
+    with pytest.raises(UserError, match="shard_00002.npy is missing though meta.json") as err:
+        READS[path](s)
+    assert "\n" not in str(err.value) and "saelab harvest" in str(err.value)
+
+
+@pytest.mark.parametrize("path", ["read", "batches"])  # hashed here, and on the hash thread
+def test_shard_deleted_while_hashing_is_named(harvest: Path, monkeypatch, path: str):
+    def deleted(file: Path) -> str:
+        raise FileNotFoundError(2, "No such file or directory", str(file))
+
+    monkeypatch.setattr(shards, "sha256_file", deleted)
+    with pytest.raises(UserError, match=r"shard_\d{5}.npy is missing though meta.json"):
+        READS[path](ActivationStore(harvest))
 
 
 def _corrupt(path: Path) -> None:
