@@ -1,12 +1,15 @@
 """The `saelab` command: one entry point, subcommands dispatched from a small table.
 
 Flags come from the config dataclasses (`--sae.k 64`), with their field docstrings as help.
-A `UserError` ends the command with its one-line message and exit status 2.
+A `UserError` ends the command with its one-line message and exit status 2; so does an
+`OSError` (a full disk, a read-only folder, a file where a folder should be), as one line that
+names the path and what to do.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import typing
@@ -24,7 +27,8 @@ def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
     p.add_argument("--config", help="YAML preset; flags below override its values")
     for key, (tp, doc) in C.flat_fields(cls).items():
         default = _default_of(cls, key)
-        help_ = f"{doc} (default: {default})" if doc else None
+        rule = C.requirement(cls, key)
+        help_ = f"{doc} ({rule + '; ' if rule else ''}default: {default})" if doc else None
         if tp is bool:
             p.add_argument(
                 f"--{key}",
@@ -104,8 +108,9 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     from saelab.evaluate import eval_results
     from saelab.runs import COMPARE
 
+    cfg = _config_from_args(C.EvalConfig, ns, {"run": ""})  # flags first, then the runs
     runs = expand_runs(ns.run)
-    results = eval_results(runs, _config_from_args(C.EvalConfig, ns, {"run": ""}))
+    results = eval_results(runs, cfg)
     rows = [row for run, res in results for row in eval_rows(run.name, res)]
     files = write_comparison(rows, Path(ns.out) if ns.out else runs[0].parent / COMPARE)
     sys.stdout.write(table(rows) + "\n\nwrote " + ", ".join(map(str, files)) + "\n")
@@ -167,6 +172,8 @@ def cmd_app(ns: argparse.Namespace) -> int:
     import subprocess
     from pathlib import Path
 
+    if not 1 <= ns.port <= 65535:
+        raise UserError(f"--port {ns.port} is not a TCP port; pass one in 1..65535, e.g. 8501")
     home = Path(__file__).resolve().parent.parent / "app" / "Home.py"
     if not home.is_file():
         raise UserError(
@@ -282,7 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help, allow_abbrev=False)
-        p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+        # SUPPRESS: without -q here, keep what `saelab -q <command>` set before the command.
+        p.add_argument(
+            "-q",
+            "--quiet",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="only warnings and errors",
+        )
         for names, kw in cmd.args:
             p.add_argument(*names, **kw)
         if cmd.config is not None:
@@ -300,6 +314,31 @@ def _check_unknown(ns: argparse.Namespace, unknown: list[str]) -> None:
     close = C.did_you_mean(bad.split("=")[0].removeprefix("--"), [k[2:] for k in known])
     hint = f"; did you mean '--{close}'?" if close else f"; see saelab {ns.command} --help"
     raise UserError(f"unknown option '{bad}' for saelab {ns.command}{hint}")
+
+
+_OS_FIXES = {
+    errno.EROFS: "choose a place on a writable file system (e.g. another --out)",
+    errno.EACCES: "fix its permissions or choose another place (e.g. another --out)",
+    errno.EPERM: "fix its permissions or choose another place (e.g. another --out)",
+    errno.ENOTDIR: "a folder on that path is a file; move the file or choose another path",
+    errno.EEXIST: "something is in the way there; move it or choose another path",
+    errno.EISDIR: "that is a folder; give the path of a file",
+    errno.ENAMETOOLONG: "choose a shorter name",
+    errno.ENOENT: "check the path",
+    errno.ENOSPC: "free some space or write elsewhere, then run the same command again",
+    errno.EDQUOT: "free some space or write elsewhere, then run the same command again",
+    errno.EPIPE: "the program reading the output (e.g. | head) stopped early",
+}
+"""What to do about an OS error, by errno; anything else gets a generic fix."""
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line: the path it concerns, what happened and the fix."""
+    path = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    what = e.strerror or str(e) or type(e).__name__
+    fix = _OS_FIXES.get(e.errno or 0, "check the path, then run the same command again")
+    line = f"{path}: {what}; {fix}" if path else f"{what}; {fix}"
+    return " ".join(line.splitlines())  # a path may hold a newline; the message stays one line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -320,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[ns.command].handler(ns)
     except UserError as e:
         sys.stderr.write(f"saelab {ns.command}: error: {e}\n")
+        return 2
+    except OSError as e:
+        sys.stderr.write(f"saelab {ns.command}: error: {os_error_line(e)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"saelab {ns.command}: interrupted; run the same command to resume\n")

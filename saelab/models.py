@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from saelab.config import DEFAULT_MODEL
+from saelab.config import DEFAULT_MODEL, DEVICE_PATTERN
 from saelab.errors import UserError
 
 if TYPE_CHECKING:
@@ -52,12 +52,20 @@ _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' (CUDA when visible, else CPU), or a torch device name checked to exist."""
+    """'auto' (CUDA when visible, else CPU), 'cpu', 'cuda' or 'cuda:N', checked to exist."""
+    if not re.fullmatch(DEVICE_PATTERN, name):
+        raise UserError(f"device '{name}' is not auto, cpu, cuda or cuda:N; use --device cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{name}' asked for but CUDA is not visible; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(
+            f"device '{name}' asked for but only {torch.cuda.device_count()} CUDA device(s) "
+            "are visible; use --device cuda"
+        )
+    return device
 
 
 def cache_root() -> Path:
