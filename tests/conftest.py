@@ -124,3 +124,34 @@ def trained_run(synthetic_harvest):
         return train(cfg, progress=False)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def html_figure():
+    """Reader: the plotly figure a written HTML file draws, as {"data": traces, "layout": ...}
+    with every typed array (plotly's {"dtype", "bdata"}) decoded to a numpy array."""
+    import base64
+    import json
+
+    def decode(v: Any) -> Any:
+        if isinstance(v, dict) and "bdata" in v:
+            a = np.frombuffer(base64.b64decode(v["bdata"]), np.dtype(v["dtype"]))
+            return a.reshape(v["shape"]) if "shape" in v else a
+        if isinstance(v, dict):
+            return {k: decode(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [decode(x) for x in v]
+        return v
+
+    def read(path: Path) -> dict[str, Any]:
+        text = Path(path).read_text()
+        at = text.rindex("Plotly.newPlot(") + len("Plotly.newPlot(")
+        parts, dec = [], json.JSONDecoder()
+        for _ in range(3):  # the div id, the traces, the layout
+            while text[at] in " \n\t,":
+                at += 1
+            value, at = dec.raw_decode(text, at)
+            parts.append(value)
+        return {"data": decode(parts[1]), "layout": parts[2]}
+
+    return read

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from saelab.archs import ARCHS, EncodeArgs, feature_choice_m, mask_to_code, mp_select
+from saelab.archs import (
+    ARCHS,
+    THRESHOLD_EMA,
+    EncodeArgs,
+    feature_choice_m,
+    mask_to_code,
+    mp_select,
+)
 from saelab.sae import SparseCoder
 
 
@@ -123,6 +130,34 @@ def test_mutual_choice_hand_worked():
     assert s.threshold.tolist() == [2.5]
     got = dense(s.encode(torch.tensor([[2.6, 2.4, 0]])), 2)
     torch.testing.assert_close(got, torch.tensor([[2.6, 0.0]]))
+
+
+@pytest.mark.parametrize("arch", ["feature_choice", "mutual_choice"])
+def test_threshold_is_an_ema_over_training_batches(arch):
+    # θ₁ = t₁, then θ ← (1 − λ)·θ + λ·t_b with λ = THRESHOLD_EMA, where t_b is batch b's
+    # selection threshold: per latent the m-th largest z of its column (feature_choice), or
+    # the (k·B)-th largest z of the batch (mutual_choice), floored at zero.
+    s = make(arch, d_sae=16, k=3)
+    W_enc, b_enc = s.W_enc.detach().clone(), s.b_enc.detach().clone()
+    theta = first = None
+    for b, (size, scale) in enumerate([(40, 1.0), (24, 3.0), (40, 0.5), (32, 2.0), (40, 4.0)]):
+        x = torch.randn(size, 12, generator=torch.Generator().manual_seed(b)) * scale
+        z = x @ W_enc.T + b_enc  # b_dec is zero
+        if arch == "feature_choice":
+            m = max(1, 3 * size // 16)
+            t = z.sort(0, descending=True).values[m - 1].clamp_min(0)
+        else:
+            t = z.flatten().sort(descending=True).values[3 * size - 1].clamp_min(0).reshape(1)
+        if theta is None:
+            theta = first = t
+        else:
+            theta = (1 - THRESHOLD_EMA) * theta + THRESHOLD_EMA * t
+        s.encode_scaled(x, EncodeArgs(training=True))
+        torch.testing.assert_close(s.threshold, theta, atol=1e-6, rtol=1e-5)
+    # Neither the first batch's threshold nor the last one's: every batch counted.
+    assert (theta - first).abs().max() > 0.1 and (theta - t).abs().max() > 0.1
+    s.encode(torch.randn(8, 12))  # inference leaves it alone
+    torch.testing.assert_close(s.threshold, theta, atol=1e-6, rtol=1e-5)
 
 
 def test_matching_pursuit_hand_worked():

@@ -73,7 +73,7 @@ def test_sweep_reads_the_store_once(tmp_path, monkeypatch, synthetic_harvest):
     assert {p.name for p in (tmp_path / "r").iterdir()} == {"topk-32-k2", "topk-16-k4"}
 
 
-def test_compare_writes_table_and_figure(sweep, capsys):
+def test_compare_writes_table_and_figure(sweep, capsys, html_figure):
     out = sweep / "cmp"
     assert main(["compare", str(sweep / "runs"), "--out", str(out), "-q"]) == 0
     text = capsys.readouterr().out
@@ -86,6 +86,40 @@ def test_compare_writes_table_and_figure(sweep, capsys):
     assert (out / "frontier.html").stat().st_size > 10_000
     for r in rows:
         assert 0 <= r["fvu"] < 1.5 and r["l0"] >= 0
+    # The HTML draws each run's inference-mode numbers: per panel, one trace per arch.
+    traces = html_figure(out / "frontier.html")["data"]
+    primary = [r for r in rows if r["mode"] == "inference"]
+    panels = {"x": "l0", "x2": "dead_frac", "x3": "below_1e-5_frac"}  # no ΔCE: synthetic
+    assert sorted((t["xaxis"], t["name"]) for t in traces) == sorted(
+        (axis, a) for axis in panels for a in ARCHS
+    )
+    for t in traces:
+        mine = [r for r in primary if r["arch"] == t["name"]]
+        assert list(t["text"]) == [r["name"] for r in mine] and len(mine) == 1
+        assert list(t["x"]) == pytest.approx([r[panels[t["xaxis"]]] for r in mine])
+        assert list(t["y"]) == pytest.approx([r["fvu"] for r in mine])
+
+
+def test_frontier_figure_plots_the_rows():
+    from saelab.viz import frontier_figure
+
+    rows = [
+        {"name": "a", "arch": "topk", "l0": 3.0, "fvu": 0.2, "dead_frac": 0.1,
+         "below_1e-5_frac": 0.3, "delta_ce": 0.5},
+        {"name": "b", "arch": "topk", "l0": 6.0, "fvu": 0.1, "dead_frac": 0.0,
+         "below_1e-5_frac": 0.2, "delta_ce": None},
+        {"name": "c", "arch": "mutual_choice", "l0": 4.0, "fvu": 0.15, "dead_frac": 0.05,
+         "below_1e-5_frac": None, "delta_ce": 0.4},
+    ]  # fmt: skip
+    fig = frontier_figure(rows)
+    keys = ["l0", "dead_frac", "below_1e-5_frac", "delta_ce"]  # ΔCE measured for some
+    assert len(fig.data) == 2 * len(keys)
+    for t in fig.data:
+        col = 1 if t.xaxis == "x" else int(t.xaxis[1:])
+        key = keys[col - 1]
+        mine = [r for r in rows if r["arch"] == t.name and r[key] is not None]
+        assert list(t.x) == [r[key] for r in mine] and list(t.y) == [r["fvu"] for r in mine]
+        assert list(t.text) == [r["name"] for r in mine] and t.showlegend == (col == 1)
 
 
 def test_feature_choice_threshold_mode_l0_near_k(sweep):

@@ -214,7 +214,7 @@ def test_fit_and_eval_rows_are_disjoint_held_out(synth, monkeypatch):
     assert top[0]["e_nl_norm"] == pytest.approx(table["e_nl_norm"][i])
 
 
-def test_figures_are_written(synth, monkeypatch):
+def test_figures_are_written(synth, monkeypatch, html_figure):
     import plotly.io as pio
 
     def no_browser(*a, **k):
@@ -222,12 +222,44 @@ def test_figures_are_written(synth, monkeypatch):
 
     monkeypatch.setattr(pio, "write_images", no_browser)
     assert main(["darkmatter", str(synth[1]), "--score_tokens", "1000", "-q"]) == 0
-    names = {p.name for p in (synth[1] / "figures").iterdir()}
+    figures = synth[1] / "figures"
+    names = {p.name for p in figures.iterdir()}
     assert {"darkmatter_norms.html", "darkmatter_norm_sq.html", "darkmatter_split.html"} <= names
-    assert json.loads((synth[1] / runs.DARKMATTER).read_text())["n_eval"] == 1000
+    res = json.loads((synth[1] / runs.DARKMATTER).read_text())
+    assert res["n_eval"] == 1000
+    table = runs.read_token_table(synth[1] / runs.DARKMATTER_TOKENS)
+    assert len(table["row"]) == 1000
+
+    # Histograms of the table's three per-token norms on shared bins up to the largest.
+    norms = {"‖e‖": "e_norm", "‖e_lin‖": "e_lin_norm", "‖e_nl‖": "e_nl_norm"}
+    traces = html_figure(figures / "darkmatter_norms.html")["data"]
+    assert [t["name"] for t in traces] == list(norms)
+    hi = max(float(table[c].max()) for c in norms.values())
+    for t in traces:
+        mids, counts = np.asarray(t["x"]), np.asarray(t["y"])
+        width = mids[1] - mids[0]
+        assert counts.sum() == 1000 and mids[-1] + width / 2 == pytest.approx(hi)
+        mean = float((mids * counts).sum() / 1000)
+        assert abs(mean - table[norms[t["name"]]].mean()) <= width / 2 + 1e-9
+    assert 0 < table["e_nl_norm"].mean() < table["e_norm"].mean()
+
+    # ‖e‖² against its prediction, token by token (1000 tokens: no subsampling).
+    fig = html_figure(figures / "darkmatter_norm_sq.html")
+    points = fig["data"][0]
+    np.testing.assert_allclose(np.asarray(points["x"]), table["e_norm"] ** 2, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(points["y"]), table["e_sq_pred"], rtol=1e-6)
+    assert f"{res['r2_e_norm_sq']:.3f}" in fig["layout"]["title"]["text"]
+
+    # The split: linear and nonlinear FVU of the SAE and of gradient pursuit.
+    bars = {t["name"]: t for t in html_figure(figures / "darkmatter_split.html")["data"]}
+    gp = res["pursuit"]
+    for name, key in [("linear", "fvu_linear"), ("nonlinear", "fvu_nonlinear"), ("FVU", "fvu")]:
+        (t,) = [t for n, t in bars.items() if n.startswith(name)]
+        assert list(t["x"]) == ["SAE", "gradient pursuit"]
+        assert list(t["y"]) == pytest.approx([res[key], gp[key]])
 
 
-def test_scaling_matrix(synth, monkeypatch):
+def test_scaling_matrix(synth, monkeypatch, html_figure):
     monkeypatch.setattr("plotly.io.write_images", lambda *a, **k: None)
     argv = ["darkmatter", "--scaling", str(synth[1]), str(synth[0]), "-q"]
     assert main(argv) == 0
@@ -237,7 +269,15 @@ def test_scaling_matrix(synth, monkeypatch):
     r2, r2_nl = np.array(res["r2_norm"]), np.array(res["r2_norm_with_nonlinear"])
     assert r2.shape == (2, 2) and np.allclose(np.diag(r2), 1.0)
     assert (r2_nl >= r2 - 1e-9).all() and (r2 <= 1 + 1e-9).all()
-    assert (out / "scaling_r2.html").is_file()
+    heat = html_figure(out / "scaling_r2.html")["data"]
+    assert [t["type"] for t in heat] == ["heatmap", "heatmap"]
+    for t, want in zip(heat, (r2, r2_nl)):
+        assert list(t["x"]) == list(t["y"]) == res["names"]
+        np.testing.assert_allclose(np.asarray(t["z"], dtype=float), want)
+    bars = html_figure(out / "scaling_split.html")["data"]
+    assert [list(t["x"]) for t in bars] == [res["names"]] * 3
+    for t, key in zip(bars, ("fvu_linear", "fvu_nonlinear", "fvu")):
+        assert list(t["y"]) == pytest.approx([r[key] for r in res["runs"]])
 
 
 def _files(root):

@@ -35,9 +35,60 @@ def test_code_shapes(sae):
     assert ((code.indices >= 0) & (code.indices < 48)).all()
 
 
-def test_forward_equals_decode_of_encode(sae):
-    x = torch.randn(3, 5, 12)
-    torch.testing.assert_close(sae(x), sae.decode(sae.encode(x)).reshape(3, 5, 12))
+def test_forward_hand_worked():
+    # d_in 2, three latents, k = 2, input_scale 2: x̂ = (W_decᵀ a + b_dec) / 2 with
+    # a = TopK_2(ReLU(W_enc (2x − b_dec) + b_enc)).
+    s = SparseCoder(2, 3, 2, "topk", input_scale=2.0)
+    with torch.no_grad():
+        s.W_enc.copy_(torch.tensor([[1.0, 0], [0, 1], [1, 1]]))
+        s.b_enc.copy_(torch.tensor([0.0, 0, -1]))
+        s.W_dec.copy_(torch.tensor([[1.0, 0], [0, 1], [0.6, 0.8]]))
+        s.b_dec.copy_(torch.tensor([0.5, -0.5]))
+    x = torch.tensor([[[1.0, 2.0], [2.0, -1.0], [-1.0, -1.0]]], dtype=torch.float64)
+    # token 0: 2x − b_dec = (1.5, 4.5), z = (1.5, 4.5, 5.0): latents 2 and 1;
+    #          x̂ = (5·(0.6, 0.8) + 4.5·(0, 1) + (0.5, −0.5)) / 2 = (3.5, 8.0) / 2
+    # token 1: 2x − b_dec = (3.5, −1.5), z = (3.5, −1.5, 1.0): latents 0 and 2;
+    #          x̂ = (3.5·(1, 0) + 1·(0.6, 0.8) + (0.5, −0.5)) / 2 = (4.6, 0.3) / 2
+    # token 2: every z < 0, nothing fires: x̂ = b_dec / 2
+    want = torch.tensor([[[1.75, 4.0], [2.3, 0.15], [0.25, -0.25]]], dtype=torch.float64)
+    got = s(x)
+    assert got.shape == (1, 3, 2) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want)
+
+
+def _dense_forward(sae, x):
+    """x̂ for raw activations x [N, d_in], densely from the weights (no encode or decode)."""
+    xs = x * sae.input_scale - sae.b_dec
+    W_dec = sae.W_dec.detach()
+    a = torch.zeros(x.shape[0], sae.d_sae)
+    if sae.arch == "matching_pursuit":  # k greedy steps, each latent at most once
+        r, used = xs.clone(), torch.zeros_like(a, dtype=torch.bool)
+        active = torch.ones(x.shape[0], dtype=torch.bool)
+        for _ in range(sae.k):
+            c = (r @ W_dec.T).masked_fill(used, float("-inf"))
+            cj, j = c.max(1)
+            active &= cj > 0
+            for b in torch.nonzero(active).flatten().tolist():
+                a[b, j[b]] += cj[b]
+                r[b] -= cj[b] * W_dec[j[b]]
+                used[b, j[b]] = True
+    else:
+        z = xs @ sae.W_enc.T + sae.b_enc
+        if sae.spec.threshold == "none":  # topk, and gradient_topk without a gradient
+            top = z.topk(sae.k, dim=1)
+            a.scatter_(1, top.indices, top.values.relu())
+        else:  # batch-level rules at inference: a JumpReLU at the calibrated threshold(s)
+            a = torch.where(z > sae.threshold.clamp_min(0), z, torch.zeros_like(z))
+    return (a @ W_dec + sae.b_dec) / sae.input_scale
+
+
+@torch.no_grad()
+def test_forward_matches_dense_reference(sae):
+    x = torch.randn(3, 5, 12) * 2
+    want = _dense_forward(sae, x.reshape(15, 12)).reshape(3, 5, 12)
+    torch.testing.assert_close(sae(x), want, atol=1e-5, rtol=1e-5)
+    fired = (want - sae.b_dec / sae.input_scale).abs().amax(-1) > 1e-3
+    assert fired.float().mean() > 0.5  # most tokens fire some latent: the check has teeth
 
 
 def test_encode_is_batch_independent(sae):

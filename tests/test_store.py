@@ -215,6 +215,35 @@ def test_seed_determinism(harvest: Path):
     assert not np.array_equal(a, c)
 
 
+def test_rows_shuffled_within_each_buffer(harvest: Path):
+    s = ActivationStore(harvest)
+
+    def buffers(seed: int, chunk_rows: int, shuffle_buffer: int) -> np.ndarray:
+        # One batch per buffer: 192 rows divide into buffers of shuffle_buffer rows.
+        stream = s.batches(shuffle_buffer, seed=seed, chunk_rows=chunk_rows,
+                           shuffle_buffer=shuffle_buffer)  # fmt: skip
+        return np.stack(take_rows(stream, 192 // shuffle_buffer))
+
+    # One chunk per buffer: each buffer holds the 8 rows of one chunk, in a seeded order.
+    one = buffers(5, 8, 8)
+    assert sorted((one // 8).tolist()) == [[c] * 8 for c in range(24)]
+    perms = one % 8  # the order of each buffer's rows, independent of which chunk it holds
+    assert all(sorted(p) == list(range(8)) for p in perms.tolist())
+    unsorted = [p != sorted(p) for p in perms.tolist()]
+    assert sum(unsorted) >= 22  # an identity permutation of 8 has probability 1/40320
+    assert len({tuple(p) for p in perms.tolist()}) >= 20  # each buffer draws its own order
+    np.testing.assert_array_equal(buffers(5, 8, 8), one)  # deterministic in the seed
+    assert not np.array_equal(buffers(6, 8, 8) % 8, perms)
+    # Four chunks per buffer: whole chunks, their rows interleaved, not read one by one.
+    four = buffers(5, 8, 32)
+    for rows in four:
+        chunks = rows // 8
+        assert sorted(np.bincount(chunks, minlength=24).tolist()) == [0] * 20 + [8] * 4
+        assert len(set(chunks[:8].tolist())) > 1  # not chunk after chunk
+        assert int((np.diff(rows) == 1).sum()) < 10  # a run of 31 without a shuffle
+    np.testing.assert_array_equal(buffers(5, 8, 32), four)
+
+
 @pytest.mark.parametrize("r", [1, 13, 32, 45, 191, 192, 200, 389])
 def test_resume_matches_tail(harvest: Path, r: int):
     s = ActivationStore(harvest)

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from saelab.cli import main
 from saelab.config import TrainConfig
 from saelab.errors import UserError
+from saelab.runs import CHECKPOINT
+from saelab.sae import SparseCoder
 from saelab.store import ActivationStore
 from saelab.synthetic import SyntheticData
 from saelab.trainer import geometric_median, lr_at, split_ranges
@@ -121,11 +123,73 @@ def test_output_dir_that_is_not_a_run_is_refused(train_syn, tmp_path):
     assert (tmp_path / "r" / "notes.txt").read_text() == "mine"
 
 
-def test_auxk_revives_dead_latents(train_syn, tmp_path):
-    # A tiny dead_tokens makes latents count as dead quickly, so AuxK runs.
-    run = train_syn(tmp_path / "r", dead_tokens=600, n_tokens=20_000)
-    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert any(r["aux"] > 0 for r in log)
+class _HalfSilent(SparseCoder):
+    """Latents 0..63 start with encoders 20× too short: their z never reaches the top k, so
+    they die within two batches, and only a gradient from the auxiliary loss can move them."""
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None):
+        super().reset_parameters(generator)
+        self.W_enc[:64] *= 0.05
+
+
+def test_auxk_revives_dead_latents(train_syn, tmp_path, monkeypatch):
+    # Two runs differing only in auxk_alpha. With the usual init, runs this short show no
+    # reliable AuxK effect on the dead count (its "dead" latents mostly serve rare features),
+    # so half the latents are silenced at init: AuxK must bring them back, and without it
+    # (alpha 0, or a detached aux loss) they stay dead.
+    monkeypatch.setattr("saelab.trainer.SparseCoder", _HalfSilent)
+    kw = dict(dead_tokens=1024, n_tokens=20_000, checkpoint_every=0)
+    runs = {"auxk": train_syn(tmp_path / "auxk", **kw)}
+    runs["off"] = train_syn(tmp_path / "off", auxk_alpha=0.0, **kw)
+    logs, dead, revived = {}, {}, {}
+    for name, run in runs.items():
+        logs[name] = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+        dead[name] = json.loads((run / "cfg.json").read_text())["dead_latents"]
+        since_fired = load_file(run / CHECKPOINT)["state.since_fired"]
+        revived[name] = int((since_fired[:64] < 1024).sum())  # silenced latents firing now
+    assert logs["auxk"][0]["dead_frac"] >= 0.5  # they did die
+    assert any(r["aux"] > 0 for r in logs["auxk"]) and all(r["aux"] == 0 for r in logs["off"])
+    assert revived["auxk"] >= 40 and revived["off"] <= 10, revived
+    assert dead["auxk"] <= 20 and dead["off"] >= 50 and dead["auxk"] * 3 < dead["off"], dead
+
+
+def test_train_step_steps_with_the_projected_decoder_gradient():
+    # One trainer step from a known state: the gradient Adam steps W_dec with must be
+    # ∂FVU/∂W_dec with each row's component along that (unit) row removed, computed here
+    # densely by hand.
+    from saelab.trainer import Member, _train_step
+
+    torch.manual_seed(1)
+    sae = SparseCoder(12, 40, 3)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    x = torch.randn(64, 12) * 2
+    W_enc, b_enc = sae.W_enc.detach().clone(), sae.b_enc.detach().clone()
+    W_dec, b_dec = sae.W_dec.detach().clone(), sae.b_dec.detach().clone()
+
+    z = (x - b_dec) @ W_enc.T + b_enc
+    top = z.relu().topk(3, dim=1)
+    a = torch.zeros(64, 40).scatter(1, top.indices, top.values)
+    W = W_dec.clone().requires_grad_()
+    fvu = ((a @ W + b_dec) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    (g,) = torch.autograd.grad(fvu, W)
+    radial = (g * W_dec).sum(1, keepdim=True)
+    assert radial.abs().max() > 1e-3  # the projection has something to remove
+    expected = g - radial * W_dec
+
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    seen = []
+    opt.register_step_pre_hook(lambda *_: seen.append(sae.W_dec.grad.clone()))
+    m = Member(Path("unused"), {"aux_loss": "auxk", "k_aux": 6}, sae, opt)
+    m.since_fired = torch.zeros(40, dtype=torch.int64)  # nothing dead: no auxiliary loss
+    m.freq = torch.zeros(40)
+    stats = _train_step(m, x, None, TrainConfig())
+    assert stats["fvu"] == pytest.approx(fvu.item(), rel=1e-5) and stats["aux"] == 0
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], expected, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40))
 
 
 def test_split_is_disjoint_and_context_aligned(harvest):
