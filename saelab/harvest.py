@@ -370,22 +370,24 @@ def _run_shards(
         total=meta["n_tokens_planned"], initial=meta["n_tokens"], unit="tok", unit_scale=True,
         disable=not progress, desc=f"harvest {out.name}", smoothing=0.1,
     )  # fmt: skip
-    pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1) as writer, model.hooks(fwd_hooks=rec.fwd_hooks()):
-        for index in range(start, math.ceil(n / sc)):
-            c0, c1 = index * sc, min((index + 1) * sc, n)
-            rows = (c1 - c0) * per
-            keys = [f"{k}/{h}" for k in kinds for h in meta["hooks"]]
-            rec.bufs = {k: torch.empty((rows, meta["d_in"]), dtype=dtype) for k in keys}
-            # Batches start at the shard boundary, so a resumed shard sees the same batches.
-            for b0 in range(c0, c1, bs):
-                b1 = min(b0 + bs, c1)
-                rec.rows = slice((b0 - c0) * per, (b1 - c0) * per)
-                rec.run(tokens_t[b0:b1].to(model.cfg.device), stop)
-                bar.update((b1 - b0) * per)
+    try:
+        pending: Future | None = None
+        with ThreadPoolExecutor(max_workers=1) as writer, model.hooks(fwd_hooks=rec.fwd_hooks()):
+            for index in range(start, math.ceil(n / sc)):
+                c0, c1 = index * sc, min((index + 1) * sc, n)
+                rows = (c1 - c0) * per
+                keys = [f"{k}/{h}" for k in kinds for h in meta["hooks"]]
+                rec.bufs = {k: torch.empty((rows, meta["d_in"]), dtype=dtype) for k in keys}
+                # Batches start at the shard boundary, so a resumed shard sees the same batches.
+                for b0 in range(c0, c1, bs):
+                    b1 = min(b0 + bs, c1)
+                    rec.rows = slice((b0 - c0) * per, (b1 - c0) * per)
+                    rec.run(tokens_t[b0:b1].to(model.cfg.device), stop)
+                    bar.update((b1 - b0) * per)
+                if pending is not None:
+                    pending.result()  # at most one shard in flight: bounded memory, ordered meta
+                pending = writer.submit(write_shard, out, meta, index, c0, c1, rec.bufs)
             if pending is not None:
-                pending.result()  # at most one shard in flight: bounded memory, ordered meta
-            pending = writer.submit(write_shard, out, meta, index, c0, c1, rec.bufs)
-        if pending is not None:
-            pending.result()
-    bar.close()
+                pending.result()
+    finally:
+        bar.close()  # before any error line, so it does not share the bar's line

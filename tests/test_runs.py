@@ -81,3 +81,17 @@ def test_the_lock_is_released_on_exit_and_a_folder_it_made_is_removed(tmp_path):
     with writer_lock(tmp_path / "kept"), pytest.raises(UserError, match=f"pid {os.getpid()}"):
         with writer_lock(tmp_path / "kept"):
             pass
+
+
+@pytest.mark.parametrize("command", ["eval", "index", "darkmatter", "export", "compare"])
+@pytest.mark.parametrize("damage", ["{not json", '["a list"]', '{"complete": true}'])
+def test_a_damaged_cfg_json_is_one_line_for_every_reader(tmp_path, capsys, command, damage):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "cfg.json").write_text(damage)
+    (run / "sae.safetensors").write_bytes(b"")
+    argv = [command, str(run)] + ([str(tmp_path / "out")] if command == "export" else [])
+    assert main([*argv, "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(run) in err, err
+    assert (run / "cfg.json").read_text() == damage and not (tmp_path / "out").exists()
