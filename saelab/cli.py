@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from saelab import config as C
+from saelab import fields as F
 from saelab.errors import UserError
 
 log = logging.getLogger("saelab")
@@ -25,9 +26,9 @@ log = logging.getLogger("saelab")
 
 def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
     p.add_argument("--config", help="YAML preset; flags below override its values")
-    for key, (tp, doc) in C.flat_fields(cls).items():
+    for key, (tp, doc) in F.flat_fields(cls).items():
         default = _default_of(cls, key)
-        rule = C.requirement(cls, key)
+        rule = F.requirement(cls, key)
         help_ = f"{doc} ({rule + '; ' if rule else ''}default: {default})" if doc else None
         if tp is bool:
             p.add_argument(
@@ -64,10 +65,10 @@ def _default_of(cls: type, dotted: str) -> Any:
 
 
 def _config_from_args(cls: type, ns: argparse.Namespace, extra: dict[str, Any]) -> Any:
-    keys = C.flat_fields(cls)
+    keys = F.flat_fields(cls)
     overrides = {k: v for k, v in vars(ns).items() if k in keys}
     overrides.update(extra)
-    return C.build(cls, getattr(ns, "config", None), overrides)
+    return F.build(cls, getattr(ns, "config", None), overrides)
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,9 +310,9 @@ def _check_unknown(ns: argparse.Namespace, unknown: list[str]) -> None:
     if not unknown:
         return
     cls = COMMANDS[ns.command].config
-    known = ["--" + k for k in C.flat_fields(cls)] if cls else []
+    known = ["--" + k for k in F.flat_fields(cls)] if cls else []
     bad = flags[0] if flags else unknown[0]
-    close = C.did_you_mean(bad.split("=")[0].removeprefix("--"), [k[2:] for k in known])
+    close = F.did_you_mean(bad.split("=")[0].removeprefix("--"), [k[2:] for k in known])
     hint = f"; did you mean '--{close}'?" if close else f"; see saelab {ns.command} --help"
     raise UserError(f"unknown option '{bad}' for saelab {ns.command}{hint}")
 

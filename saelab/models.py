@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from saelab.config import DEFAULT_MODEL, DEVICE_PATTERN
+from saelab.config import DEFAULT_MODEL
 from saelab.errors import UserError
+from saelab.fields import DEVICE_PATTERN
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge

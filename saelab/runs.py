@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from saelab.config import TrainConfig, to_dict
+from saelab.config import TrainConfig
 from saelab.errors import UserError
+from saelab.fields import to_dict
 
 if TYPE_CHECKING:
     import torch

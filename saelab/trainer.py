@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from saelab import __version__, kernels
 from saelab.archs import ARCHS, ArchSpec, EncodeArgs, Encoding, feature_choice_m
-from saelab.config import SAEConfig, TrainConfig, to_dict
+from saelab.config import SAEConfig, TrainConfig
 from saelab.errors import UserError
+from saelab.fields import to_dict
 from saelab.models import resolve_device
 from saelab.runs import CHECKPOINT, LOG, atomic_write, prepare_run_dir, trim_log, writer_lock
 from saelab.sae import SparseCoder

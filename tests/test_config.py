@@ -10,11 +10,12 @@ from typing import Annotated, Any, Literal
 import pytest
 
 from saelab import config as C
+from saelab import fields as F
 from saelab.errors import UserError
 
 
 def test_field_docs_are_read_from_source():
-    docs = C.field_docs(C.TrainConfig)
+    docs = F.field_docs(C.TrainConfig)
     assert docs["batch_size"] == "Tokens per optimizer step."
     assert set(docs) == {f for f in C.TrainConfig.__dataclass_fields__}
 
@@ -28,20 +29,20 @@ CONFIGS = [
 
 def test_every_field_of_every_config_has_a_doc():
     for cls in CONFIGS:
-        assert set(C.field_docs(cls)) == set(cls.__dataclass_fields__), cls.__name__
+        assert set(F.field_docs(cls)) == set(cls.__dataclass_fields__), cls.__name__
 
 
 def test_yaml_and_overrides(tmp_path):
     p = tmp_path / "x.yaml"
     p.write_text("harvest: h\nsae:\n  k: 16\n  d_sae: 256\nlr: 0.001\n")
-    cfg = C.build(C.TrainConfig, p, {"sae.k": "8", "wandb": "true", "betas": "0.8,0.9"})
+    cfg = F.build(C.TrainConfig, p, {"sae.k": "8", "wandb": "true", "betas": "0.8,0.9"})
     assert cfg.sae.k == 8 and cfg.sae.d_sae == 256 and cfg.lr == 0.001
     assert cfg.wandb is True and cfg.betas == (0.8, 0.9)
     assert isinstance(cfg.sae, C.SAEConfig)
 
 
 def test_list_field_from_comma_string():
-    cfg = C.build(
+    cfg = F.build(
         C.HarvestConfig, None, {"hooks": "blocks.0.hook_resid_post,blocks.1.hook_resid_post"}
     )
     assert cfg.hooks == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
@@ -62,20 +63,20 @@ def test_list_field_from_comma_string():
 )
 def test_bad_values_name_the_problem(overrides, msg):
     with pytest.raises(UserError, match=msg.replace("(", r"\(").replace(")", r"\)")):
-        C.build(C.TrainConfig, None, overrides)
+        F.build(C.TrainConfig, None, overrides)
 
 
 def test_missing_and_invalid_yaml(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        C.load_yaml(tmp_path / "nope.yaml")
+        F.load_yaml(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1,\n")
     with pytest.raises(UserError, match="not valid YAML"):
-        C.load_yaml(bad)
+        F.load_yaml(bad)
     lst = tmp_path / "list.yaml"
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(UserError, match="must hold a mapping"):
-        C.load_yaml(lst)
+        F.load_yaml(lst)
 
 
 def test_lr_scaling_rule():
@@ -108,7 +109,7 @@ def test_harvest_checks():
 )
 def test_old_names_are_refused_with_the_new_one(cls, old, new):
     with pytest.raises(UserError, match=f"unknown config key '{old}'; did you mean '{new}'"):
-        C.build(cls, None, {old: 1})
+        F.build(cls, None, {old: 1})
 
 
 @pytest.mark.parametrize(
@@ -134,7 +135,7 @@ def test_arch_choices_come_from_the_type(capsys):
     choices = "topk|gradient_topk|feature_choice|mutual_choice|matching_pursuit"
     assert choices in capsys.readouterr().out
     with pytest.raises(UserError, match="sae.arch='topkk' is not one of topk, gradient_topk"):
-        C.build(C.TrainConfig, None, {"sae.arch": "topkk"})
+        F.build(C.TrainConfig, None, {"sae.arch": "topkk"})
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def test_the_walk_finds_every_config():
     }  # fmt: skip
 
 
-def leaves(cls: type, prefix: str = "") -> list[tuple[str, Any, C.Check | None, Any]]:
+def leaves(cls: type, prefix: str = "") -> list[tuple[str, Any, F.Check | None, Any]]:
     """(dotted name, type, declared Check, default) of every leaf field, nested configs
     walked into; read from the annotations themselves, not from saelab's own helpers."""
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -158,7 +159,7 @@ def leaves(cls: type, prefix: str = "") -> list[tuple[str, Any, C.Check | None, 
         tp, check = hints[f.name], None
         if typing.get_origin(tp) is Annotated:
             tp, *extras = typing.get_args(tp)
-            check = next((e for e in extras if isinstance(e, C.Check)), None)
+            check = next((e for e in extras if isinstance(e, F.Check)), None)
         if dataclasses.is_dataclass(tp):
             out += leaves(typing.cast(type, tp), prefix + f.name + ".")
         else:
@@ -187,18 +188,18 @@ def test_every_field_declares_its_valid_values():
 def test_a_field_without_a_check_is_caught():
     @dataclass
     class Careless:
-        fine: Annotated[int, C.Check(ge=0)] = 0
+        fine: Annotated[int, F.Check(ge=0)] = 0
         mode: Literal["a", "b"] = "a"
         forgot: int = 3
 
     assert undeclared(Careless) == ["forgot"]
     with pytest.raises(TypeError, match="Careless.forgot declares no valid values"):
-        C.constraints(Careless)
+        F.constraints(Careless)
     with pytest.raises(TypeError, match="declares a bound"):
-        C.Check()
+        F.Check()
 
 
-def outside(tp: Any, c: C.Check) -> list[Any]:
+def outside(tp: Any, c: F.Check) -> list[Any]:
     """The nearest values beyond each declared bound."""
     step = (lambda x, d: x + d) if tp is int else (lambda x, d: math.nextafter(x, d * math.inf))
     out = []
@@ -213,7 +214,7 @@ def outside(tp: Any, c: C.Check) -> list[Any]:
     return out
 
 
-def bad_values(tp: Any, check: C.Check | None, default: Any) -> list[Any]:
+def bad_values(tp: Any, check: F.Check | None, default: Any) -> list[Any]:
     """Values a user could give (command-line strings or YAML values) that a field of this
     type and Check must refuse, derived from the declaration alone."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -281,7 +282,7 @@ def _one_line_naming(error: UserError, name: str) -> None:
 )
 def test_a_bad_value_is_refused_in_one_line_naming_the_field(cls, name, value):
     with pytest.raises(UserError) as built:
-        C.build(cls, None, {name: value})
+        F.build(cls, None, {name: value})
     _one_line_naming(built.value, name)
     if "." not in name:  # the same value given to the constructor: validate() alone refuses
         with pytest.raises(UserError) as made:
@@ -316,7 +317,7 @@ def test_defaults_are_valid_and_the_rules_reach_help(capsys):
 )
 def test_cross_field_and_nested_messages(overrides, msg):
     with pytest.raises(UserError) as e:
-        C.build(C.TrainConfig, None, overrides)
+        F.build(C.TrainConfig, None, overrides)
     assert msg in str(e.value)
 
 
@@ -345,5 +346,5 @@ def test_resolve_device_refuses_a_missing_gpu():
 
 
 def test_numbers_from_strings():
-    cfg = C.build(C.TrainConfig, None, {"n_tokens": "3e5", "seed": "12", "lr": "1e-3"})
+    cfg = F.build(C.TrainConfig, None, {"n_tokens": "3e5", "seed": "12", "lr": "1e-3"})
     assert (cfg.n_tokens, cfg.seed, cfg.lr) == (300_000, 12, 1e-3)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from saelab import config as C
+from saelab import fields as F
 from saelab.archs import ARCHS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -13,7 +14,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_preset_builds(path):
     cls = C.HarvestConfig if path.stem.startswith("harvest") else C.TrainConfig
-    cfg = C.build(cls, path, {})
+    cfg = F.build(cls, path, {})
     if cls is C.TrainConfig:
         for s in cfg.sweep or [cfg.sae]:
             assert s.arch in ARCHS
