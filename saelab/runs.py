@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -81,8 +82,14 @@ def atomic_write(path: Path, content: str | bytes | Callable[[Path], None]) -> N
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        # Writers in Rust or C++ (safetensors, sqlite) report a full disk in their own
+        # exception types; the CLI turns OSError into one line, so hand it an OSError.
+        code = re.search(r"os error (\d+)", str(e)) if not isinstance(e, OSError) else None
+        if code:
+            n = int(code.group(1))
+            raise OSError(n, os.strerror(n), str(path)) from e
         raise
 
 

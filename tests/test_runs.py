@@ -95,3 +95,49 @@ def test_a_damaged_cfg_json_is_one_line_for_every_reader(tmp_path, capsys, comma
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(run) in err, err
     assert (run / "cfg.json").read_text() == damage and not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_inside_a_foreign_writer_is_an_oserror_and_leaves_no_temp(tmp_path):
+    import errno
+
+    def safetensors_like(tmp: Path) -> None:
+        tmp.write_bytes(b"partial")
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    target = tmp_path / "w.safetensors"
+    with pytest.raises(OSError) as got:
+        atomic_write(target, safetensors_like)
+    assert got.value.errno == errno.ENOSPC and got.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch, synthetic_harvest):
+    """The CLI's OSError boundary gets the checkpoint writer's full disk as one line, and the
+    rerun (space freed) resumes to the end."""
+    import safetensors.torch
+
+    from saelab import trainer
+
+    h = synthetic_harvest(tmp_path / "h", n_tokens=8000)
+    argv = ["train", "--harvest", str(h), "--out", str(tmp_path / "r"), "--sae.d_sae", "64"]
+    argv += [
+        "--sae.k",
+        "4",
+        "--batch_size",
+        "256",
+        "--eval_tokens",
+        "1000",
+        "--checkpoint_every",
+        "4",
+    ]
+    real = safetensors.torch.save_file
+
+    def full(*a, **k):
+        raise safetensors.SafetensorError("I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(trainer, "save_file", full)
+    assert main([*argv, "-q"]) == 2
+    err = [ln for ln in capsys.readouterr().err.split("\n") if "error" in ln]
+    assert len(err) == 1 and "No space left on device" in err[0]
+    monkeypatch.setattr(trainer, "save_file", real)
+    assert main([*argv, "-q"]) == 0
