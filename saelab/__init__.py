@@ -12,7 +12,8 @@ except PackageNotFoundError:  # running from a source tree without install
 from saelab.errors import UserError  # noqa: E402
 
 if TYPE_CHECKING:  # what _LAZY provides, for type checkers and editors
-    from saelab.interop import export_saelens, load_sae, load_saelens, load_sparsify
+    from saelab.export import export_saelens, export_sparsify
+    from saelab.interop import load_sae, load_saelens, load_sparsify
     from saelab.sae import SparseCoder
     from saelab.steering import (
         ablate,
@@ -40,7 +41,8 @@ _LAZY = {
     "compare_generations": "saelab.steering",
     "top_latents": "saelab.steering",
     "next_token_probs": "saelab.steering",
-    "export_saelens": "saelab.interop",
+    "export_saelens": "saelab.export",
+    "export_sparsify": "saelab.export",
     "load_saelens": "saelab.interop",
     "load_sparsify": "saelab.interop",
 }

@@ -21,6 +21,10 @@ candidates for the auxiliary loss. The trainer, evaluation and CLI discover rule
   non-negative pursuit steps over the unit-norm rows of W_dec. A latent is chosen at
   most once per token (no repeats), so a code is a set and L0 = steps taken. Inference
   may stop early once ‖r‖ ≤ tol·‖x − b_dec‖ (adaptive sparsity).
+- jumprelu (Rajamanoharan et al. 2024, arXiv 2407.14435): a_i = z_i·[z_i > θ_i] with
+  fixed per-latent thresholds; θ = 0 is the plain ReLU SAE. Inference only: it labels SAEs
+  imported from SAELens (its `jumprelu` and `standard` architectures), which saelab cannot
+  train (no sparsity penalty or threshold gradient here), so the trainer refuses it.
 """
 
 from __future__ import annotations
@@ -99,6 +103,9 @@ class ArchSpec:
     aux: Literal["auxk", "zipf"] = "auxk"
     """Auxiliary loss: AuxK on dead latents, or aux_zipf on under-used ones."""
 
+    trainable: bool = True
+    """False for inference-only rules (jumprelu): the trainer refuses them."""
+
 
 def _encoding(values: Tensor, indices: Tensor, aux_values: Tensor, aux_indices: Tensor) -> Encoding:
     aux = SparseCode(aux_values, aux_indices) if aux_indices.shape[1] else None
@@ -113,8 +120,9 @@ def _encode_with(sae: SparseCoder, x: Tensor, args: EncodeArgs, select) -> Encod
     )
 
 
-def mask_to_code(z: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
-    """Entries (rows[i], cols[i]) of ReLU(z) as a padded per-token code [B, max count]."""
+def mask_to_code(z: Tensor, rows: Tensor, cols: Tensor, relu: bool = True) -> tuple[Tensor, Tensor]:
+    """Entries (rows[i], cols[i]) of ReLU(z) (of z itself without `relu`) as a padded
+    per-token code [B, max count]."""
     B = z.shape[0]
     order = torch.argsort(rows, stable=True)
     rows, cols = rows[order], cols[order]
@@ -125,7 +133,8 @@ def mask_to_code(z: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]
     indices = torch.zeros(B, width, dtype=torch.int64, device=z.device)
     values = torch.zeros(B, width, dtype=z.dtype, device=z.device)
     indices[rows, slot] = cols
-    values[rows, slot] = z[rows, cols].relu()
+    picked = z[rows, cols]
+    values[rows, slot] = picked.relu() if relu else picked
     return values, indices
 
 
@@ -201,6 +210,16 @@ def mutual_choice(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     return _encode_with(sae, x, args, select)
 
 
+def jumprelu(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
+    # No ReLU and no clamp: SAELens's JumpReLU passes z wherever z > θ, so a negative θ
+    # (which SAELens allows) lets negative values through there too.
+    def select(z: Tensor) -> tuple[Tensor, Tensor]:
+        rows, cols = torch.nonzero(z > sae.threshold, as_tuple=True)
+        return mask_to_code(z, rows, cols, relu=False)
+
+    return _encode_with(sae, x, args, select)
+
+
 def matching_pursuit(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     steps = args.mp_max_steps or sae.k
     tol = args.mp_tol if not args.training else 0.0
@@ -258,4 +277,8 @@ ARCHS: dict[str, ArchSpec] = {
     "feature_choice": ArchSpec(feature_choice, threshold="latent"),
     "mutual_choice": ArchSpec(mutual_choice, threshold="global", aux="zipf"),
     "matching_pursuit": ArchSpec(matching_pursuit, uses_encoder=False),
+    "jumprelu": ArchSpec(jumprelu, threshold="latent", trainable=False),
 }
+
+TRAINABLE = tuple(name for name, spec in ARCHS.items() if spec.trainable)
+"""The rules `saelab train` accepts."""

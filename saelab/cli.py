@@ -148,9 +148,9 @@ def cmd_index(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    from saelab.interop import export_saelens
+    from saelab.export import export
 
-    log.info("SAELens export ready: %s", export_saelens(ns.run, ns.out))
+    log.info("%s export ready: %s", ns.format, export(ns.run, ns.out, ns.format, units=ns.units))
     return 0
 
 
@@ -254,13 +254,22 @@ COMMANDS: dict[str, Command] = {
         (_RUN,),
     ),
     "export": Command(
-        "export a run to another SAE layout (SAELens)",
+        "export a run to another SAE layout (SAELens, sparsify)",
         cmd_export,
         None,
         (
             _arg("run", help="run directory (runs/<name>)"),
             _arg("out", help="output directory"),
-            _arg("--format", default="saelens", choices=["saelens"], help="target layout"),
+            _arg(
+                "--format", default="saelens", choices=["saelens", "sparsify"], help="target layout"
+            ),
+            _arg(
+                "--units",
+                default="saelens",
+                choices=["saelens", "saelab"],
+                help="saelens: unit-norm decoder rows, values rescaled to match (default); "
+                "saelab: saelab's own feature values (see saelab/export.py)",
+            ),
         ),
     ),
     "app": Command(

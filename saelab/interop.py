@@ -1,5 +1,6 @@
-"""SAEs in other libraries' layouts: export to SAELens, import from SAELens and sparsify, and
-`load_sae`, which tells a saelab run, a SAELens and a sparsify directory apart by their files.
+"""SAEs from other libraries' layouts: import from SAELens and sparsify, and `load_sae`, which
+tells a saelab run, a SAELens and a sparsify directory apart by their files. (Exports to
+those layouts live in `saelab.export`.)
 
 SAELens (v6 `cfg.json` schema; `SAE.load_from_disk` reads it):
     cfg.json                  architecture, d_in, d_sae, dtype, device, apply_b_dec_to_input,
@@ -7,33 +8,31 @@ SAELens (v6 `cfg.json` schema; `SAE.load_from_disk` reads it):
                               {model_name, hook_name, ...}
     sae_weights.safetensors   W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec,
                               threshold [d_sae] (jumprelu)
-  SAELens SAEs act on raw activations, so saelab's input_scale s is folded into the weights:
-  W_enc' = s·W_encᵀ, W_dec' = W_dec/s, b_dec' = b_dec/s leave the pre-activations z, hence
-  the codes, unchanged. topk exports as "topk"; feature_choice and mutual_choice export as
-  "jumprelu" with their inference thresholds (mutual choice's one threshold broadcast to every
-  latent, as SAELens saves BatchTopK); gradient_topk exports as topk (what it computes without
-  gradients). matching_pursuit has no encoder and no SAELens equivalent.
+  topk imports as topk; jumprelu and standard (ReLU, θ = 0) as saelab's inference-only
+  jumprelu rule, a_i = z_i·[z_i > θ_i]. A BatchTopK *training* save (architecture
+  "batchtopk", a topk_threshold) is refused: SAELens's `save_inference_model` turns it into
+  the jumprelu SAE it runs as.
 
 sparsify (EleutherAI; one directory per hookpoint):
     cfg.json          d_in, k, num_latents (0: d_in·expansion_factor), activation, ...
     sae.safetensors   encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec
   Its TopK is TopK(ReLU(W_enc(x − b_dec) + b_enc)), saelab's topk exactly.
+
+A saelab export (metadata "saelab": arch, input_scale, units) comes back as it was trained:
+its arch, input_scale and saelab's feature values (`_as_saelab`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from saelab.errors import UserError
@@ -43,132 +42,19 @@ from saelab.sae import SparseCoder
 log = logging.getLogger(__name__)
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
-# The SAELens cfg.json schema we write; SAELens converts configs older than 6.0 on load.
-SAELENS_SCHEMA = "6.0.0"
-_EXPORTS = {
-    "topk": "topk",
-    "gradient_topk": "topk",
-    "feature_choice": "jumprelu",
-    "mutual_choice": "jumprelu",
-}
+# SAELens training saves whose inference form is another architecture (SAELens 6.x:
+# BatchTopKTrainingSAE.process_state_dict_for_saving_inference turns topk_threshold into a
+# JumpReLU threshold; matryoshka BatchTopK inherits it).
+_TRAINING_ONLY = ("batchtopk", "matryoshka_batchtopk")
 
 
-# ---------------------------------------------------------------------------------------
-# Export
+def __getattr__(name: str) -> Any:
+    # export_saelens moved to saelab.export (which imports this module); keep the old name.
+    if name == "export_saelens":
+        from saelab.export import export_saelens
 
-
-def saelens_tensors(sae: SparseCoder) -> dict[str, Tensor]:
-    """The SAELens state dict of `sae`, input_scale folded in (float32, contiguous)."""
-    if sae.arch not in _EXPORTS:
-        raise UserError(
-            f"arch {sae.arch} has no SAELens equivalent (no encoder); export topk, "
-            "gradient_topk, feature_choice or mutual_choice runs"
-        )
-    s = sae.input_scale
-    with torch.no_grad():
-        out = {
-            "W_enc": (sae.W_enc * s).T,
-            "b_enc": sae.b_enc,
-            "W_dec": sae.W_dec / s,
-            "b_dec": sae.b_dec / s,
-        }
-        if _EXPORTS[sae.arch] == "jumprelu":
-            theta = sae.threshold
-            if torch.isnan(theta).any():
-                raise UserError(
-                    f"this {sae.arch} SAE has no inference threshold yet; train it longer "
-                    "(training sets the thresholds) before exporting"
-                )
-            out["threshold"] = theta.expand(sae.d_sae)
-    return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
-
-
-def saelens_config(sae: SparseCoder, run_cfg: dict[str, Any], source: str) -> dict[str, Any]:
-    architecture = _EXPORTS[sae.arch]
-    cfg: dict[str, Any] = {
-        "architecture": architecture,
-        "d_in": sae.d_in,
-        "d_sae": sae.d_sae,
-        "dtype": "float32",
-        "device": "cpu",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "none",  # input_scale is folded into the weights
-        "reshape_activations": "none",
-    }
-    if architecture == "topk":
-        cfg |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
-    cfg["metadata"] = {
-        "sae_lens_version": SAELENS_SCHEMA,
-        "sae_lens_training_version": SAELENS_SCHEMA,
-        "model_name": run_cfg.get("model"),
-        "hook_name": run_cfg.get("hook"),
-        "hook_head_index": None,
-        "prepend_bos": True,  # saelab contexts start with BOS (corpus.contexts)
-        # Enough to come back to saelab unchanged (arch, k) and to recognise our own export.
-        "saelab": {**sae.config(), "run": source, "harvest": run_cfg.get("harvest")},
-    }
-    return cfg
-
-
-def export_saelens(run: str | Path, dest: str | Path, *, allow_unfinished: bool = False) -> Path:
-    """Write the run's SAE to `dest` in the SAELens layout, atomically.
-
-    `dest` must be missing, empty, or an earlier export of this same run (then replaced). The
-    run must have finished training unless `allow_unfinished` (for debugging).
-    """
-    run, dest = Path(run), Path(dest)
-    run_cfg = _run_cfg(run, allow_unfinished)
-    sae = SparseCoder.load(run)
-    source = str(run.resolve())
-    tensors = saelens_tensors(sae)
-    cfg = saelens_config(sae, run_cfg, source)
-    _check_dest(dest, source)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
-        save_file(tensors, str(tmp / SAELENS_WEIGHTS))
-        (tmp / CFG).write_text(json.dumps(cfg, indent=2))
-        _replace_dir(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-def _run_cfg(run: Path, allow_unfinished: bool) -> dict[str, Any]:
-    """A saelab run's cfg.json. An unfinished run's weights are its last checkpoint, or the
-    untrained initialisation before the first, so it is refused unless asked for."""
-    if allow_unfinished:
-        return read_json(run / CFG, f"pass a saelab run directory (cfg.json + {WEIGHTS})")
-    return finished_cfg(run)
-
-
-def _check_dest(dest: Path, source: str) -> None:
-    if not dest.exists():
-        return
-    if not dest.is_dir():
-        raise UserError(f"{dest} exists and is not a directory; choose another destination")
-    if not any(dest.iterdir()):
-        return
-    try:
-        old = json.loads((dest / CFG).read_text())["metadata"]["saelab"]["run"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
-        old = None
-    if old != source:
-        raise UserError(
-            f"{dest} is not empty and is not an export of {source}; choose another destination"
-        )
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Put `new` at `dest`. A non-empty dest is moved aside first (rename cannot replace it), so
-    a reader finds the old export, briefly none, or the new one, never a half-written one."""
-    if dest.exists() and any(dest.iterdir()):
-        trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}-old-", dir=dest.parent))
-        os.replace(dest, trash / dest.name)
-        os.replace(new, dest)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(new, dest)  # rename onto an empty directory is allowed
+        return export_saelens
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -192,20 +78,50 @@ def _read_cfg(path: Path) -> dict[str, Any]:
 
 
 def _build(
-    arch: str, k: int, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, device: str
+    arch: str, k: int, w: dict[str, Tensor], device: str, saelab: dict[str, Any] | None = None
 ) -> SparseCoder:
-    """A SparseCoder acting on raw activations (input_scale 1) with W_enc given as [d_sae, d_in]."""
-    d_sae, d_in = W_dec.shape
-    if W_enc.shape != (d_sae, d_in) or b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
+    """A SparseCoder from weights acting on raw activations (W_enc [d_sae, d_in], b_enc,
+    W_dec, b_dec, optional threshold): input_scale 1, unless `saelab` (an export's metadata)
+    gives the input_scale s and units to return to saelab's own (`_as_saelab`)."""
+    d_sae, d_in = w["W_dec"].shape
+    if (
+        w["W_enc"].shape != (d_sae, d_in)
+        or w["b_enc"].shape != (d_sae,)
+        or w["b_dec"].shape != (d_in,)
+    ):
         raise UserError(
-            f"weight shapes disagree (W_enc {tuple(W_enc.shape)}, W_dec {tuple(W_dec.shape)}); "
-            "the SAE files are damaged or not in this layout"
+            f"weight shapes disagree (W_enc {tuple(w['W_enc'].shape)}, W_dec "
+            f"{tuple(w['W_dec'].shape)}); the SAE files are damaged or not in this layout"
         )
-    sae = SparseCoder(d_in, d_sae, k, arch, 1.0, device)
+    s, beta = 1.0, 1.0
+    if saelab:
+        s, beta = float(saelab["input_scale"]), float(saelab.get("beta", 1.0))
+        w = _as_saelab(w, s, saelab.get("units", "saelab"))
+    sae = SparseCoder(d_in, d_sae, k, arch, s, device, beta=beta)
     with torch.no_grad():
-        for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
-            getattr(sae, name).copy_(t.float())
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(w[name])
+        if "threshold" in w and sae.spec.threshold != "none":
+            sae.threshold.copy_(w["threshold"][: sae.threshold.numel()])
     return sae
+
+
+def _as_saelab(w: dict[str, Tensor], s: float, units: str) -> dict[str, Tensor]:
+    """Undo a saelab export's folding (saelab.export.raw_weights): its values are saelab's
+    times c (c = s for unit decoder rows, 1 in saelab's units, which exports before units
+    existed used). With W_enc·c/s, b_enc·c, b_dec·s, W_dec·s/c, θ·c and input_scale s the
+    SAE computes c·z of the raw-activation one, i.e. saelab's z and values again."""
+    c = s if units == "saelens" else 1.0
+    w = {n: t.double() for n, t in w.items()}
+    out = {
+        "W_enc": w["W_enc"] * (c / s),
+        "b_enc": w["b_enc"] * c,
+        "W_dec": w["W_dec"] * (s / c),
+        "b_dec": w["b_dec"] * s,
+    }
+    if "threshold" in w:
+        out["threshold"] = w["threshold"] * c
+    return out
 
 
 def _saelens_k(cfg: dict[str, Any], meta: dict[str, Any], d_sae: int) -> int:
@@ -215,12 +131,30 @@ def _saelens_k(cfg: dict[str, Any], meta: dict[str, Any], d_sae: int) -> int:
     return int(min(max(int(k or 1), 1), d_sae - 1))
 
 
-def load_saelens(path: str | Path, device: str = "cpu") -> SparseCoder:
-    """A SAELens-format directory as a SparseCoder (topk, jumprelu or standard)."""
-    path = Path(path)
-    cfg = _read_cfg(path)
-    meta = cfg.get("metadata") or {}
-    arch = cfg.get("architecture", "standard")
+# The saelab rules each SAELens architecture can hold (saelab.export), and what an SAE from
+# elsewhere is labelled.
+_SAELAB_ARCHS = {
+    "topk": ("topk", "gradient_topk"),
+    "jumprelu": ("feature_choice", "mutual_choice", "jumprelu"),
+}
+
+
+def _label(architecture: str, saelab: Any, theta: Tensor | None) -> tuple[str, Any]:
+    """(saelab arch, saelab metadata or None): a saelab export comes back as it was trained;
+    anything else as topk or jumprelu (SAELens jumprelu and standard alike)."""
+    plain = "topk" if architecture == "topk" else "jumprelu"
+    if not isinstance(saelab, dict) or "input_scale" not in saelab:
+        return plain, None
+    was = saelab.get("arch")
+    if was not in _SAELAB_ARCHS[plain]:
+        return plain, saelab
+    # One threshold for every latent, up to the rounding of the unit-row fold (‖d_i‖ ≈ 1).
+    if was == "mutual_choice" and theta is not None and not torch.allclose(theta, theta[:1]):
+        return "jumprelu", saelab  # edited since: no longer one threshold for every latent
+    return was, saelab
+
+
+def _saelens_checks(path: Path, cfg: dict[str, Any], arch: str) -> None:
     norm = cfg.get("normalize_activations") or "none"
     if norm != "none":
         raise UserError(
@@ -229,6 +163,20 @@ def load_saelens(path: str | Path, device: str = "cpu") -> SparseCoder:
         )
     if (cfg.get("reshape_activations") or "none") != "none":
         raise UserError(f"{path} is an attention hook_z SAE; only flat activations are supported")
+    if arch in _TRAINING_ONLY:
+        raise UserError(
+            f"{path} is a SAELens {arch} training save; save it with SAELens's "
+            "save_inference_model (it becomes the jumprelu SAE it runs as) and load that"
+        )
+    if arch not in ("topk", "jumprelu", "standard"):
+        raise UserError(
+            f"SAELens architecture {arch!r} is not supported; supported: topk, jumprelu, standard"
+        )
+
+
+def _saelens_weights(path: Path, cfg: dict[str, Any], arch: str) -> dict[str, Tensor]:
+    """The weights as `_build` takes them: W_enc [d_sae, d_in], b_dec applied to the input,
+    topk decoder-norm rescaling folded in, and the threshold (0 for standard)."""
     w = _load_weights(path / SAELENS_WEIGHTS)
     scale = w.pop("scaling_factor", w.pop("finetuning_scaling_factor", None))
     if scale is not None and not torch.all(scale == 1):
@@ -237,46 +185,44 @@ def load_saelens(path: str | Path, device: str = "cpu") -> SparseCoder:
         W_enc, b_enc, W_dec, b_dec = w["W_enc"].T, w["b_enc"], w["W_dec"], w["b_dec"]
     except KeyError as e:
         raise UserError(f"{path / SAELENS_WEIGHTS} lacks {e}; not a SAELens SAE") from None
+    W_enc, b_enc, W_dec, b_dec = (t.double() for t in (W_enc, b_enc, W_dec, b_dec))
     if not cfg.get("apply_b_dec_to_input", True):
         # x·W_enc + b_enc = W_enc(x − b_dec) + b_enc' with b_enc' = b_enc + W_enc b_dec
-        b_enc = b_enc + W_enc.float() @ b_dec.float()
-    d_sae = W_dec.shape[0]
-    k = _saelens_k(cfg, meta, d_sae)
-    if arch == "topk":
-        if cfg.get("rescale_acts_by_decoder_norm"):
-            # z·‖d_i‖ selects and a/‖d_i‖ decodes: the same SAE with unit-norm decoder rows.
-            norms = W_dec.float().norm(dim=1)
-            W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
-        sae = _build("topk", k, W_enc, b_enc, W_dec, b_dec, device)
-    elif arch in ("jumprelu", "standard"):
-        theta = w.get("threshold", torch.zeros(d_sae)) if arch == "jumprelu" else torch.zeros(d_sae)
-        if arch == "jumprelu" and "threshold" not in w and "log_threshold" in w:
+        b_enc = b_enc + W_enc @ b_dec
+    out = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+        # z·‖d_i‖ selects and a/‖d_i‖ decodes: the same SAE with unit-norm decoder rows.
+        norms = W_dec.norm(dim=1)
+        out |= {"W_enc": W_enc * norms[:, None], "b_enc": b_enc * norms}
+        out["W_dec"] = W_dec / norms[:, None]
+    if arch == "jumprelu":
+        theta = w.get("threshold")
+        if theta is None and "log_threshold" in w:  # SAELens before 6 saved log θ
             theta = w["log_threshold"].exp()
-        sae = _jumprelu(theta, meta, k, (W_enc, b_enc, W_dec, b_dec), device)
-    else:
-        raise UserError(
-            f"SAELens architecture {arch!r} is not supported; supported: topk, jumprelu, standard"
-        )
-    sae.hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")  # type: ignore[assignment]
-    sae.model_name = meta.get("model_name") or cfg.get("model_name")  # type: ignore[assignment]
-    return sae
+        if theta is None:
+            raise UserError(f"{path / SAELENS_WEIGHTS} lacks threshold; not a JumpReLU SAE")
+        out["threshold"] = theta.double().expand(W_dec.shape[0])
+    elif arch == "standard":
+        out["threshold"] = torch.zeros(W_dec.shape[0], dtype=torch.float64)
+    return out
 
 
-def _jumprelu(
-    theta: Tensor,
-    meta: dict[str, Any],
-    k: int,
-    weights: tuple[Tensor, Tensor, Tensor, Tensor],
-    device: str,
-) -> SparseCoder:
-    """feature_choice inference is JumpReLU with per-latent θ; a saelab mutual_choice export
-    (one θ for every latent) comes back as mutual_choice."""
-    theta = theta.float()
-    was = (meta.get("saelab") or {}).get("arch")
-    global_theta = was == "mutual_choice" and bool((theta == theta[0]).all())
-    sae = _build("mutual_choice" if global_theta else "feature_choice", k, *weights, device)
-    with torch.no_grad():
-        sae.threshold.copy_(theta[:1] if global_theta else theta)
+def load_saelens(path: str | Path, device: str = "cpu") -> SparseCoder:
+    """A SAELens-format directory as a SparseCoder: topk, or jumprelu for SAELens's jumprelu
+    and standard SAEs; a saelab export as the run it came from (its arch and units)."""
+    path = Path(path)
+    cfg = _read_cfg(path)
+    meta = cfg.get("metadata") or {}
+    arch = cfg.get("architecture", "standard")
+    _saelens_checks(path, cfg, arch)
+    w = _saelens_weights(path, cfg, arch)
+    label, saelab = _label(arch, meta.get("saelab"), w.get("threshold"))
+    sae = _build(label, _saelens_k(cfg, meta, w["W_dec"].shape[0]), w, device, saelab)
+    hook = (saelab or {}).get("hook") or meta.get("hook_name")
+    sae.hook = hook or cfg.get("hook_name") or cfg.get("hook_point")  # type: ignore[assignment]
+    # A saelab export names the model as saelab.load_model takes it (smollm2-135m).
+    name = (saelab or {}).get("model") or meta.get("model_name") or cfg.get("model_name")
+    sae.model_name = name  # type: ignore[assignment]
     return sae
 
 
@@ -304,8 +250,8 @@ def sparsify_hook(hookpoint: str) -> str | None:
 def load_sparsify(path: str | Path, hook: str | None = None, device: str = "cpu") -> SparseCoder:
     """A sparsify sparse coder directory as a topk SparseCoder.
 
-    The hook comes from `hook`, else from the directory name (sparsify names it after the
-    hookpoint, e.g. ``layers.6`` → ``blocks.6.hook_resid_post``).
+    The hook comes from `hook`, else from a saelab export's metadata, else from the directory
+    name (sparsify names it after the hookpoint, e.g. ``layers.6`` → ``blocks.6.hook_resid_post``).
     """
     path = Path(path)
     cfg = _read_cfg(path)
@@ -328,9 +274,12 @@ def load_sparsify(path: str | Path, hook: str | None = None, device: str = "cpu"
             f"{path}: W_dec is {tuple(W_dec.shape)} but cfg.json says ({d_sae}, {d_in}); "
             "the files do not belong together"
         )
-    sae = _build("topk", int(cfg.get("k", 32)), W_enc, b_enc, W_dec, b_dec, device)
-    sae.hook = hook or sparsify_hook(path.name)  # type: ignore[assignment]
-    sae.model_name = None  # type: ignore[assignment]
+    weights = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    label, saelab = _label("topk", cfg.get("saelab"), None)
+    sae = _build(label, int(cfg.get("k", 32)), weights, device, saelab)
+    hook = hook or (saelab or {}).get("hook") or sparsify_hook(path.name)
+    sae.hook = hook  # type: ignore[assignment]
+    sae.model_name = (saelab or {}).get("model") or cfg.get("model_name")  # type: ignore[assignment]
     return sae
 
 
@@ -356,7 +305,10 @@ def load_sae(
         cfg = _read_cfg(path)
         if "arch" not in cfg or "input_scale" not in cfg:  # not ours: sparsify names no arch
             return load_sparsify(path, device=device)
-        cfg = _run_cfg(path, allow_unfinished)
+        if allow_unfinished:
+            cfg = read_json(path / CFG, f"pass a saelab run directory (cfg.json + {WEIGHTS})")
+        else:
+            cfg = finished_cfg(path)
         sae = SparseCoder.load(path, device)
         sae.hook, sae.model_name = cfg.get("hook"), cfg.get("model")  # type: ignore[assignment]
         return sae

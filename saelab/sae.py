@@ -56,9 +56,11 @@ class SparseCoder(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
         if self.spec.threshold != "none":
-            # Inference thresholds of batch-level rules; NaN until training sets them.
+            # Inference thresholds of batch-level rules, NaN until training sets them; an
+            # inference-only rule (jumprelu) starts at 0, the plain ReLU SAE.
             shape = d_sae if self.spec.threshold == "latent" else 1
-            self.register_buffer("threshold", torch.full((shape,), float("nan"), **kw))
+            fill = float("nan") if self.spec.trainable else 0.0
+            self.register_buffer("threshold", torch.full((shape,), fill, **kw))
         self.reset_parameters()
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from saelab import __version__, kernels
-from saelab.archs import ARCHS, ArchSpec, EncodeArgs, Encoding, feature_choice_m
+from saelab.archs import ARCHS, TRAINABLE, ArchSpec, EncodeArgs, Encoding, feature_choice_m
 from saelab.config import SAEConfig, TrainConfig
 from saelab.errors import UserError
 from saelab.fields import to_dict
@@ -171,6 +171,11 @@ def _check_arch(s: SAEConfig, cfg: TrainConfig, store: ActivationStore) -> ArchS
     if s.arch not in ARCHS:
         raise UserError(f"unknown arch '{s.arch}'; valid: {', '.join(ARCHS)}")
     spec = ARCHS[s.arch]
+    if not spec.trainable:
+        raise UserError(
+            f"arch {s.arch} is inference-only (it labels SAEs imported from SAELens); train "
+            f"one of {', '.join(TRAINABLE)}"
+        )
     if spec.needs_grads and not store.has_grads:
         raise UserError(
             f"{s.arch} needs gradients but harvest {store.path} has none; "
@@ -218,6 +223,9 @@ def _plans(cfg: TrainConfig, store: ActivationStore) -> list[tuple[Path, dict[st
                     },
                     "hook": store.hook,
                     "model": store.meta.get("model"),
+                    # What exports describe the training data with, should the harvest go.
+                    "n_ctx": store.n_ctx,
+                    "corpus": store.meta.get("corpus"),
                     "train_range": list(train_range),
                     "eval_range": list(eval_range),
                     "n_steps": max(1, n_tokens // cfg.batch_size),

@@ -18,6 +18,7 @@ ARCH_COLORS = {
     "feature_choice": "#2ca02c",
     "mutual_choice": "#d62728",
     "matching_pursuit": "#9467bd",
+    "jumprelu": "#8c564b",
 }
 
 

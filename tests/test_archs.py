@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from saelab.archs import (
-    ARCHS,
     THRESHOLD_EMA,
+    TRAINABLE,
     EncodeArgs,
     feature_choice_m,
     mask_to_code,
@@ -132,6 +132,32 @@ def test_mutual_choice_hand_worked():
     torch.testing.assert_close(got, torch.tensor([[2.6, 0.0]]))
 
 
+def test_jumprelu_hand_worked():
+    # a_i = z_i·[z_i > θ_i], as SAELens's JumpReLU: no ReLU, so a negative θ passes negative z.
+    s = SparseCoder(3, 3, 1, "jumprelu")
+    assert s.threshold.tolist() == [0.0, 0.0, 0.0]  # a new one is the plain ReLU SAE
+    set_weights(s, W_enc=E[:3], W_dec=E[:3], b_enc=[0.0, 0, 0])
+    s.threshold.copy_(torch.tensor([1.0, 2.0, -1.0]))
+    x = torch.tensor([[1.5, 2.0, -0.5], [0.5, 3.0, -2.0]])
+    # z = x: latent 0 fires above 1, latent 1 strictly above 2, latent 2 above −1.
+    assert dense(s.encode(x), 3).tolist() == [[1.5, 0, -0.5], [0, 3.0, 0]]
+    # Training mode changes nothing: the rule has no batch selection and no EMA.
+    code = s.encode_scaled(x, EncodeArgs(training=True)).code
+    assert dense(code, 3).tolist() == [[1.5, 0, -0.5], [0, 3.0, 0]]
+    assert s.threshold.tolist() == [1.0, 2.0, -1.0]
+
+
+def test_jumprelu_cannot_be_trained(tmp_path, synthetic_harvest, capsys):
+    from saelab.cli import main
+
+    h = synthetic_harvest(tmp_path / "h", n_tokens=2000)
+    args = ["train", "--harvest", str(h), "--out", str(tmp_path / "r"), "--sae.arch", "jumprelu"]
+    assert main([*args, "--sae.d_sae", "32", "--sae.k", "2", "--eval_tokens", "200", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "jumprelu is inference-only" in err[0] and "train one of" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("arch", ["feature_choice", "mutual_choice"])
 def test_threshold_is_an_ema_over_training_batches(arch):
     # θ₁ = t₁, then θ ← (1 − λ)·θ + λ·t_b with λ = THRESHOLD_EMA, where t_b is batch b's
@@ -247,7 +273,7 @@ def dense_from(v, i, n):
     return torch.zeros(v.shape[0], n).scatter_add(1, i, v)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(TRAINABLE))
 def test_short_training_learns_synthetic_dictionary(arch):
     from saelab.synthetic import SyntheticData
 

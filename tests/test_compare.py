@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from saelab.archs import ARCHS
+from saelab.archs import TRAINABLE
 from saelab.cli import main
 from saelab.store import ActivationStore
 
@@ -25,7 +25,7 @@ def sweep(tmp_path_factory, synthetic_harvest):
                 "dead_tokens": 4000,
                 "checkpoint_every": 0,
                 "n_tokens": 30_000,
-                "sweep": [{"arch": a, "d_sae": 64, "k": 3} for a in sorted(ARCHS)],
+                "sweep": [{"arch": a, "d_sae": 64, "k": 3} for a in sorted(TRAINABLE)],
             }
         )
     )
@@ -35,7 +35,7 @@ def sweep(tmp_path_factory, synthetic_harvest):
 
 def test_sweep_trains_every_arch_on_one_read(sweep, monkeypatch):
     runs = sorted(p.name for p in (sweep / "runs").iterdir())
-    assert runs == sorted(f"{a}-64-k3" for a in ARCHS)
+    assert runs == sorted(f"{a}-64-k3" for a in TRAINABLE)
     for name in runs:
         cfg = json.loads((sweep / "runs" / name / "cfg.json").read_text())
         log = (sweep / "runs" / name / "train_log.jsonl").read_text().splitlines()
@@ -77,7 +77,7 @@ def test_compare_writes_table_and_figure(sweep, capsys, html_figure):
     out = sweep / "cmp"
     assert main(["compare", str(sweep / "runs"), "--out", str(out), "-q"]) == 0
     text = capsys.readouterr().out
-    for arch in ARCHS:
+    for arch in TRAINABLE:
         assert arch in text
     rows = json.loads((out / "compare.json").read_text())
     modes = {(r["arch"], r["mode"]) for r in rows}
@@ -91,7 +91,7 @@ def test_compare_writes_table_and_figure(sweep, capsys, html_figure):
     primary = [r for r in rows if r["mode"] == "inference"]
     panels = {"x": "l0", "x2": "dead_frac", "x3": "below_1e-5_frac"}  # no ΔCE: synthetic
     assert sorted((t["xaxis"], t["name"]) for t in traces) == sorted(
-        (axis, a) for axis in panels for a in ARCHS
+        (axis, a) for axis in panels for a in TRAINABLE
     )
     for t in traces:
         mine = [r for r in primary if r["arch"] == t["name"]]
