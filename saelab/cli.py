@@ -147,6 +147,11 @@ def cmd_index(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
+    if ns.format in ("neuronpedia", "saedashboard"):  # one layout: SAEDashboard's runner output
+        from saelab.neuronpedia import export_neuronpedia
+
+        log.info("Neuronpedia export ready: %s", export_neuronpedia(ns.run, ns.out))
+        return 0
     from saelab.interop import export_saelens
 
     log.info("SAELens export ready: %s", export_saelens(ns.run, ns.out))
@@ -259,7 +264,12 @@ COMMANDS: dict[str, Command] = {
         (
             _arg("run", help="run directory (runs/<name>)"),
             _arg("out", help="output directory"),
-            _arg("--format", default="saelens", choices=["saelens"], help="target layout"),
+            _arg(
+                "--format",
+                default="saelens",
+                choices=["saelens", "neuronpedia", "saedashboard"],
+                help="target layout",
+            ),
         ),
     ),
     "app": Command(
