@@ -148,6 +148,11 @@ def cmd_index(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
+    if ns.format in ("neuronpedia", "saedashboard"):  # one layout: SAEDashboard's runner output
+        from saelab.neuronpedia import export_neuronpedia
+
+        log.info("Neuronpedia export ready: %s", export_neuronpedia(ns.run, ns.out))
+        return 0
     from saelab.export import export
 
     log.info("%s export ready: %s", ns.format, export(ns.run, ns.out, ns.format, units=ns.units))
@@ -261,7 +266,10 @@ COMMANDS: dict[str, Command] = {
             _arg("run", help="run directory (runs/<name>)"),
             _arg("out", help="output directory"),
             _arg(
-                "--format", default="saelens", choices=["saelens", "sparsify"], help="target layout"
+                "--format",
+                default="saelens",
+                choices=["saelens", "sparsify", "neuronpedia", "saedashboard"],
+                help="target layout (neuronpedia and saedashboard are one layout)",
             ),
             _arg(
                 "--units",

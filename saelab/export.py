@@ -358,37 +358,43 @@ def _json(data: dict[str, Any]) -> Callable[[Path], None]:
 
 def _write(dest: Path, run: Path, files: dict[str, Callable[[Path], None]]) -> Path:
     """Fill a temp directory beside `dest` with `files`, then put it at `dest`."""
-    _check_dest(dest, run)
+    check_dest(dest, _holds_export_of(run), f"an export of {run}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         for name, write in files.items():
             write(tmp / name)
-        _replace_dir(tmp, dest)
+        replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
-def _check_dest(dest: Path, run: Path) -> None:
+def check_dest(dest: Path, is_ours: Callable[[Path], bool], what: str) -> None:
+    """Refuse a destination that is a file, or a non-empty folder that is not `what` (an
+    earlier export of the same run, which the new one replaces)."""
     if not dest.exists():
         return
     if not dest.is_dir():
         raise UserError(f"{dest} exists and is not a directory; choose another destination")
-    if not any(dest.iterdir()):
-        return
-    try:
-        cfg = json.loads((dest / CFG).read_text())
-        old = (cfg.get("metadata") or cfg)["saelab"]["run_id"]  # SAELens, or sparsify
-    except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError):
-        old = None
-    if old != run_id(run):
-        raise UserError(
-            f"{dest} is not empty and is not an export of {run}; choose another destination"
-        )
+    if any(dest.iterdir()) and not is_ours(dest):
+        raise UserError(f"{dest} is not empty and is not {what}; choose another destination")
 
 
-def _replace_dir(new: Path, dest: Path) -> None:
+def _holds_export_of(run: Path) -> Callable[[Path], bool]:
+    def ours(dest: Path) -> bool:
+        try:
+            cfg = json.loads((dest / CFG).read_text())
+            return (cfg.get("metadata") or cfg)["saelab"]["run_id"] == run_id(
+                run
+            )  # SAELens, sparsify
+        except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError):
+            return False
+
+    return ours
+
+
+def replace_dir(new: Path, dest: Path) -> None:
     """Put `new` at `dest`. A non-empty dest is moved aside first (rename cannot replace it), so
     a reader finds the old export, briefly none, or the new one, never a half-written one."""
     if dest.exists() and any(dest.iterdir()):
