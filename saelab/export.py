@@ -255,11 +255,7 @@ def export_saelens(
     allow_unfinished: bool = False,
 ) -> Path:
     """Write the run's SAE to `dest` in the SAELens layout, atomically (see `export`)."""
-    run, dest = Path(run), Path(dest)
-    sae, run_cfg = _load(run, allow_unfinished)
-    tensors = saelens_tensors(sae, units)
-    cfg = saelens_config(sae, provenance(sae, run, run_cfg, units))
-    return _write(dest, run, {SAELENS_WEIGHTS: _safetensors(tensors), CFG: _json(cfg)})
+    return export(run, dest, "saelens", units=units, allow_unfinished=allow_unfinished)
 
 
 # ---------------------------------------------------------------------------------------
@@ -308,11 +304,7 @@ def export_sparsify(
     allow_unfinished: bool = False,
 ) -> Path:
     """Write the run's SAE to `dest` as one sparsify hookpoint directory (see `export`)."""
-    run, dest = Path(run), Path(dest)
-    sae, run_cfg = _load(run, allow_unfinished)
-    tensors = sparsify_tensors(sae, units)
-    cfg = sparsify_config(sae, provenance(sae, run, run_cfg, units))
-    return _write(dest, run, {WEIGHTS: _safetensors(tensors), CFG: _json(cfg)})
+    return export(run, dest, "sparsify", units=units, allow_unfinished=allow_unfinished)
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,10 +324,18 @@ def export(
     `dest` must be missing, empty, or an earlier export of this same run (then replaced). The
     run must have finished training unless `allow_unfinished` (for debugging).
     """
-    writers = {"saelens": export_saelens, "sparsify": export_sparsify}
-    if fmt not in writers:
-        raise UserError(f"format {fmt!r} is not one of {', '.join(writers)}; pick one")
-    return writers[fmt](run, dest, units=units, allow_unfinished=allow_unfinished)
+    layouts = {
+        "saelens": (SAELENS_WEIGHTS, saelens_tensors, saelens_config),
+        "sparsify": (WEIGHTS, sparsify_tensors, sparsify_config),
+    }
+    if fmt not in layouts:
+        raise UserError(f"format {fmt!r} is not one of {', '.join(layouts)}; pick one")
+    weights_file, tensors_of, config_of = layouts[fmt]
+    run, dest = Path(run), Path(dest)
+    sae, run_cfg = _load(run, allow_unfinished)
+    tensors = tensors_of(sae, units)
+    cfg = config_of(sae, provenance(sae, run, run_cfg, units))
+    return _write(dest, run, {weights_file: _safetensors(tensors), CFG: _json(cfg)})
 
 
 def _load(run: Path, allow_unfinished: bool) -> tuple[SparseCoder, dict[str, Any]]:
@@ -353,7 +353,10 @@ def _safetensors(tensors: dict[str, Tensor]) -> Callable[[Path], None]:
 
 
 def _json(data: dict[str, Any]) -> Callable[[Path], None]:
-    return lambda path: path.write_text(json.dumps(data, indent=2))
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(data, indent=2))
+
+    return write
 
 
 def _write(dest: Path, run: Path, files: dict[str, Callable[[Path], None]]) -> Path:

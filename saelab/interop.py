@@ -146,7 +146,7 @@ def _label(architecture: str, saelab: Any, theta: Tensor | None) -> tuple[str, A
     if not isinstance(saelab, dict) or "input_scale" not in saelab:
         return plain, None
     was = saelab.get("arch")
-    if was not in _SAELAB_ARCHS[plain]:
+    if not isinstance(was, str) or was not in _SAELAB_ARCHS[plain]:
         return plain, saelab
     # One threshold for every latent, up to the rounding of the unit-row fold (‖d_i‖ ≈ 1).
     if was == "mutual_choice" and theta is not None and not torch.allclose(theta, theta[:1]):
