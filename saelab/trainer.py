@@ -281,10 +281,7 @@ def _train_step(
     fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     aux = _aux_loss(m, enc, x, x_hat, weights, n_aux, cfg) if enc.aux is not None else None
     m.opt.zero_grad(set_to_none=True)
-    loss = fvu if aux is None else fvu + aux
-    if not math.isfinite(loss_value := loss.item()):
-        raise _diverged(m, f"the loss is {loss_value}")
-    loss.backward()
+    (fvu if aux is None else fvu + aux).backward()
     sae.project_decoder_grad()
     m.opt.step()
     sae.normalize_decoder()
@@ -296,10 +293,15 @@ def _train_step(
         rate = counts.to(m.freq.dtype) / x.shape[0]
         m.freq.copy_(rate if m.step == 0 else m.freq.lerp(rate, 1 - cfg.freq_decay))
         l0 = float((values > 0).sum()) / x.shape[0]
+    # Read once, after the step was queued: a non-finite loss stops training here, before
+    # anything of this step is saved (checkpoints also refuse non-finite weights).
+    fvu_value, aux_value = fvu.item(), 0.0 if aux is None else aux.item()
+    if not math.isfinite(fvu_value + aux_value):
+        raise _diverged(m, f"the loss is {fvu_value + aux_value}")
     m.step += 1
     return {
-        "fvu": fvu.item(),
-        "aux": 0.0 if aux is None else aux.item(),
+        "fvu": fvu_value,
+        "aux": aux_value,
         "l0": l0,
         "dead_frac": n_dead / sae.d_sae,
     }
