@@ -24,7 +24,6 @@ its arch, input_scale and saelab's feature values (`_as_saelab`).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -71,10 +70,7 @@ def _load_weights(path: Path) -> dict[str, Tensor]:
 def _read_cfg(path: Path) -> dict[str, Any]:
     if not (path / CFG).is_file():
         raise UserError(f"{path} has no {CFG}; pass an SAE directory")
-    try:
-        return json.loads((path / CFG).read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{path / CFG} is not valid JSON; re-download the SAE") from None
+    return read_json(path / CFG, "re-download the SAE")
 
 
 def _build(
