@@ -33,6 +33,11 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HOOK = "blocks.6.hook_resid_post"
 
 Dtype = Literal["float16", "bfloat16", "float32"]
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""The dtype a model runs in; 'auto' is bfloat16 on CUDA and float32 on CPU
+(`saelab.models.resolve_model_dtype`)."""
+Precision = Literal["fp32", "tf32", "bf16"]
+Verify = Literal["full", "first-read", "off"]
 Arch = Literal[
     "topk", "gradient_topk", "feature_choice", "mutual_choice", "matching_pursuit", "jumprelu"
 ]
@@ -75,6 +80,9 @@ class HarvestConfig:
 
     dtype: Dtype = "float16"
     """Storage dtype of activations."""
+
+    model_dtype: ModelDtype = "auto"
+    """dtype the model runs in: 'auto' is bfloat16 on CUDA, float32 on CPU."""
 
     grads: bool = False
     """Also store the gradient of the next-token loss with respect to each hooked activation
@@ -179,6 +187,14 @@ class TrainConfig:
 
     shuffle_buffer: Positive = 262_144
     """Tokens in the shuffle buffer."""
+
+    precision: Precision = "fp32"
+    """SAE compute: 'fp32', 'tf32' (CUDA tensor cores at ~fp32 range) or 'bf16' (matmuls in
+    bfloat16; weights, Adam state, losses and metrics stay float32)."""
+
+    verify: Verify = "first-read"
+    """Shard checksums: 'first-read' hashes each shard once and remembers it in the harvest
+    (a resume hashes nothing again), 'full' hashes on every start, 'off' trusts the files."""
 
     checkpoint_every: Count = 200
     """Steps between checkpoints (0 disables)."""

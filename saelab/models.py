@@ -76,6 +76,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A model's dtype: 'auto' is bfloat16 on CUDA (tensor cores) and float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise UserError(f"model dtype '{name}' is not auto, float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
 def cache_root() -> Path:
     """Where dequantized embedded weights live: ``$SAELAB_CACHE`` or ``~/.cache/saelab``."""
     return Path(os.environ.get("SAELAB_CACHE") or Path.home() / ".cache" / "saelab")
