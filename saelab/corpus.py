@@ -350,35 +350,64 @@ def _next_batch(texts: Iterator[str], max_chars: int) -> list[str]:
     return batch
 
 
-def contexts(texts: Iterable[str], tokenizer: Any, n_ctx: int, n_contexts: int) -> np.ndarray:
-    """int32 [n_contexts, n_ctx] token windows, each ``[BOS] + n_ctx - 1`` stream tokens.
+def iter_contexts(
+    texts: Iterable[str], tokenizer: Any, n_ctx: int, chunk: int = 256
+) -> Iterator[np.ndarray]:
+    """Stream int32 ``[≤chunk, n_ctx]`` blocks of token windows, each ``[BOS] + n_ctx - 1``
+    stream tokens, tokenizing only as far as the blocks drawn so far need.
 
     The stream is every document's tokens (no special tokens added by the tokenizer) followed
     by EOS, concatenated; consecutive windows take consecutive ``n_ctx - 1`` slices of it, so
     a document may span windows and a window may hold several documents. BOS always sits at
-    position 0 and nowhere else it was not in the text: every consumer (harvest, evaluation,
-    the app) can rely on it and skip position 0.
+    position 0 and nowhere else it was not in the text: every consumer (harvest, live
+    training, evaluation, the app) can rely on it and skip position 0. Every block but the
+    last (when the corpus runs out) holds exactly ``chunk`` windows, and the windows do not
+    depend on ``chunk``.
     """
     bos, eos = special_ids(tokenizer)
     per = n_ctx - 1
-    need = per * n_contexts
+    need = per * chunk
+    docs = iter(texts)
     body = np.empty(need, dtype=np.int32)
-    filled, docs = 0, iter(texts)
-    # ~4 characters per token: asking for 6 per missing token usually finishes in one batch
-    # without reading (or parsing) documents that will not be used.
-    while filled < need and (batch := _next_batch(docs, max(4096, 6 * (need - filled)))):
-        # verbose=False: documents longer than the model's max length are fine here.
-        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
-            ids.append(eos)
-            take = min(len(ids), need - filled)
-            body[filled : filled + take] = ids[:take]
-            filled += take
-    if filled == need:
-        out = np.empty((n_contexts, n_ctx), dtype=np.int32)
+    filled = 0
+    carry: list[int] = []
+    while True:
+        while filled < need:
+            if carry:
+                take = min(len(carry), need - filled)
+                body[filled : filled + take] = carry[:take]
+                filled, carry = filled + take, carry[take:]
+                continue
+            # ~4 characters per token: asking for 6 per missing token usually finishes in
+            # one batch without reading (or parsing) documents that will not be used.
+            batch = _next_batch(docs, max(4096, 6 * (need - filled)))
+            if not batch:
+                break
+            # verbose=False: documents longer than the model's max length are fine here.
+            for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+                carry.extend(ids)
+                carry.append(eos)
+        n = filled // per
+        if n == 0:
+            return
+        out = np.empty((n, n_ctx), dtype=np.int32)
         out[:, 0] = bos
-        out[:, 1:] = body.reshape(n_contexts, per)
-        return out
+        out[:, 1:] = body[: n * per].reshape(n, per)
+        yield out
+        if n < chunk:
+            return
+        filled = 0
+
+
+def contexts(texts: Iterable[str], tokenizer: Any, n_ctx: int, n_contexts: int) -> np.ndarray:
+    """int32 [n_contexts, n_ctx] token windows: the first n_contexts of `iter_contexts`."""
+    blocks, have = [], 0
+    for block in iter_contexts(texts, tokenizer, n_ctx, chunk=min(n_contexts, 4096)):
+        blocks.append(block[: n_contexts - have])
+        have += len(blocks[-1])
+        if have == n_contexts:
+            return np.concatenate(blocks)
     raise UserError(
-        f"the corpus has only {filled} tokens, enough for {filled // per} contexts of {n_ctx}; "
-        f"{n_contexts} were asked for ({need} tokens): lower n_tokens or use a bigger corpus"
+        f"the corpus fills only {have} full contexts of {n_ctx} tokens; {n_contexts} were asked "
+        f"for ({n_contexts * (n_ctx - 1)} tokens): lower n_tokens or use a bigger corpus"
     )

@@ -7,7 +7,7 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from saelab.corpus import contexts, load_texts
+from saelab.corpus import contexts, iter_contexts, load_texts
 from saelab.errors import UserError
 from saelab.models import load_tokenizer
 
@@ -87,8 +87,19 @@ def test_contexts_shape_bos_and_eos(tok):
 
 
 def test_contexts_too_little_text(tok):
-    with pytest.raises(UserError, match=r"only \d+ tokens.*lower n_tokens or use a bigger corpus"):
+    with pytest.raises(UserError, match=r"only 0 full contexts of 16 .*lower n_tokens"):
         contexts(["a short text"], tok, 16, 10)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 50])
+def test_iter_contexts_does_not_depend_on_chunk(tok, chunk):
+    texts = [f"document {i} " + "word " * (i % 13) for i in range(60)]
+    whole = contexts(texts, tok, 8, 40)
+    blocks = list(iter_contexts(texts, tok, 8, chunk))
+    assert all(len(b) == chunk for b in blocks[:-1]) and 0 < len(blocks[-1]) <= chunk
+    streamed = np.concatenate(blocks)
+    assert len(streamed) >= 40
+    np.testing.assert_array_equal(streamed[:40], whole)
 
 
 def test_unreachable_hub_fails_fast(monkeypatch):
