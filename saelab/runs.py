@@ -52,6 +52,13 @@ DARKMATTER = "darkmatter.json"
 DARKMATTER_TOKENS = "darkmatter_tokens.sqlite"
 FIGURES = "figures"
 INDEX = "features.sqlite"
+EXPLANATIONS = "explanations.jsonl"
+"""`saelab explain`'s output, appended one JSON line per latent as each finishes (so an
+interrupted run resumes): {"latent", "explanation", "score", "n_scored", "explainer"}; a
+later line for a latent replaces an earlier one."""
+NOTES = "notes.json"
+"""The user's own notes on latents, written from the app: {"<latent>": "text"}. Kept in the
+run folder, never in the rebuildable index."""
 SCALING = "darkmatter-scaling"
 """Beside the runs it compares (in their parent folder): `saelab darkmatter --scaling`."""
 COMPARE = "compare"
