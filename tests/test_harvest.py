@@ -17,11 +17,12 @@ import pytest
 import torch
 
 import saelab.harvest as H
+from saelab import shards
 from saelab.cli import main
 from saelab.config import HarvestConfig
 from saelab.errors import UserError
 from saelab.models import load_model
-from saelab.shards import REPAIR, shard_path
+from saelab.shards import LOG, REPAIR, read_meta, shard_path
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 
@@ -53,8 +54,12 @@ def reference(tmp_path_factory):
 
 
 def test_format(reference):
-    meta = json.loads((reference / "meta.json").read_text())
-    assert meta["format"] == 1 and meta["complete"] and meta["hooks"] == HOOKS
+    header = json.loads((reference / "meta.json").read_text())
+    assert "shards" not in header and header["model_dtype"] == "float32"
+    lines = (reference / LOG).read_text().splitlines()
+    assert [json.loads(line)["index"] for line in lines] == [0, 1, 2]
+    meta = read_meta(reference)
+    assert meta["format"] == 2 and meta["complete"] and meta["hooks"] == HOOKS
     assert (meta["n_ctx"], meta["tokens_per_context"], meta["d_in"]) == (16, 15, 64)
     assert meta["n_contexts"] == 10 and meta["n_tokens"] == meta["n_tokens_planned"] == 150
     tokens = np.load(reference / "tokens.npy")
@@ -131,7 +136,9 @@ class _Crash(BaseException):
 def test_crash_at_every_write_resumes_identically(tmp_path, reference, monkeypatch):
     want = snapshot(reference)
     real_replace = os.replace
-    n_writes = 2 + 3 * (len(HOOKS) + 1)  # tokens, meta, then per shard: files and meta
+    real_append = shards._append
+    # tokens, meta, then per shard: its files (renamed) and its log line, then the final meta
+    n_writes = 2 + 3 * (len(HOOKS) + 1) + 1
     for crash_at in range(1, n_writes + 1):
         calls = []
 
@@ -141,13 +148,40 @@ def test_crash_at_every_write_resumes_identically(tmp_path, reference, monkeypat
                 raise _Crash
             real_replace(src, dst)
 
+        def append(file, text, fsync, crash_at=crash_at, calls=calls):
+            calls.append(file)
+            if len(calls) == crash_at:
+                raise _Crash
+            real_append(file, text, fsync)
+
         out = tmp_path / str(crash_at)
         monkeypatch.setattr(H.os, "replace", replace)
+        monkeypatch.setattr(shards, "_append", append)
         with pytest.raises(_Crash):
             H.harvest(cfg_for(out), progress=False)
         monkeypatch.setattr(H.os, "replace", real_replace)
+        monkeypatch.setattr(shards, "_append", real_append)
         H.harvest(cfg_for(out), progress=False)
         assert snapshot(out / "h") == want, f"crash before write {crash_at}"
+    assert len(calls) == n_writes, "the last write is the final meta.json"
+
+
+@pytest.mark.parametrize("cut", [1, 30, -1])
+def test_torn_log_line_is_ignored_then_cut(tmp_path, reference, cut):
+    """A crash mid-append leaves part of a line: readers skip it, the next run cuts it off."""
+    out = tmp_path / "h"
+    shutil.copytree(reference, out)
+    lines = (out / LOG).read_bytes().splitlines(keepends=True)
+    torn = lines[2][:cut]  # the last shard's line, cut short (-1: all but its newline)
+    (out / LOG).write_bytes(b"".join(lines[:2]) + torn)
+    header = json.loads((out / "meta.json").read_text())
+    header.update(complete=False, n_tokens=0, tokens_sha256="")
+    (out / "meta.json").write_text(json.dumps(header, indent=1))
+    meta = read_meta(out)
+    assert [s["index"] for s in meta["shards"]] == [0, 1]
+    assert meta["n_tokens"] == 120 and not meta["complete"]
+    H.harvest(cfg_for(tmp_path), progress=False)
+    assert snapshot(out) == snapshot(reference)
 
 
 def test_sigkill_resume_is_byte_identical(tmp_path):
@@ -162,7 +196,7 @@ def test_sigkill_resume_is_byte_identical(tmp_path):
     meta = Path(killed.out) / "meta.json"
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
-        if meta.is_file() and json.loads(meta.read_text())["shards"]:
+        if (Path(killed.out) / LOG).is_file():
             break
         time.sleep(0.01)
     time.sleep(0.02)  # lands anywhere in the next shard: mid-forward, mid-write or mid-meta
@@ -243,8 +277,8 @@ def _cli_argv(out: Path) -> list[str]:
 
 
 DAMAGE = {
-    "flipped": ("is corrupted (sha256 differs from meta.json)", lambda f: _flip(f)),
-    "deleted": ("is missing though meta.json lists it", lambda f: f.unlink()),
+    "flipped": ("is corrupted (sha256 differs from the harvest's)", lambda f: _flip(f)),
+    "deleted": ("is missing though the harvest lists it", lambda f: f.unlink()),
     "truncated": ("is truncated", lambda f: f.write_bytes(f.read_bytes()[:-8])),
 }
 
@@ -270,10 +304,9 @@ def test_rerun_of_a_finished_harvest_verifies_every_shard(tmp_path, reference, c
     assert message in lines[-1] and "harvest ready" not in "".join(lines)
     assert snapshot(out) == before, "a refused rerun writes nothing"
 
-    # The repair hint, followed: drop the shard's entry and later ones, rerun the same config.
-    meta = json.loads((out / "meta.json").read_text())
-    meta["shards"] = meta["shards"][:1]
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    # The repair hint, followed: drop the shard's line and later ones, rerun the same config.
+    lines = (out / LOG).read_text().splitlines(keepends=True)
+    (out / LOG).write_text(lines[0])
     H.harvest(cfg_for(tmp_path), progress=False)
     assert snapshot(out) == snapshot(reference)
 

@@ -384,7 +384,7 @@ def test_deleted_shard_named_on_every_read_path(tmp_path: Path, path: str, opene
     if opened:
         s._mmap("acts", 2)  # its memmap still reads: only the checksum can notice
     (root / f"acts/{HOOK}/shard_00002.npy").unlink()
-    with pytest.raises(UserError, match="shard_00002.npy is missing though meta.json") as err:
+    with pytest.raises(UserError, match="shard_00002.npy is missing though the harvest") as err:
         READS[path](s)
     assert "\n" not in str(err.value) and "saelab harvest" in str(err.value)
 
@@ -395,7 +395,7 @@ def test_shard_deleted_while_hashing_is_named(harvest: Path, monkeypatch, path: 
         raise FileNotFoundError(2, "No such file or directory", str(file))
 
     monkeypatch.setattr(shards, "sha256_file", deleted)
-    with pytest.raises(UserError, match=r"shard_\d{5}.npy is missing though meta.json"):
+    with pytest.raises(UserError, match=r"shard_\d{5}.npy is missing though the harvest lists"):
         READS[path](ActivationStore(harvest))
 
 
