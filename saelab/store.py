@@ -157,10 +157,22 @@ class _Checker:
         st = (self.path / rel).stat()
         return (st.st_size, st.st_mtime_ns) == entry[1:]
 
-    def _remember(self, rel: str, sha: str, st: os.stat_result, fut: Future) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            return
-        entry = (sha, st.st_size, st.st_mtime_ns)
+    def _recorded(self, fut: Future, rel: str, sha: str, st: os.stat_result) -> Future:
+        """A future that resolves like ``fut``, once a success is in the record."""
+        done: Future = Future()
+
+        def then(f: Future) -> None:
+            exc = f.exception()
+            if exc is None:
+                self._remember(rel, (sha, st.st_size, st.st_mtime_ns))
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+        fut.add_done_callback(then)
+        return done
+
+    def _remember(self, rel: str, entry: tuple[str, int, int]) -> None:
         with self._lock:
             if self._record.get(rel) == entry:
                 return
@@ -195,7 +207,7 @@ class _Checker:
             else:
                 fut = VERIFIER.submit(file, sha)
             if self.policy == "first-read":
-                fut.add_done_callback(lambda f: self._remember(rel, sha, st, f))
+                fut = self._recorded(fut, rel, sha, st)
             if wait == "thread":
                 fut.result()
             elif wait == "queue":

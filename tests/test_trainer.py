@@ -353,13 +353,15 @@ def test_divergence_stops_with_one_line_and_keeps_the_checkpoint(harvest, tmp_pa
         arr = np.load(shard, mmap_mode="r+")
         arr[5, 0] = np.inf
         arr.flush()
-        meta = json.loads((h / "meta.json").read_text())
         import hashlib
 
-        for s in meta["shards"]:
+        from saelab.shards import LOG
+
+        entries = [json.loads(line) for line in (h / LOG).read_text().splitlines()]
+        for s in entries:
             for rel in s["files"]:
                 s["files"][rel] = hashlib.sha256((h / rel).read_bytes()).hexdigest()
-        (h / "meta.json").write_text(json.dumps(meta))
+        (h / LOG).write_text("".join(json.dumps(s) + "\n" for s in entries))
         argv[2] = str(h)
         argv += ["--shuffle_buffer", "512"]
     argv += flag
