@@ -282,14 +282,19 @@ def _batch_size(cfg: HarvestConfig, device: torch.device) -> int:
 class _Feed:
     """The corpus's token windows, drawn in order, block by block (`iter_contexts`)."""
 
-    def __init__(self, blocks: Any, n_ctx: int, wanted: int) -> None:
-        self._blocks, self.n_ctx, self.wanted = blocks, n_ctx, wanted
+    def __init__(self, blocks: Any, n_ctx: int, wanted: int, chunk: int) -> None:
+        self._blocks, self.n_ctx, self.wanted, self.chunk = blocks, n_ctx, wanted, chunk
         self._left = np.empty((0, n_ctx), np.int32)
         self.taken = 0
 
     def prime(self) -> None:
-        """Tokenize the first block now: a bad corpus fails before anything is written."""
+        """Tokenize the first block now: a bad corpus, or one too short to fill it, fails
+        before anything is written (only the last block of a corpus is short)."""
         self._left = self._next()
+        if len(self._left) < min(self.wanted, self.chunk):
+            self.taken = len(self._left)
+            self._blocks = iter(())
+            self._next()
 
     def _next(self) -> np.ndarray:
         block = next(self._blocks, None)
@@ -382,8 +387,8 @@ def _prepare(
     if meta is None:
         meta = _new_meta(cfg, ident, d_in, _batch_size(cfg, device))
     n = meta["n_contexts"]
-    blocks = iter_contexts(texts, model.tokenizer, cfg.n_ctx, chunk=min(n, 1024))
-    feed = _Feed(blocks, cfg.n_ctx, n)
+    chunk = min(n, 1024)
+    feed = _Feed(iter_contexts(texts, model.tokenizer, cfg.n_ctx, chunk), cfg.n_ctx, n, chunk)
     feed.prime()
     itemsize = torch.empty((), dtype=STORE_DTYPES[cfg.dtype]).element_size()
     done = meta["shards"][-1]["context_stop"] if meta["shards"] else 0

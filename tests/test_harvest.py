@@ -20,6 +20,7 @@ import saelab.harvest as H
 from saelab import shards
 from saelab.cli import main
 from saelab.config import HarvestConfig
+from saelab.corpus import contexts, load_texts
 from saelab.errors import UserError
 from saelab.models import load_model
 from saelab.shards import LOG, REPAIR, read_meta, shard_path
@@ -325,3 +326,87 @@ def test_cli_null_text_corpus_exits_2_naming_the_line(tmp_path, capsys):
     assert main([*_cli_argv(tmp_path / "new"), "--corpus", str(corpus)]) == 2
     assert "c.jsonl:2 has null under 'text'" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------ streaming and dtypes
+
+
+def test_streamed_tokens_equal_the_whole_corpus_tokenized_at_once(reference, tiny):
+    texts = load_texts("default", "text", "train", 0)
+    want = contexts(texts, tiny.tokenizer, 16, 10)
+    np.testing.assert_array_equal(np.load(reference / "tokens.npy"), want)
+
+
+def test_model_dtype_recorded_and_part_of_the_identity(tmp_path, reference):
+    cfg = cfg_for(tmp_path, hooks=HOOKS[:1], model_dtype="bfloat16")
+    out = H.harvest(cfg, progress=False)
+    assert read_meta(out)["model_dtype"] == "bfloat16"
+    got = np.load(out / shard_path("acts", HOOKS[0], 0))
+    full = np.load(reference / shard_path("acts", HOOKS[0], 0))
+    assert not np.array_equal(got, full)  # the model really ran in bfloat16
+    np.testing.assert_allclose(got, full, rtol=0.1, atol=0.1)
+    before = snapshot(out)
+    with pytest.raises(UserError, match="model_dtype='bfloat16', but 'float32' was asked"):
+        H.harvest(cfg_for(tmp_path, hooks=HOOKS[:1], model_dtype="auto"), progress=False)
+    assert snapshot(out) == before
+
+
+def test_auto_batch_size():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert H._batch_size(HarvestConfig(n_ctx=128), cpu) == 16
+    assert H._batch_size(HarvestConfig(n_ctx=128, shard_contexts=1024), cuda) == 256
+    assert H._batch_size(HarvestConfig(n_ctx=1024), cuda) == 32
+    assert H._batch_size(HarvestConfig(n_ctx=128), cuda) == 256  # a whole shard
+    assert H._batch_size(HarvestConfig(n_ctx=128, grads=True), cuda) == 16
+    assert H._batch_size(HarvestConfig(batch_size=5), cuda) == 5
+
+
+def test_auto_batch_size_is_recorded_and_kept_on_resume(tmp_path, reference, monkeypatch):
+    out = tmp_path / "h"
+    shutil.copytree(reference, out)
+    lines = (out / LOG).read_text().splitlines(keepends=True)
+    (out / LOG).write_text(lines[0])
+    # batch_size=3 is in the header: a resume asking for auto (16 on CPU) still runs batches
+    # of 3, so the redone shards come out byte-identical.
+    H.harvest(cfg_for(tmp_path, batch_size=0), progress=False)
+    assert snapshot(out) == snapshot(reference)
+    fresh = H.harvest(cfg_for(tmp_path, "auto", batch_size=0, hooks=HOOKS[:1]), progress=False)
+    assert read_meta(fresh)["batch_size"] == 16
+
+
+def test_format1_harvest_resumes_into_a_log(tmp_path, reference):
+    """An unfinished harvest of an older saelab (shard list in meta.json, no model_dtype)."""
+    out = tmp_path / "h"
+    shutil.copytree(reference, out)
+    meta = read_meta(out)
+    del meta["model_dtype"]
+    meta.update(format=1, shards=meta["shards"][:1], n_tokens=60, complete=False)
+    (out / LOG).unlink()
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    H.harvest(cfg_for(tmp_path), progress=False)
+    got, want = snapshot(out), snapshot(reference)
+    assert got.pop("meta.json") != want.pop("meta.json") and got == want
+    resumed = read_meta(out)
+    assert resumed["format"] == 2 and resumed["complete"] and "model_dtype" not in resumed
+
+
+def test_resume_refuses_a_changed_corpus(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"line {i} of some text to tokenize" for i in range(400)))
+    cfg = cfg_for(tmp_path, corpus=str(corpus), hooks=HOOKS[:1])
+    out = H.harvest(cfg, progress=False)
+    lines = (out / LOG).read_text().splitlines(keepends=True)
+    (out / LOG).write_text(lines[0])
+    corpus.write_text(corpus.read_text().replace("line 3 ", "line three "))
+    before = snapshot(out)
+    with pytest.raises(UserError, match="differs from the corpus's tokens in contexts 0..4"):
+        H.harvest(cfg, progress=False)
+    assert snapshot(out) == before
+
+
+def test_too_short_a_corpus_is_refused_before_writing(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(f"word{i}" for i in range(30)))  # a few of the 10 contexts
+    with pytest.raises(UserError, match=r"fills only [1-9] full contexts .*lower n_tokens"):
+        H.harvest(cfg_for(tmp_path, corpus=str(corpus)), progress=False)
+    assert not (tmp_path / "h").exists()
