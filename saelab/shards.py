@@ -426,11 +426,14 @@ def append_checked(path: Path, entries: list[tuple[str, str, int, int]]) -> None
     _append(path / CHECKED, text, fsync=False)
 
 
-def check_header(file: Path, rows: int, d_in: int, dtype: np.dtype) -> None:
-    """Shape, dtype and byte size against meta: catches truncated and mismatched files."""
-    if not file.is_file():
-        raise UserError(f"{file} is missing though the harvest lists it; {REPAIR}")
-    with open(file, "rb") as f:
+def check_header(file: Path, rows: int, d_in: int, dtype: np.dtype) -> int:
+    """Shape, dtype and byte size against the harvest: catches truncated and mismatched
+    files. Returns the header's length, where the rows start."""
+    try:
+        f = open(file, "rb")
+    except FileNotFoundError:
+        raise UserError(f"{file} is missing though the harvest lists it; {REPAIR}") from None
+    with f:
         try:
             version = np.lib.format.read_magic(f)
             read_header = _HEADER_READERS.get(version)
@@ -440,14 +443,15 @@ def check_header(file: Path, rows: int, d_in: int, dtype: np.dtype) -> None:
         except ValueError:
             raise UserError(f"{file} is not a readable .npy file (truncated?); {REPAIR}") from None
         header_len = f.tell()
+        size = os.fstat(f.fileno()).st_size
     expected = header_len + rows * d_in * dtype.itemsize
-    size = file.stat().st_size
     if shape != (rows, d_in) or got != dtype or fortran:
         raise UserError(
-            f"{file} holds {got}{list(shape)}, meta.json says {dtype}[{rows}, {d_in}]; {REPAIR}"
+            f"{file} holds {got}{list(shape)}, the harvest says {dtype}[{rows}, {d_in}]; {REPAIR}"
         )
     if size != expected:
         raise UserError(f"{file} is truncated ({size} of {expected} bytes); {REPAIR}")
+    return header_len
 
 
 def to_torch(raw: np.ndarray, storage: str) -> torch.Tensor:

@@ -319,8 +319,11 @@ class ActivationStore:
         if key not in self._mmaps:
             shard = self.shards[i]
             file = self.path / self._relpath(kind, shard)
-            check_header(file, shard.stop - shard.start, self.d_in, self._np_dtype)
-            self._mmaps[key] = np.load(file, mmap_mode="r")
+            rows = shard.stop - shard.start
+            offset = check_header(file, rows, self.d_in, self._np_dtype)
+            self._mmaps[key] = np.memmap(
+                file, self._np_dtype, "r", offset=offset, shape=(rows, self.d_in)
+            )
         return self._mmaps[key]
 
     def _confirm(self, kind: str, i: int, wait: _Wait = "here") -> None:
@@ -373,12 +376,13 @@ class ActivationStore:
         lo, hi = self._range(token_range)
         rng = np.random.default_rng([seed, 2])
         rows = np.sort(rng.choice(hi - lo, size=min(n, hi - lo), replace=False)) + lo
-        shard_of = np.searchsorted(self._stops, rows, side="right")
+        ends = np.searchsorted(rows, self._stops)  # rows[ends[i-1]:ends[i]] are in shard i
         parts = [np.empty((0, self.d_in), self._np_dtype)]
-        for i in np.unique(shard_of):
-            shard = self._mmap("acts", int(i))  # header and size first: names a truncation
-            self._confirm("acts", int(i), wait="queue")
-            parts.append(np.asarray(shard[rows[shard_of == i] - self.shards[i].start]))
+        for i in np.flatnonzero(np.diff(ends, prepend=0)).tolist():
+            shard = self._mmap("acts", i)  # header and size first: names a truncation
+            self._confirm("acts", i, wait="queue")
+            mine = rows[(ends[i - 1] if i else 0) : ends[i]]
+            parts.append(np.asarray(shard[mine - self.shards[i].start]))
         return to_torch(np.concatenate(parts), self.storage_dtype).to(torch.float32)
 
     def tokens(self) -> np.ndarray:
