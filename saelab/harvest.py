@@ -252,8 +252,8 @@ class _Recorder:
 # The driver
 
 
-def _new_meta(cfg: HarvestConfig, ident: dict[str, Any], d_in: int, batch_size: int) -> dict:
-    per = cfg.n_ctx - 1
+def _new_meta(ident: dict[str, Any], d_in: int, shard_contexts: int, batch_size: int) -> dict:
+    per = ident["n_ctx"] - 1
     return {
         "format": FORMAT,
         "saelab_version": __version__,
@@ -262,7 +262,7 @@ def _new_meta(cfg: HarvestConfig, ident: dict[str, Any], d_in: int, batch_size: 
         "tokens_per_context": per,
         "n_tokens_planned": ident["n_contexts"] * per,
         "n_tokens": 0,
-        "shard_contexts": cfg.shard_contexts,
+        "shard_contexts": shard_contexts,
         "batch_size": batch_size,
         "complete": False,
         "tokens_sha256": "",
@@ -386,7 +386,7 @@ def _prepare(
         )
     fresh = meta is None
     if meta is None:
-        meta = _new_meta(cfg, ident, d_in, _batch_size(cfg, device))
+        meta = _new_meta(ident, d_in, cfg.shard_contexts, _batch_size(cfg, device))
     n = meta["n_contexts"]
     chunk = min(n, 1024)
     feed = _Feed(iter_contexts(texts, model.tokenizer, cfg.n_ctx, chunk), cfg.n_ctx, n, chunk)
@@ -546,13 +546,11 @@ def harvest_array(
     n_contexts, n_ctx = tokens.shape
     sc = max(1, shard_rows // (n_ctx - 1))
     name = Path(acts).name if isinstance(acts, (str, os.PathLike)) else type(acts).__name__
-    meta = {
-        "format": FORMAT, "saelab_version": __version__, "model": model, "model_dtype": None,
-        "hooks": [hook], "n_ctx": n_ctx, "dtype": dtype, "corpus": {"array": name}, "seed": 0,
-        "grads": False, "n_contexts": n_contexts, "d_in": d_in, "tokens_per_context": n_ctx - 1,
-        "n_tokens_planned": rows, "n_tokens": 0, "shard_contexts": sc, "batch_size": 0,
-        "complete": False, "tokens_sha256": "", "shards": [],
+    ident = {
+        "model": model, "model_dtype": None, "hooks": [hook], "n_ctx": n_ctx, "dtype": dtype,
+        "corpus": {"array": name}, "seed": 0, "grads": False, "n_contexts": n_contexts,
     }  # fmt: skip
+    meta = _new_meta(ident, d_in, sc, 0)
     path = Path(out)
     with writer_lock(path, "harvest"):
         if (path / META).is_file():
