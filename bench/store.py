@@ -1,19 +1,28 @@
-"""Read throughput of ActivationStore.batches against a plain sequential read of the same files.
+"""Read throughput of ActivationStore.batches against a plain sequential read of the same files,
+and the cost of a resume on a many-shard harvest.
 
     .venv/bin/python bench/store.py              # writes a ~1 GB fp16 harvest to a temp dir
     .venv/bin/python bench/store.py --path cached_activations/<name> [--hook H]
+    .venv/bin/python bench/store.py --resume [--n-shards 3000]
 
 All numbers are warm page cache (the bench cannot drop it): the plain read runs twice to show
 that the first pass already reads from memory. Throughput counts storage bytes (fp16), although
 batches come out as float32.
+
+--resume: a synthetic harvest of many small shards. A first process opens it under
+verify="first-read", takes the trainer's scale sample (20,000 rows), confirms it and reads its
+first batch (then verifies the rest, as the rest of a first run would); a second process, as a
+resumed training, opens it again, takes the same sample and gets its first shuffled batch from
+a mid-run start_row. Each phase is timed in its own process; the goal for the resume is 5 s.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,41 +30,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saelab import shards
 from saelab.shards import sha256_file
 from saelab.store import ActivationStore
 
 HOOK = "blocks.6.hook_resid_post"
 
 
-def write_harvest(root: Path, gb: float, d_in: int, n_ctx: int, shard_contexts: int) -> Path:
-    """A format-1 fp16 harvest of random activations (what saelab harvest would write)."""
+def write_harvest(
+    root: Path, gb: float, d_in: int, n_ctx: int, shard_contexts: int, n_shards: int = 0
+) -> Path:
+    """An fp16 harvest of random activations, written through saelab's shard writers."""
     tpc = n_ctx - 1
     shard_rows = shard_contexts * tpc
-    n_shards = max(1, round(gb * 1e9 / (shard_rows * d_in * 2)))
+    n_shards = n_shards or max(1, round(gb * 1e9 / (shard_rows * d_in * 2)))
     n_contexts = n_shards * shard_contexts
     rng = np.random.default_rng(0)
     tokens = rng.integers(2, 49152, (n_contexts, n_ctx), dtype=np.int32)
     tokens[:, 0] = 1
-    np.save(root / "tokens.npy", tokens)
-    (root / "acts" / HOOK).mkdir(parents=True)
-    shards = []
-    for i in range(n_shards):
-        rel = f"acts/{HOOK}/shard_{i:05d}.npy"
-        np.save(root / rel, rng.standard_normal((shard_rows, d_in), dtype=np.float32).astype("<f2"))
-        sha = hashlib.sha256((root / rel).read_bytes()).hexdigest()
-        c0, t0 = i * shard_contexts, i * shard_rows
-        shards.append(
-            {"index": i, "context_start": c0, "context_stop": c0 + shard_contexts,
-             "token_start": t0, "token_stop": t0 + shard_rows, "files": {rel: sha}}
-        )  # fmt: skip
     meta = {
-        "format": 1, "saelab_version": "bench", "model": "random", "hooks": [HOOK],
-        "d_in": d_in, "dtype": "float16", "n_ctx": n_ctx, "tokens_per_context": tpc,
-        "n_contexts": n_contexts, "n_tokens_planned": n_contexts * tpc,
-        "n_tokens": n_contexts * tpc, "shard_contexts": shard_contexts, "corpus": {},
-        "seed": 0, "grads": False, "complete": True, "tokens_sha256": "", "shards": shards,
+        "format": shards.FORMAT, "saelab_version": "bench", "model": "random",
+        "model_dtype": "float32", "hooks": [HOOK], "d_in": d_in, "dtype": "float16",
+        "n_ctx": n_ctx, "tokens_per_context": tpc, "n_contexts": n_contexts,
+        "n_tokens_planned": n_contexts * tpc, "n_tokens": 0, "shard_contexts": shard_contexts,
+        "batch_size": 16, "corpus": {}, "seed": 0, "grads": False, "complete": False,
+        "tokens_sha256": shards.save_npy(root / shards.TOKENS, tokens), "shards": [],
     }  # fmt: skip
-    (root / "meta.json").write_text(json.dumps(meta))
+    for i in range(n_shards):
+        x = rng.standard_normal((shard_rows, d_in), dtype=np.float32).astype("<f2")
+        c0 = i * shard_contexts
+        shards.write_shard(
+            root, meta, i, c0, c0 + shard_contexts, {f"acts/{HOOK}": torch.from_numpy(x)}
+        )
     return root
 
 
@@ -114,21 +120,81 @@ def run(path: Path, hook: str | None, batch_size: int) -> None:
     print(f"load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
 
 
+SCALE_SAMPLE = 20_000
+
+
+def _child(path: Path, mode: str, policy: str) -> None:
+    """One process of --resume: prints its phases' seconds as one JSON line."""
+    times, t0 = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        times[name] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+
+    store = ActivationStore(path, verify=policy)  # type: ignore[arg-type]
+    lap("open")
+    store.sample(SCALE_SAMPLE, seed=0)
+    lap("sample")
+    store.confirm_pending()
+    lap("confirm_pending")
+    stream = store.batches(4096, seed=0, start_row=store.n_tokens // 2)
+    next(stream)
+    lap("first batch")
+    stream.close()
+    if mode == "first":
+        store.verify()
+        lap("verify (rest of a first run)")
+    print(json.dumps(times))
+
+
+def resume(n_shards: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="saelab-bench-") as tmp:
+        t0 = time.perf_counter()
+        path = write_harvest(Path(tmp), 0, d_in=128, n_ctx=128, shard_contexts=2, n_shards=n_shards)
+        size = sum(f.stat().st_size for f in (path / "acts").rglob("*.npy"))
+        print(f"wrote {n_shards} shards ({size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s")
+        for label, mode, policy in [
+            ("first run, first-read", "first", "first-read"),
+            ("resume, first-read", "resume", "first-read"),
+            ("resume, full (for comparison)", "resume", "full"),
+            ("resume, off", "resume", "off"),
+        ]:
+            argv = [sys.executable, __file__, "--child", str(path), mode, policy]
+            t0 = time.perf_counter()
+            out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+            wall = time.perf_counter() - t0
+            times = json.loads(out.strip().splitlines()[-1])
+            phases = ", ".join(f"{k} {v:.2f} s" for k, v in times.items())
+            inside = sum(times.values())
+            print(
+                f"{label:<31} {inside:6.2f} s in the store ({wall:5.2f} s with startup): {phases}"
+            )
+    print("goal: a resume under 5 s in the store")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--path", type=Path, help="existing harvest directory (default: write one)")
     p.add_argument("--hook", help="hook to read (default: the harvest's only hook)")
     p.add_argument("--gb", type=float, default=1.0, help="size of the written harvest")
     p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--resume", action="store_true", help="measure a resume instead")
+    p.add_argument("--n-shards", type=int, default=3000, help="shards of the --resume harvest")
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.path:
+    if args.child:
+        _child(Path(args.child[0]), args.child[1], args.child[2])
+    elif args.resume:
+        resume(args.n_shards)
+    elif args.path:
         run(args.path, args.hook, args.batch_size)
-        return
-    with tempfile.TemporaryDirectory(prefix="saelab-bench-") as tmp:
-        t0 = time.perf_counter()
-        path = write_harvest(Path(tmp), args.gb, d_in=576, n_ctx=128, shard_contexts=256)
-        print(f"wrote bench harvest in {time.perf_counter() - t0:.1f} s")
-        run(path, None, args.batch_size)
+    else:
+        with tempfile.TemporaryDirectory(prefix="saelab-bench-") as tmp:
+            t0 = time.perf_counter()
+            path = write_harvest(Path(tmp), args.gb, d_in=576, n_ctx=128, shard_contexts=256)
+            print(f"wrote bench harvest in {time.perf_counter() - t0:.1f} s")
+            run(path, None, args.batch_size)
 
 
 if __name__ == "__main__":

@@ -72,8 +72,9 @@ class HarvestConfig:
     n_ctx: Annotated[int, Check(ge=2, note="BOS and at least one token")] = 128
     """Context length in tokens, BOS included."""
 
-    batch_size: Positive = 16
-    """Contexts per model forward."""
+    batch_size: Count = 0
+    """Contexts per model forward; 0 = auto: 16 on CPU, about 32k tokens per forward on CUDA
+    (16 with grads). A resume keeps the one its harvest started with."""
 
     shard_contexts: Positive = 256
     """Contexts per shard file."""

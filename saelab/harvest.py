@@ -1,9 +1,16 @@
 """Record a model's activations (and optionally loss gradients) to resumable shards on disk.
 
-The files are `saelab.shards`'s format (see there): shards first, then the meta.json that
-lists them, so a killed harvest resumes after its last listed shard and ends byte-identical
-to an uninterrupted one. A rerun of a finished harvest re-hashes every listed file before it
-reports the harvest ready, and refuses with the repair hint (`shards.REPAIR`) if one is bad.
+The files are `saelab.shards`'s format (see there): shard files first, then the log line
+that lists them, so a killed harvest resumes after its last listed shard and ends
+byte-identical to an uninterrupted one. A rerun of a finished harvest re-hashes every listed
+file before it reports the harvest ready, and refuses with the repair hint (`shards.REPAIR`)
+if one is bad.
+
+The model runs in ``model_dtype`` (part of the harvest's identity). The corpus is tokenized as
+the forwards need it (`saelab.corpus.iter_contexts`), each shard's windows written to
+tokens.npy before the shard is logged; a resume re-tokenizes the listed prefix and refuses if
+it no longer matches tokens.npy (the corpus changed). `harvest_array` writes activations a
+user already has as a harvest through the same writers.
 
 Gradients (``grads``) are ``dL/dx`` at each hooked activation ``x``, where ``L`` is the sum of
 the next-token cross-entropies over the context; they need the full forward and a backward.
@@ -29,15 +36,29 @@ from tqdm.auto import tqdm
 
 from saelab import __version__
 from saelab.config import HarvestConfig
-from saelab.corpus import contexts, load_texts
+from saelab.corpus import iter_contexts, load_texts
 from saelab.errors import UserError
-from saelab.models import enable_hooks, load_model, resolve_device, resolve_hook, stop_layer
+from saelab.models import (
+    enable_hooks,
+    load_model,
+    resolve_device,
+    resolve_hook,
+    resolve_model_dtype,
+    stop_layer,
+)
 from saelab.runs import LOCK, writer_lock
 from saelab.shards import (
+    CHECKED,
     FORMAT,
+    LOG,
     META,
+    READ_FORMATS,
     STORE_DTYPES,
     TOKENS,
+    TokensFile,
+    convert_v1,
+    cut_torn_tail,
+    finish,
     read_meta,
     save_npy,
     sha256_file,
@@ -52,7 +73,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Fields that define a harvest; a directory made with other values is never touched.
-IDENTITY = ("model", "hooks", "n_ctx", "dtype", "corpus", "seed", "grads", "n_contexts")
+IDENTITY = (
+    "model", "model_dtype", "hooks", "n_ctx", "dtype", "corpus", "seed", "grads", "n_contexts"
+)  # fmt: skip
+# What harvests from before a field existed were made with.
+_LEGACY = {"model_dtype": "float32"}
 # Heads-split hooks ([batch, pos, head, d_head]) are stored with the heads concatenated.
 _HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")
 
@@ -69,10 +94,12 @@ def n_contexts_for(cfg: HarvestConfig) -> int:
 # Checks done before anything is written
 
 
-def _identity(cfg: HarvestConfig, n_contexts: int) -> dict[str, Any]:
+def _identity(cfg: HarvestConfig, n_contexts: int, device: torch.device) -> dict[str, Any]:
     corpus = {"spec": cfg.corpus, "text_field": cfg.text_field, "split": cfg.split}
+    model_dtype = resolve_model_dtype(cfg.model_dtype, device)
     return {
         "model": cfg.model,
+        "model_dtype": str(model_dtype).removeprefix("torch."),
         "hooks": list(cfg.hooks),
         "n_ctx": cfg.n_ctx,
         "dtype": cfg.dtype,
@@ -84,11 +111,12 @@ def _identity(cfg: HarvestConfig, n_contexts: int) -> dict[str, Any]:
 
 
 def _check_same(out: Path, meta: dict[str, Any], want: dict[str, Any]) -> None:
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READ_FORMATS:
         raise UserError(f"{out} has harvest format {meta.get('format')}, not {FORMAT}; delete it")
     for key in IDENTITY:
-        if meta.get(key) != want[key]:
-            had, asked = meta.get(key), want[key]
+        had = meta.get(key, _LEGACY.get(key))
+        if had != want[key]:
+            asked = want[key]
             if key == "n_contexts":  # users set n_tokens; n_contexts is derived from it
                 per = want["n_ctx"] - 1
                 key, had, asked = "n_tokens", meta.get("n_tokens_planned"), asked * per
@@ -99,7 +127,7 @@ def _check_same(out: Path, meta: dict[str, Any], want: dict[str, Any]) -> None:
 
 
 def _check_foreign(out: Path) -> None:
-    ours = {TOKENS, "acts", "grads", LOCK}
+    ours = {TOKENS, LOG, CHECKED, "acts", "grads", LOCK}
     temp = lambda p: p.name.startswith(".") and p.name.endswith(".tmp")  # noqa: E731
     if out.is_dir() and any(p.name not in ours and not temp(p) for p in out.iterdir()):
         raise UserError(f"{out} exists and is not a harvest; pass another --out or delete it")
@@ -224,8 +252,8 @@ class _Recorder:
 # The driver
 
 
-def _new_meta(cfg: HarvestConfig, ident: dict[str, Any], d_in: int, tokens_sha: str) -> dict:
-    per = cfg.n_ctx - 1
+def _new_meta(ident: dict[str, Any], d_in: int, shard_contexts: int, batch_size: int) -> dict:
+    per = ident["n_ctx"] - 1
     return {
         "format": FORMAT,
         "saelab_version": __version__,
@@ -234,12 +262,61 @@ def _new_meta(cfg: HarvestConfig, ident: dict[str, Any], d_in: int, tokens_sha: 
         "tokens_per_context": per,
         "n_tokens_planned": ident["n_contexts"] * per,
         "n_tokens": 0,
-        "shard_contexts": cfg.shard_contexts,
-        "batch_size": cfg.batch_size,
+        "shard_contexts": shard_contexts,
+        "batch_size": batch_size,
         "complete": False,
-        "tokens_sha256": tokens_sha,
+        "tokens_sha256": "",
         "shards": [],
     }
+
+
+def _batch_size(cfg: HarvestConfig, device: torch.device) -> int:
+    """``batch_size`` 0 (auto): 16 contexts on CPU; on CUDA about 32k tokens per forward, or 16
+    with gradients (the backward keeps the logits, [batch, n_ctx, vocab] in float32)."""
+    if cfg.batch_size:
+        return cfg.batch_size
+    if device.type != "cuda" or cfg.grads:
+        return 16
+    return max(16, min(cfg.shard_contexts, 32768 // cfg.n_ctx))
+
+
+class _Feed:
+    """The corpus's token windows, drawn in order, block by block (`iter_contexts`)."""
+
+    def __init__(self, blocks: Any, n_ctx: int, wanted: int, chunk: int) -> None:
+        self._blocks, self.n_ctx, self.wanted, self.chunk = blocks, n_ctx, wanted, chunk
+        self._left = np.empty((0, n_ctx), np.int32)
+        self.taken = 0
+
+    def prime(self) -> None:
+        """Tokenize the first block now: a bad corpus, or one too short to fill it, fails
+        before anything is written (only the last block of a corpus is short)."""
+        self._left = self._next()
+        if len(self._left) < min(self.wanted, self.chunk):
+            self.taken = len(self._left)
+            self._blocks = iter(())
+            self._next()
+
+    def _next(self) -> np.ndarray:
+        block = next(self._blocks, None)
+        if block is None:
+            raise UserError(
+                f"the corpus fills only {self.taken} full contexts of {self.n_ctx} tokens; "
+                f"{self.wanted} were asked for ({self.wanted * (self.n_ctx - 1)} tokens): "
+                "lower n_tokens (and pick another --out) or use a bigger corpus"
+            )
+        return block
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n:
+            if not len(self._left):
+                self._left = self._next()
+            parts.append(self._left[:n])
+            self._left = self._left[n:]
+            n -= len(parts[-1])
+            self.taken += len(parts[-1])
+        return np.concatenate(parts) if len(parts) != 1 else parts[0]
 
 
 def _check_tokens(out: Path, meta: dict[str, Any]) -> Path:
@@ -249,13 +326,10 @@ def _check_tokens(out: Path, meta: dict[str, Any]) -> Path:
     return path
 
 
-def _load_tokens(out: Path, meta: dict[str, Any]) -> np.ndarray:
-    return np.load(_check_tokens(out, meta))
-
-
 def _finished(meta: dict[str, Any]) -> bool:
     """Complete and still listing every shard. Following the repair hint (deleting a damaged
-    shard's entry and later ones) leaves "complete" true; the rerun must then redo them."""
+    shard's entry and later ones) leaves "complete" true in a format-1 meta.json; the rerun
+    must then redo them."""
     shards = meta["shards"]
     return bool(meta["complete"] and shards and shards[-1]["context_stop"] == meta["n_contexts"])
 
@@ -264,12 +338,12 @@ def _verify_complete(out: Path, meta: dict[str, Any]) -> None:
     """Re-hash tokens.npy and every file of every listed shard (all hooks and kinds).
 
     A rerun that reports a harvest ready vouches for it, so it reads it all once (about 1 GB/s)
-    rather than trust a meta.json that a damaged or deleted shard file no longer matches.
+    rather than trust a log that a damaged or deleted shard file no longer matches.
     """
     _check_tokens(out, meta)
     n = sum(len(shard["files"]) for shard in meta["shards"])
     log.info("verifying the checksums of %d shard files in %s", n, out)
-    ActivationStore(out, meta["hooks"][0]).verify()
+    ActivationStore(out, meta["hooks"][0], verify="full").verify()
 
 
 def _remove_temps(out: Path) -> None:
@@ -285,15 +359,17 @@ def _planned_bytes(meta: dict[str, Any], start_contexts: int, itemsize: int) -> 
 
 def _prepare(
     cfg: HarvestConfig, out: Path, meta: dict[str, Any] | None, ident: dict[str, Any]
-) -> tuple[Any, dict[str, Any], np.ndarray, int | None]:
+) -> tuple[Any, dict[str, Any], _Feed, int | None]:
     """Validate everything and load the model; write only once nothing can fail any more.
 
-    meta: the directory's meta.json, already checked against ident (None if there is none).
+    meta: the directory's merged meta, already checked against ident (None if there is none).
     """
     if meta is None:
         _check_foreign(out)
     texts = load_texts(cfg.corpus, cfg.text_field, cfg.split, cfg.seed)
-    model = load_model(cfg.model, device=str(resolve_device(cfg.device)))
+    device = resolve_device(cfg.device)
+    dtype = STORE_DTYPES[ident["model_dtype"]]
+    model = load_model(cfg.model, device=str(device), dtype=dtype)
     if cfg.n_ctx > model.cfg.n_ctx:
         raise UserError(f"n_ctx={cfg.n_ctx} exceeds the model's {model.cfg.n_ctx}; lower n_ctx")
     if len(set(cfg.hooks)) != len(cfg.hooks):
@@ -303,21 +379,23 @@ def _prepare(
     enable_hooks(model, cfg.hooks)
     stop = None if cfg.grads else stop_layer(model, cfg.hooks)
     d_in = _probe_d_in(model, cfg.hooks, stop)
-    if meta is not None:
-        if meta["d_in"] != d_in:
-            raise UserError(
-                f"{out} holds d_in={meta['d_in']} but the model gives {d_in}; pass another "
-                "--out or delete the directory"
-            )
-        tokens = _load_tokens(out, meta)
-    else:
-        tokens = contexts(texts, model.tokenizer, cfg.n_ctx, ident["n_contexts"])
-        meta = _new_meta(cfg, ident, d_in, "")
+    if meta is not None and meta["d_in"] != d_in:
+        raise UserError(
+            f"{out} holds d_in={meta['d_in']} but the model gives {d_in}; pass another "
+            "--out or delete the directory"
+        )
+    fresh = meta is None
+    if meta is None:
+        meta = _new_meta(ident, d_in, cfg.shard_contexts, _batch_size(cfg, device))
+    n = meta["n_contexts"]
+    chunk = min(n, 1024)
+    feed = _Feed(iter_contexts(texts, model.tokenizer, cfg.n_ctx, chunk), cfg.n_ctx, n, chunk)
+    feed.prime()
     itemsize = torch.empty((), dtype=STORE_DTYPES[cfg.dtype]).element_size()
     done = meta["shards"][-1]["context_stop"] if meta["shards"] else 0
-    extra = 0 if meta["tokens_sha256"] else tokens.nbytes
+    extra = n * cfg.n_ctx * 4 if fresh else 0
     _check_disk(out, _planned_bytes(meta, done, itemsize) + extra)
-    return model, meta, tokens, stop
+    return model, meta, feed, stop
 
 
 def _limit_threads() -> None:
@@ -338,33 +416,62 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
 
 def _harvest(cfg: HarvestConfig, out: Path, progress: bool) -> Path:
     meta = read_meta(out) if (out / META).is_file() else None
-    ident = _identity(cfg, n_contexts_for(cfg))
+    ident = _identity(cfg, n_contexts_for(cfg), resolve_device(cfg.device))
     if meta is not None:
         _check_same(out, meta, ident)
         if _finished(meta):
             _verify_complete(out, meta)
             log.info("%s is already complete (checksums verified)", out)
             return out
-    model, meta, tokens, stop = _prepare(cfg, out, meta, ident)
+    fresh = meta is None
+    model, meta, feed, stop = _prepare(cfg, out, meta, ident)
     _limit_threads()
     out.mkdir(parents=True, exist_ok=True)
     _remove_temps(out)
-    if not meta["tokens_sha256"]:
-        meta["tokens_sha256"] = save_npy(out / TOKENS, tokens)
-        write_meta(out, meta)
-    _run_shards(model, meta, tokens, stop, out, progress)
+    tokens = TokensFile(out, meta["n_contexts"], meta["n_ctx"], create=fresh)
+    try:
+        if fresh:
+            write_meta(out, meta)
+        elif meta["format"] == 1:
+            convert_v1(out, meta)
+        else:
+            cut_torn_tail(out)
+        meta["tokens_sha256"] = ""  # hashed once the last shard is logged
+        _skip_done(meta, feed, tokens, out)
+        _run_shards(model, meta, feed, tokens, stop, out, progress)
+    finally:
+        tokens.close()
+    if not meta["complete"]:  # killed between the last log line and the final header
+        finish(out, meta)
     return out
 
 
+def _skip_done(meta: dict[str, Any], feed: _Feed, tokens: TokensFile, out: Path) -> None:
+    """Re-tokenize the contexts of the listed shards; they must match what tokens.npy holds."""
+    done = meta["shards"][-1]["context_stop"] if meta["shards"] else 0
+    for c0 in range(0, done, meta["shard_contexts"]):
+        c1 = min(c0 + meta["shard_contexts"], done)
+        if not np.array_equal(feed.take(c1 - c0), tokens.read(c0, c1)):
+            raise UserError(
+                f"{out / TOKENS} differs from the corpus's tokens in contexts {c0}..{c1} (the "
+                f"corpus changed since the harvest started?); delete {out} and harvest again"
+            )
+
+
 def _run_shards(
-    model: Any, meta: dict, tokens: np.ndarray, stop: int | None, out: Path, progress: bool
+    model: Any,
+    meta: dict,
+    feed: _Feed,
+    tokens: TokensFile,
+    stop: int | None,
+    out: Path,
+    progress: bool,
 ) -> None:
     n, sc, bs = meta["n_contexts"], meta["shard_contexts"], meta["batch_size"]
     per = meta["tokens_per_context"]
     rec = _Recorder(model, meta["hooks"], meta["grads"])
     kinds = ["acts", "grads"] if meta["grads"] else ["acts"]
     dtype = STORE_DTYPES[meta["dtype"]]
-    tokens_t = torch.from_numpy(tokens).long()
     start = len(meta["shards"])
     bar = tqdm(
         total=meta["n_tokens_planned"], initial=meta["n_tokens"], unit="tok", unit_scale=True,
@@ -375,19 +482,134 @@ def _run_shards(
         with ThreadPoolExecutor(max_workers=1) as writer, model.hooks(fwd_hooks=rec.fwd_hooks()):
             for index in range(start, math.ceil(n / sc)):
                 c0, c1 = index * sc, min((index + 1) * sc, n)
+                windows = feed.take(c1 - c0)
+                tokens.write(c0, windows)
+                tokens_t = torch.from_numpy(windows).to(model.cfg.device, torch.long)
                 rows = (c1 - c0) * per
                 keys = [f"{k}/{h}" for k in kinds for h in meta["hooks"]]
                 rec.bufs = {k: torch.empty((rows, meta["d_in"]), dtype=dtype) for k in keys}
                 # Batches start at the shard boundary, so a resumed shard sees the same batches.
-                for b0 in range(c0, c1, bs):
-                    b1 = min(b0 + bs, c1)
-                    rec.rows = slice((b0 - c0) * per, (b1 - c0) * per)
-                    rec.run(tokens_t[b0:b1].to(model.cfg.device), stop)
+                for b0 in range(0, c1 - c0, bs):
+                    b1 = min(b0 + bs, c1 - c0)
+                    rec.rows = slice(b0 * per, b1 * per)
+                    rec.run(tokens_t[b0:b1], stop)
                     bar.update((b1 - b0) * per)
+                tokens.sync()  # the shard's windows are on disk before its log line
                 if pending is not None:
-                    pending.result()  # at most one shard in flight: bounded memory, ordered meta
+                    pending.result()  # at most one shard in flight: bounded memory, ordered log
                 pending = writer.submit(write_shard, out, meta, index, c0, c1, rec.bufs)
             if pending is not None:
                 pending.result()
     finally:
         bar.close()  # before any error line, so it does not share the bar's line
+
+
+# ---------------------------------------------------------------------------------------
+# Activations a user already has
+
+
+def harvest_array(
+    out: str | os.PathLike,
+    acts: np.ndarray | torch.Tensor | str | os.PathLike,
+    *,
+    tokens: np.ndarray | None = None,
+    hook: str = "acts",
+    key: str | None = None,
+    dtype: str | None = None,
+    model: str = "array",
+    shard_rows: int = 1 << 20,
+) -> Path:
+    """Write activations a user already has as a harvest folder that `ActivationStore` (and so
+    training, evaluation and the app) reads, through the same writers as `harvest`.
+
+    ``acts``: ``[rows, d_in]``, an array, a tensor, a ``.npy`` file (memory-mapped) or a
+    ``.safetensors`` file (``key`` names the tensor if it holds several); it is read shard by
+    shard. ``tokens``: the token ids behind the rows, int ``[n_contexts, n_ctx]`` with BOS at
+    position 0, whose non-BOS positions are the rows in order; without them, tokens.npy holds
+    placeholder zeros in contexts of the largest ``tokens_per_context`` up to 1024 that
+    divides the rows. ``dtype``: the storage dtype (default: the array's if float16, bfloat16
+    or float32, else float32). A rerun after a crash resumes after the last logged shard.
+    """
+    src, rows, d_in, src_dtype = _array_source(acts, key)
+    if tokens is None:
+        per = max(d for d in range(1, min(rows, 1024) + 1) if rows % d == 0)
+        tokens = np.zeros((rows // per, per + 1), np.int32)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] * (tokens.shape[1] - 1) != rows:
+        raise UserError(
+            f"tokens of shape {list(tokens.shape)} do not match {rows} activation rows; pass "
+            "[n_contexts, n_ctx] token ids whose n_contexts * (n_ctx - 1) equals the rows"
+        )
+    dtype = dtype or (src_dtype if src_dtype in STORE_DTYPES else "float32")
+    if dtype not in STORE_DTYPES:
+        raise UserError(f"dtype {dtype!r} is not one of {', '.join(STORE_DTYPES)}; pick one")
+    n_contexts, n_ctx = tokens.shape
+    sc = max(1, shard_rows // (n_ctx - 1))
+    name = Path(acts).name if isinstance(acts, (str, os.PathLike)) else type(acts).__name__
+    ident = {
+        "model": model, "model_dtype": None, "hooks": [hook], "n_ctx": n_ctx, "dtype": dtype,
+        "corpus": {"array": name}, "seed": 0, "grads": False, "n_contexts": n_contexts,
+    }  # fmt: skip
+    meta = _new_meta(ident, d_in, sc, 0)
+    path = Path(out)
+    with writer_lock(path, "harvest"):
+        if (path / META).is_file():
+            old = read_meta(path)
+            if any(old.get(k) != meta[k] for k in (*IDENTITY, "d_in", "shard_contexts")):
+                raise UserError(f"{path} holds another harvest; pass another out or delete it")
+            meta = old
+            cut_torn_tail(path)
+        else:
+            _check_foreign(path)
+            meta["tokens_sha256"] = save_npy(path / TOKENS, tokens.astype(np.int32))
+        _remove_temps(path)
+        per = n_ctx - 1
+        for index in range(len(meta["shards"]), math.ceil(n_contexts / sc)):
+            c0, c1 = index * sc, min((index + 1) * sc, n_contexts)
+            block = src(c0 * per, c1 * per).to(STORE_DTYPES[dtype])
+            write_shard(path, meta, index, c0, c1, {f"acts/{hook}": block})
+    return path
+
+
+def _array_source(
+    acts: np.ndarray | torch.Tensor | str | os.PathLike, key: str | None
+) -> tuple[Callable[[int, int], torch.Tensor], int, int, str]:
+    """(rows a..b as a tensor, rows, d_in, dtype name) of what `harvest_array` was given."""
+    if isinstance(acts, (str, os.PathLike)):
+        if str(acts).endswith(".safetensors"):
+            return _safetensors_source(Path(acts), key)
+        try:
+            acts = np.load(acts, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"cannot read {acts} as .npy ({exc}); pass a .npy or .safetensors file"
+            ) from None
+    if isinstance(acts, torch.Tensor):
+        t = acts.detach().cpu()
+        rows, d_in = _rows_cols(t.shape, "acts")
+        return (lambda a, b: t[a:b]), rows, d_in, str(t.dtype).removeprefix("torch.")
+    arr = np.asarray(acts)
+    rows, d_in = _rows_cols(arr.shape, "acts")
+    return (lambda a, b: torch.from_numpy(np.array(arr[a:b]))), rows, d_in, str(arr.dtype)
+
+
+def _safetensors_source(
+    path: Path, key: str | None
+) -> tuple[Callable[[int, int], torch.Tensor], int, int, str]:
+    from safetensors import safe_open
+
+    f = safe_open(str(path), framework="pt")
+    names = list(f.keys())
+    key = key or (names[0] if len(names) == 1 else None)
+    if key not in names:
+        raise UserError(f"{path} holds {', '.join(names)}; name the activations' tensor with key=")
+    part = f.get_slice(key)
+    rows, d_in = _rows_cols(part.get_shape(), path)
+    name = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(part.get_dtype(), "")
+    return (lambda a, b: part[a:b]), rows, d_in, name
+
+
+def _rows_cols(shape: Any, what: Any) -> tuple[int, int]:
+    if len(shape) != 2 or not shape[0]:
+        raise UserError(f"{what} has shape {list(shape)}; activations must be [rows, d_in]")
+    return int(shape[0]), int(shape[1])

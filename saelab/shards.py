@@ -5,27 +5,37 @@ Written through this module by `saelab.harvest` (and `saelab.synthetic`), read t
 
 Layout of a harvest directory (``cached_activations/<name>/``)::
 
-    meta.json                       rewritten atomically (tmp + os.replace) after every shard
+    meta.json                       the header: written once at the start, once at the end
+    shards.jsonl                    the shard log: one line per finished shard, appended
     tokens.npy                      int32 [n_contexts, n_ctx], BOS at position 0 of every
-                                    context; written once, atomically, before any shard
+                                    context; filled block by block before each shard is logged
     acts/<hook>/shard_00000.npy     [contexts_in_shard * (n_ctx - 1), d_in]
     grads/<hook>/shard_00000.npy    same shape, only with grads=True
+    checked.jsonl                   sha256 confirmations of readers (`saelab.store`'s
+                                    'first-read'); appended, never required
 
 Activations are stored as float16 or float32; bfloat16 as its raw uint16 bits (view them as
 bfloat16 to read). BOS positions are not stored: row ``t`` of the token stream belongs to
 context ``t // tokens_per_context`` at position ``1 + t % tokens_per_context``. ``<hook>`` is
 the hook name as given (aliases such as ``blocks.6.hook_resid_post`` are kept).
 
-meta.json holds the identity of the harvest (model, hooks, d_in, dtype, n_ctx, corpus, seed,
-grads, n_contexts, shard_contexts, batch_size), ``n_tokens`` (tokens in listed shards),
-``complete``, ``tokens_sha256`` and ``shards``: for each, its context and token range and the
-sha256 of each of its files. A shard exists only once meta.json lists it: its files are
-written under a temporary name, renamed, and only then is meta.json replaced. A rerun of the
-same config resumes after the last listed shard; because every shard is computed from a fixed
-set of batches (a resume keeps the batch_size and shard_contexts it started with), the result
-is byte-identical to an uninterrupted run, whenever it was killed. All hooks of one harvest
-must have the same width (d_in); ``[batch, pos, head, d_head]`` hooks are stored with their
-heads concatenated.
+meta.json holds the identity of the harvest (model, model_dtype, hooks, d_in, dtype, n_ctx,
+corpus, seed, grads, n_contexts, shard_contexts, batch_size); once the harvest is finished it
+is replaced by the same header with ``complete``, ``n_tokens`` and ``tokens_sha256`` (the
+sha256 of tokens.npy). Each finished shard appends one JSON line to shards.jsonl, fsynced: its
+index, context and token range and the sha256 of each of its files. A shard exists only once
+the log lists it: its files are written under a temporary name and renamed first. A line cut
+short by a crash (no trailing newline, or not JSON) is ignored by readers and cut off by the
+next writer, so the cost of a shard's metadata is one short append, flat in the number of
+shards. `read_meta` merges header and log into the view readers use: ``meta["shards"]``,
+``n_tokens`` (tokens in listed shards) and ``complete``. Harvests of format 1 keep that list
+inside meta.json (rewritten after every shard); they still read, and a resume converts them.
+
+A rerun of the same config resumes after the last listed shard; because every shard is
+computed from a fixed set of batches (a resume keeps the batch_size and shard_contexts it
+started with), the result is byte-identical to an uninterrupted run, whenever it was killed.
+All hooks of one harvest must have the same width (d_in); ``[batch, pos, head, d_head]`` hooks
+are stored with their heads concatenated.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -47,8 +58,12 @@ from saelab.runs import atomic_write
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
+"""2: header in meta.json, shards in the log; 1: the shard list inside meta.json (still read)."""
+READ_FORMATS = (1, 2)
 META = "meta.json"
+LOG = "shards.jsonl"
+CHECKED = "checked.jsonl"
 TOKENS = "tokens.npy"
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 NP_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}
@@ -56,10 +71,10 @@ _HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
 }
-_REQUIRED = ("format", "hooks", "d_in", "dtype", "n_ctx", "tokens_per_context", "shards")
+_REQUIRED = ("format", "hooks", "d_in", "dtype", "n_ctx", "tokens_per_context")
 REPAIR = (
-    "delete that shard's entry (and later ones) from meta.json's \"shards\" and re-run "
-    "`saelab harvest` with the same settings to redo them"
+    f"delete that shard's line (and later ones) from {LOG} (in an older harvest: its entry in "
+    'meta.json\'s "shards") and re-run `saelab harvest` with the same settings to redo them'
 )
 
 
@@ -144,7 +159,7 @@ def _run_hash(path: Path, sha: str, fut: Future) -> None:
     try:
         digest = sha256_file(path)
         if digest != sha:
-            raise UserError(f"{path} is corrupted (sha256 differs from meta.json); {REPAIR}")
+            raise UserError(f"{path} is corrupted (sha256 differs from the harvest's); {REPAIR}")
         log.debug("sha256 ok: %s", path)
         fut.set_result(None)
     except BaseException as exc:  # handed to whoever waits on the data
@@ -183,14 +198,120 @@ def save_npy(path: Path, arr: np.ndarray) -> str:
     return sha.hexdigest()
 
 
+class TokensFile:
+    """tokens.npy written in place, block by block: created at its full size (holes read as
+    zeros), rows written with pwrite and synced before the shard that uses them is logged, so
+    no copy of every token is ever held in memory."""
+
+    def __init__(self, path: Path, n_contexts: int, n_ctx: int, create: bool) -> None:
+        file = path / TOKENS
+        shape = (n_contexts, n_ctx)
+        if create:
+
+            def write(tmp: Path) -> None:
+                np.lib.format.open_memmap(tmp, "w+", np.int32, shape)
+
+            atomic_write(file, write)
+        try:
+            mm = np.load(file, mmap_mode="r")
+            ok = mm.shape == shape and mm.dtype == np.int32 and mm.flags.c_contiguous
+            self.offset = mm.offset
+            del mm
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"{file} is missing or corrupt; delete {path} and harvest again")
+        self.n_ctx = n_ctx
+        self._fd = os.open(file, os.O_RDWR)
+
+    def read(self, c0: int, c1: int) -> np.ndarray:
+        row = self.n_ctx * 4
+        data = os.pread(self._fd, (c1 - c0) * row, self.offset + c0 * row)
+        return np.frombuffer(data, np.int32).reshape(-1, self.n_ctx)
+
+    def write(self, c0: int, rows: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(rows, np.int32)).cast("B")  # type: ignore[arg-type]
+        at = self.offset + c0 * self.n_ctx * 4
+        while len(data):
+            n = os.pwrite(self._fd, data, at)
+            data, at = data[n:], at + n
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 def write_meta(path: Path, meta: dict[str, Any]) -> None:
-    atomic_write(path / META, json.dumps(meta, indent=1))
+    """Write the header: everything in ``meta`` but the shard list, which lives in the log."""
+    atomic_write(path / META, json.dumps(header(meta), indent=1))
+
+
+def header(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if k != "shards"}
+
+
+def _append(file: Path, text: str, fsync: bool) -> None:
+    """Append ``text`` (whole lines); a torn line left at the end gets its newline first, so
+    it spoils only itself."""
+    fd = os.open(file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            text = "\n" + text
+        os.write(fd, text.encode())
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _lines(file: Path) -> list[bytes]:
+    """The complete lines of an append-only file: a last line without its newline is torn."""
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        return []
+    return data.split(b"\n")[:-1]
+
+
+def cut_torn_tail(path: Path) -> None:
+    """Writers call this before appending to the log: drop a line a crash cut short."""
+    file = path / LOG
+    if not file.is_file():
+        return
+    data = file.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        log.info("cutting a torn last line (%d bytes) off %s", len(data) - keep, file)
+        with open(file, "r+b") as f:
+            f.truncate(keep)
+            os.fsync(f.fileno())
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The shards the log lists, in order; a torn last line is ignored."""
+    shards = []
+    for n, line in enumerate(_lines(path / LOG), 1):
+        try:
+            entry = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            entry = None
+        if not isinstance(entry, dict):
+            raise UserError(
+                f"line {n} of {path / LOG} is not a shard entry; delete it and later lines and "
+                "re-run `saelab harvest` with the same settings to redo those shards"
+            )
+        shards.append(entry)
+    return shards
 
 
 def write_shard(
     out: Path, meta: dict[str, Any], index: int, c0: int, c1: int, bufs: dict[str, torch.Tensor]
 ) -> None:
-    """Runs on the writer thread: shard files first, then the meta.json that lists them."""
+    """Runs on the writer thread: shard files first, then the log line that lists them (and
+    the header before the first shard if there is none yet, the final header after the last)."""
     files = {}
     for key, buf in bufs.items():
         kind, hook = key.split("/", 1)
@@ -203,19 +324,38 @@ def write_shard(
         rel = shard_path(kind, hook, index)
         files[rel] = save_npy(out / rel, to_numpy(buf))
     per = meta["tokens_per_context"]
-    meta["shards"].append(
-        {
-            "index": index,
-            "context_start": c0,
-            "context_stop": c1,
-            "token_start": c0 * per,
-            "token_stop": c1 * per,
-            "files": files,
-        }
-    )
+    entry = {
+        "index": index,
+        "context_start": c0,
+        "context_stop": c1,
+        "token_start": c0 * per,
+        "token_stop": c1 * per,
+        "files": files,
+    }
+    if not (out / META).is_file():
+        write_meta(out, {**meta, "format": FORMAT, "complete": False, "n_tokens": 0})
+    _append(out / LOG, json.dumps(entry) + "\n", fsync=True)
+    meta["shards"].append(entry)
     meta["n_tokens"] = c1 * per
-    meta["complete"] = c1 == meta["n_contexts"]
+    if c1 == meta["n_contexts"]:
+        finish(out, meta)
+
+
+def finish(out: Path, meta: dict[str, Any]) -> None:
+    """The final header, once the log lists every shard: complete, with the tokens' sha256
+    (hashed here unless the writer knows it)."""
+    if not meta.get("tokens_sha256"):
+        meta["tokens_sha256"] = sha256_file(out / TOKENS)
+    meta["complete"] = True
     write_meta(out, meta)
+
+
+def convert_v1(path: Path, meta: dict[str, Any]) -> None:
+    """Give a format-1 harvest (shard list inside meta.json) a log, then a format-2 header.
+    A crash in between leaves meta.json as it was, and the next run converts again."""
+    atomic_write(path / LOG, "".join(json.dumps(s) + "\n" for s in meta["shards"]))
+    meta["format"] = FORMAT
+    write_meta(path, meta)
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,7 +363,8 @@ def write_shard(
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    """A harvest's meta.json, validated, or a UserError naming what is wrong and the fix."""
+    """A harvest's header merged with its log (``shards``, ``n_tokens``, ``complete``),
+    validated, or a UserError naming what is wrong and the fix."""
     meta_path = path / META
     if not path.is_dir() or not meta_path.is_file():
         raise UserError(
@@ -236,30 +377,63 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise UserError(
             f"{meta_path} is not valid JSON ({exc}); delete the harvest and re-run `saelab harvest`"
         ) from None
-    missing = [k for k in _REQUIRED if not isinstance(meta, dict) or k not in meta]
+    v1 = isinstance(meta, dict) and meta.get("format") == 1
+    required = _REQUIRED + (("shards",) if v1 else ())
+    missing = [k for k in required if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise UserError(
             f"{meta_path} is not a saelab harvest (missing {', '.join(missing)}); "
             "point at a directory written by `saelab harvest`"
         )
-    if meta["format"] != FORMAT:
+    if meta["format"] not in READ_FORMATS:
         raise UserError(
-            f"{meta_path} has harvest format {meta['format']!r}, this saelab reads {FORMAT}; "
-            "use the saelab version that wrote it or re-run `saelab harvest`"
+            f"{meta_path} has harvest format {meta['format']!r}, this saelab reads "
+            f"{' and '.join(map(str, READ_FORMATS))}; use the saelab version that wrote it or "
+            "re-run `saelab harvest`"
         )
     if meta["dtype"] not in NP_DTYPES:
         raise UserError(
             f"{meta_path} has unknown dtype {meta['dtype']!r} (expected one of "
             f"{', '.join(NP_DTYPES)}); re-run `saelab harvest`"
         )
+    if meta["format"] != 1:
+        shards = meta["shards"] = read_log(path)
+        meta["n_tokens"] = shards[-1]["token_stop"] if shards else 0
+        covered = bool(shards) and shards[-1]["context_stop"] == meta.get("n_contexts")
+        meta["complete"] = bool(meta.get("complete")) and covered
+    meta.setdefault("tokens_sha256", "")
     return meta
 
 
-def check_header(file: Path, rows: int, d_in: int, dtype: np.dtype) -> None:
-    """Shape, dtype and byte size against meta: catches truncated and mismatched files."""
-    if not file.is_file():
-        raise UserError(f"{file} is missing though meta.json lists it; {REPAIR}")
-    with open(file, "rb") as f:
+def read_checked(path: Path) -> dict[str, tuple[str, int, int]]:
+    """The readers' record of confirmed hashes: relative file -> (sha256, size, mtime_ns).
+    It is only a cache: unreadable lines are skipped, and later lines win."""
+    record = {}
+    for line in _lines(path / CHECKED):
+        try:
+            e = json.loads(line)
+            record[str(e["file"])] = (str(e["sha256"]), int(e["size"]), int(e["mtime_ns"]))
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+            continue
+    return record
+
+
+def append_checked(path: Path, entries: list[tuple[str, str, int, int]]) -> None:
+    """Record confirmed hashes (file, sha256, size, mtime_ns); raises OSError if the folder is
+    not writable. Not fsynced: a record lost in a crash only costs one more hash."""
+    keys = ("file", "sha256", "size", "mtime_ns")
+    text = "".join(json.dumps(dict(zip(keys, e))) + "\n" for e in entries)
+    _append(path / CHECKED, text, fsync=False)
+
+
+def check_header(file: Path, rows: int, d_in: int, dtype: np.dtype) -> int:
+    """Shape, dtype and byte size against the harvest: catches truncated and mismatched
+    files. Returns the header's length, where the rows start."""
+    try:
+        f = open(file, "rb")
+    except FileNotFoundError:
+        raise UserError(f"{file} is missing though the harvest lists it; {REPAIR}") from None
+    with f:
         try:
             version = np.lib.format.read_magic(f)
             read_header = _HEADER_READERS.get(version)
@@ -269,14 +443,15 @@ def check_header(file: Path, rows: int, d_in: int, dtype: np.dtype) -> None:
         except ValueError:
             raise UserError(f"{file} is not a readable .npy file (truncated?); {REPAIR}") from None
         header_len = f.tell()
+        size = os.fstat(f.fileno()).st_size
     expected = header_len + rows * d_in * dtype.itemsize
-    size = file.stat().st_size
     if shape != (rows, d_in) or got != dtype or fortran:
         raise UserError(
-            f"{file} holds {got}{list(shape)}, meta.json says {dtype}[{rows}, {d_in}]; {REPAIR}"
+            f"{file} holds {got}{list(shape)}, the harvest says {dtype}[{rows}, {d_in}]; {REPAIR}"
         )
     if size != expected:
         raise UserError(f"{file} is truncated ({size} of {expected} bytes); {REPAIR}")
+    return header_len
 
 
 def to_torch(raw: np.ndarray, storage: str) -> torch.Tensor:

@@ -10,12 +10,26 @@ into buffers of about ``shuffle_buffer`` rows, rows permuted within each buffer.
 a pure function of ``(seed, epoch, token_range, chunk_rows, shuffle_buffer)``, so a stream can be
 resumed at any row without reading what it skips.
 
-Integrity: each shard file's header and size are checked against ``meta.json`` when it is
-opened; its sha256 is checked the first time this process reads it. Hashing runs on a
-background thread (sha256 is about as fast as the fp16->fp32 shuffle itself), and data is
-never handed out before the hashes of the files it came from have been confirmed. A listed file
-that is missing (even one deleted after it was opened), truncated or changed is a UserError
-naming it, with the repair hint `shards.REPAIR`.
+Integrity: each shard file's header and size are checked against the harvest whenever it is
+opened, under every policy. Its sha256 is then checked as ``verify`` says:
+
+- ``"full"``: every file is hashed the first time this process reads it, on every start.
+- ``"first-read"`` (the default): as "full", but each confirmed hash is appended to the
+  harvest's record (`shards.CHECKED`: file, sha256, size, mtime_ns), and a file whose record
+  still matches its size and mtime is trusted without hashing, so a resume or a second
+  training hashes nothing again. A file rewritten since is hashed again (and refused if bad);
+  a change that keeps both size and mtime is seen only by `ActivationStore.verify`. In a
+  folder that cannot be written, confirmations are remembered for this process only.
+- ``"off"``: nothing is hashed; only headers and sizes are checked.
+
+What each read path guarantees under "full" and "first-read": `read` and `batches` never hand
+out data before the hashes of the files it came from are confirmed (hashing runs on a
+background thread, overlapped with the shuffle). `sample` does not wait: it queues the hashes
+of the shards it touched and returns, so a start is not stalled by hashing; call
+`confirm_pending` before saving anything that depends on a sample, which waits for those
+hashes and raises if one failed. `verify` re-hashes every listed file under every policy. A
+listed file that is missing (even one deleted after it was opened), truncated or changed is a
+UserError naming it, with the repair hint `shards.REPAIR`.
 """
 
 from __future__ import annotations
@@ -27,22 +41,26 @@ import queue
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
 from saelab.errors import UserError
 from saelab.shards import (
-    META,
+    CHECKED,
+    LOG,
     NP_DTYPES,
     REPAIR,
     TOKENS,
     VERIFIER,
+    append_checked,
     check_header,
     locate,
+    read_checked,
     read_meta,
     to_torch,
 )
@@ -50,6 +68,8 @@ from saelab.shards import (
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 4096
+Verify = Literal["full", "first-read", "off"]
+_Wait = Literal["here", "thread", "queue", "ahead"]
 
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -94,7 +114,7 @@ def _complete_shards(meta: dict[str, Any], path: Path) -> list[_Shard]:
         )
         if shard.start != row or shard.stop <= shard.start:
             raise UserError(
-                f"{path / META} lists shard {shard.index} at rows "
+                f"{path / LOG} lists shard {shard.index} at rows "
                 f"[{shard.start}, {shard.stop}) after row {row}; {REPAIR}"
             )
         shards.append(shard)
@@ -107,24 +127,109 @@ def _complete_shards(meta: dict[str, Any], path: Path) -> list[_Shard]:
     return shards
 
 
-def _confirm(
-    file: Path, sha: str, wait: Literal["here", "thread", "queue"] = "here", fresh: bool = False
-) -> None:
-    """Confirm a shard file's sha256, once per process (`fresh`: hash it again): hashed in this
-    thread ("here"), on the hashing thread while this one waits ("thread"), or only queued."""
-    try:
-        if fresh:
-            VERIFIER.forget(file, sha)
-        if wait == "here":
-            VERIFIER.check(file, sha)
-        elif wait == "thread":
-            VERIFIER.submit(file, sha).result()
-        else:
-            VERIFIER.submit(file, sha)
-    except FileNotFoundError:
-        # Deleted since it was opened (its memmap still reads): the message of a shard missing
-        # at open, not an OSError from the hash's stat or open.
-        raise UserError(f"{file} is missing though meta.json lists it; {REPAIR}") from None
+def _missing(file: Path) -> UserError:
+    # Deleted since it was opened (its memmap still reads): the message of a shard missing
+    # at open, not an OSError from the hash's stat or open.
+    return UserError(f"{file} is missing though the harvest lists it; {REPAIR}")
+
+
+class _Checker:
+    """The hashing side of one store: which files it trusts, what it still waits for, and
+    the harvest's record of confirmed hashes (under "first-read")."""
+
+    def __init__(self, path: Path, policy: str) -> None:
+        if policy not in get_args(Verify):
+            raise UserError(
+                f"verify={policy!r} is not one of {', '.join(get_args(Verify))}; pick one of them"
+            )
+        self.path, self.policy = path, policy
+        self._lock = threading.Lock()
+        self._record = read_checked(path) if policy == "first-read" else {}
+        self._persist = policy == "first-read"
+        self._pending: list[tuple[Path, Future]] = []
+
+    def _trusted(self, rel: str, sha: str) -> bool:
+        if self.policy != "first-read":
+            return self.policy == "off"
+        entry = self._record.get(rel)
+        if entry is None or entry[0] != sha:
+            return False
+        st = (self.path / rel).stat()
+        return (st.st_size, st.st_mtime_ns) == entry[1:]
+
+    def _recorded(self, fut: Future, rel: str, sha: str, st: os.stat_result) -> Future:
+        """A future that resolves like ``fut``, once a success is in the record."""
+        done: Future = Future()
+
+        def then(f: Future) -> None:
+            exc = f.exception()
+            if exc is None:
+                self._remember(rel, (sha, st.st_size, st.st_mtime_ns))
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+        fut.add_done_callback(then)
+        return done
+
+    def _remember(self, rel: str, entry: tuple[str, int, int]) -> None:
+        with self._lock:
+            if self._record.get(rel) == entry:
+                return
+            self._record[rel] = entry
+            if not self._persist:
+                return
+            try:
+                append_checked(self.path, [(rel, *entry)])
+            except OSError as exc:
+                self._persist = False
+                log.debug(
+                    "cannot record checksums in %s (%s); remembering them in this process only",
+                    self.path / CHECKED, exc,
+                )  # fmt: skip
+
+    def confirm(self, rel: str, sha: str, wait: _Wait, fresh: bool = False) -> None:
+        """Confirm a file's sha256 unless the policy trusts it: hashed in this thread ("here"),
+        on the hashing thread while this one waits ("thread"), or queued, as pending ("queue") or
+        ahead of a wait that follows ("ahead");
+        `fresh` hashes it again whatever the policy or process has seen."""
+        file = self.path / rel
+        try:
+            if not fresh and self._trusted(rel, sha):
+                return
+            st = file.stat()
+            if fresh:
+                VERIFIER.forget(file, sha)
+            if wait == "here":
+                VERIFIER.check(file, sha)
+                fut: Future = Future()
+                fut.set_result(None)
+            else:
+                fut = VERIFIER.submit(file, sha)
+            if self.policy == "first-read":
+                fut = self._recorded(fut, rel, sha, st)
+            if wait == "thread":
+                fut.result()
+            elif wait == "queue":
+                with self._lock:
+                    self._pending.append((file, fut))
+        except FileNotFoundError:
+            raise _missing(file) from None
+
+    def confirm_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for i, (file, fut) in enumerate(pending):
+            try:
+                fut.result()
+            except FileNotFoundError:
+                with self._lock:
+                    self._pending[:0] = pending[i + 1 :]
+                raise _missing(file) from None
+            except BaseException:
+                with self._lock:
+                    self._pending[:0] = pending[i + 1 :]
+                raise
 
 
 # --------------------------------------------------------------------------- shuffle plan
@@ -169,9 +274,12 @@ class BatchStream:
 
 
 class ActivationStore:
-    """One hook of one harvest, read-only."""
+    """One hook of one harvest, read-only; ``verify`` is the checksum policy (module
+    docstring)."""
 
-    def __init__(self, path: str | os.PathLike, hook: str | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, hook: str | None = None, verify: Verify = "first-read"
+    ) -> None:
         self.path = Path(path)
         self.meta = read_meta(self.path)
         self.hook = _pick_hook(self.meta, hook, self.path)
@@ -185,6 +293,7 @@ class ActivationStore:
         self._stops = np.array([s.stop for s in self.shards], dtype=np.int64)
         self._np_dtype = NP_DTYPES[self.storage_dtype]
         self._mmaps: dict[tuple[str, int], np.ndarray] = {}
+        self._checker = _Checker(self.path, verify)
 
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.path)!r}, hook={self.hook!r}, n_tokens={self.n_tokens})"
@@ -194,7 +303,7 @@ class ActivationStore:
     def _relpath(self, kind: str, shard: _Shard) -> str:
         rel = f"{kind}/{self.hook}/shard_{shard.index:05d}.npy"
         if rel not in shard.files:
-            raise UserError(f"meta.json of {self.path} does not list {rel}; {REPAIR}")
+            raise UserError(f"harvest {self.path} does not list {rel}; {REPAIR}")
         return rel
 
     def _check_kind(self, kind: str) -> None:
@@ -210,13 +319,16 @@ class ActivationStore:
         if key not in self._mmaps:
             shard = self.shards[i]
             file = self.path / self._relpath(kind, shard)
-            check_header(file, shard.stop - shard.start, self.d_in, self._np_dtype)
-            self._mmaps[key] = np.load(file, mmap_mode="r")
+            rows = shard.stop - shard.start
+            offset = check_header(file, rows, self.d_in, self._np_dtype)
+            self._mmaps[key] = np.memmap(
+                file, self._np_dtype, "r", offset=offset, shape=(rows, self.d_in)
+            )
         return self._mmaps[key]
 
-    def _file_sha(self, kind: str, i: int) -> tuple[Path, str]:
+    def _confirm(self, kind: str, i: int, wait: _Wait = "here") -> None:
         rel = self._relpath(kind, self.shards[i])
-        return self.path / rel, self.shards[i].files[rel]
+        self._checker.confirm(rel, self.shards[i].files[rel], wait)
 
     def _shard_of(self, row: int) -> int:
         return int(np.searchsorted(self._stops, row, side="right"))
@@ -252,22 +364,25 @@ class ActivationStore:
         self._check_range(start, stop)
         raw = np.empty((stop - start, self.d_in), self._np_dtype)
         for i in self._copy_rows(kind, start, stop, raw):
-            _confirm(*self._file_sha(kind, i))
+            self._confirm(kind, i)
         return to_torch(raw, self.storage_dtype).to(dtype)
 
     def sample(
         self, n: int, *, seed: int = 0, token_range: tuple[int, int] | None = None
     ) -> torch.Tensor:
-        """``n`` distinct random rows (all rows if the range has fewer), float32."""
+        """``n`` distinct random rows (all rows if the range has fewer), float32.
+
+        The hashes of the shards it reads are queued, not awaited: see `confirm_pending`."""
         lo, hi = self._range(token_range)
         rng = np.random.default_rng([seed, 2])
         rows = np.sort(rng.choice(hi - lo, size=min(n, hi - lo), replace=False)) + lo
-        shard_of = np.searchsorted(self._stops, rows, side="right")
+        ends = np.searchsorted(rows, self._stops)  # rows[ends[i-1]:ends[i]] are in shard i
         parts = [np.empty((0, self.d_in), self._np_dtype)]
-        for i in np.unique(shard_of):
-            shard = self._mmap("acts", int(i))  # header and size first: names a truncation
-            _confirm(*self._file_sha("acts", int(i)))
-            parts.append(np.asarray(shard[rows[shard_of == i] - self.shards[i].start]))
+        for i in np.flatnonzero(np.diff(ends, prepend=0)).tolist():
+            shard = self._mmap("acts", i)  # header and size first: names a truncation
+            self._confirm("acts", i, wait="queue")
+            mine = rows[(ends[i - 1] if i else 0) : ends[i]]
+            parts.append(np.asarray(shard[mine - self.shards[i].start]))
         return to_torch(np.concatenate(parts), self.storage_dtype).to(torch.float32)
 
     def tokens(self) -> np.ndarray:
@@ -288,13 +403,19 @@ class ActivationStore:
         a, b = max(0, pos - before), min(self.n_ctx, pos + after + 1)
         return np.array(self.tokens()[ctx, a:b]), pos - a
 
+    def confirm_pending(self) -> None:
+        """Wait until every shard `sample` has handed out is hashed; a UserError (with
+        `shards.REPAIR`) if one is corrupt or gone. Call it before saving what a sample made."""
+        self._checker.confirm_pending()
+
     def verify(self) -> None:
-        """Re-hash every file the listed shards name (all hooks and kinds), in order."""
+        """Re-hash every file the listed shards name (all hooks and kinds), in order, whatever
+        the policy; under "first-read" the confirmations are recorded."""
         for shard in self.shards:
             for rel, sha in shard.files.items():
                 file = self.path / rel
                 check_header(file, shard.stop - shard.start, self.d_in, self._np_dtype)
-                _confirm(file, sha, fresh=True)
+                self._checker.confirm(rel, sha, "here", fresh=True)
 
     # ----------------------------------------------------------------- streaming
 
@@ -468,7 +589,7 @@ def _prequeue_hashes(store: ActivationStore, spec: _StreamSpec, plan: list[np.nd
     for i in seen:
         for kind in spec.kinds:
             store._mmap(kind, i)  # header/size check up front: fail before any hashing
-            _confirm(*store._file_sha(kind, i), wait="queue")
+            store._confirm(kind, i, wait="ahead")
 
 
 def _batches(store: ActivationStore, spec: _StreamSpec, stop: threading.Event) -> Iterator[Batch]:
@@ -518,7 +639,7 @@ def _shuffled_buffers(
                                out=dst[: rows - offset])  # fmt: skip
         for i in sorted(touched):  # shuffled before waiting: the hashes overlap the work
             for kind in spec.kinds:
-                _confirm(*store._file_sha(kind, i), wait="thread")
+                store._confirm(kind, i, wait="thread")
         yield rows - offset
 
 

@@ -17,11 +17,14 @@ import pytest
 import torch
 
 import saelab.harvest as H
+from saelab import shards
 from saelab.cli import main
 from saelab.config import HarvestConfig
+from saelab.corpus import contexts, load_texts
 from saelab.errors import UserError
 from saelab.models import load_model
-from saelab.shards import REPAIR, shard_path
+from saelab.shards import LOG, REPAIR, read_meta, shard_path
+from saelab.store import ActivationStore
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 
@@ -53,8 +56,12 @@ def reference(tmp_path_factory):
 
 
 def test_format(reference):
-    meta = json.loads((reference / "meta.json").read_text())
-    assert meta["format"] == 1 and meta["complete"] and meta["hooks"] == HOOKS
+    header = json.loads((reference / "meta.json").read_text())
+    assert "shards" not in header and header["model_dtype"] == "float32"
+    lines = (reference / LOG).read_text().splitlines()
+    assert [json.loads(line)["index"] for line in lines] == [0, 1, 2]
+    meta = read_meta(reference)
+    assert meta["format"] == 2 and meta["complete"] and meta["hooks"] == HOOKS
     assert (meta["n_ctx"], meta["tokens_per_context"], meta["d_in"]) == (16, 15, 64)
     assert meta["n_contexts"] == 10 and meta["n_tokens"] == meta["n_tokens_planned"] == 150
     tokens = np.load(reference / "tokens.npy")
@@ -131,7 +138,9 @@ class _Crash(BaseException):
 def test_crash_at_every_write_resumes_identically(tmp_path, reference, monkeypatch):
     want = snapshot(reference)
     real_replace = os.replace
-    n_writes = 2 + 3 * (len(HOOKS) + 1)  # tokens, meta, then per shard: files and meta
+    real_append = shards._append
+    # tokens, meta, then per shard: its files (renamed) and its log line, then the final meta
+    n_writes = 2 + 3 * (len(HOOKS) + 1) + 1
     for crash_at in range(1, n_writes + 1):
         calls = []
 
@@ -141,13 +150,40 @@ def test_crash_at_every_write_resumes_identically(tmp_path, reference, monkeypat
                 raise _Crash
             real_replace(src, dst)
 
+        def append(file, text, fsync, crash_at=crash_at, calls=calls):
+            calls.append(file)
+            if len(calls) == crash_at:
+                raise _Crash
+            real_append(file, text, fsync)
+
         out = tmp_path / str(crash_at)
         monkeypatch.setattr(H.os, "replace", replace)
+        monkeypatch.setattr(shards, "_append", append)
         with pytest.raises(_Crash):
             H.harvest(cfg_for(out), progress=False)
         monkeypatch.setattr(H.os, "replace", real_replace)
+        monkeypatch.setattr(shards, "_append", real_append)
         H.harvest(cfg_for(out), progress=False)
         assert snapshot(out / "h") == want, f"crash before write {crash_at}"
+    assert len(calls) == n_writes, "the last write is the final meta.json"
+
+
+@pytest.mark.parametrize("cut", [1, 30, -1])
+def test_torn_log_line_is_ignored_then_cut(tmp_path, reference, cut):
+    """A crash mid-append leaves part of a line: readers skip it, the next run cuts it off."""
+    out = tmp_path / "h"
+    shutil.copytree(reference, out)
+    lines = (out / LOG).read_bytes().splitlines(keepends=True)
+    torn = lines[2][:cut]  # the last shard's line, cut short (-1: all but its newline)
+    (out / LOG).write_bytes(b"".join(lines[:2]) + torn)
+    header = json.loads((out / "meta.json").read_text())
+    header.update(complete=False, n_tokens=0, tokens_sha256="")
+    (out / "meta.json").write_text(json.dumps(header, indent=1))
+    meta = read_meta(out)
+    assert [s["index"] for s in meta["shards"]] == [0, 1]
+    assert meta["n_tokens"] == 120 and not meta["complete"]
+    H.harvest(cfg_for(tmp_path), progress=False)
+    assert snapshot(out) == snapshot(reference)
 
 
 def test_sigkill_resume_is_byte_identical(tmp_path):
@@ -162,7 +198,7 @@ def test_sigkill_resume_is_byte_identical(tmp_path):
     meta = Path(killed.out) / "meta.json"
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
-        if meta.is_file() and json.loads(meta.read_text())["shards"]:
+        if (Path(killed.out) / LOG).is_file():
             break
         time.sleep(0.01)
     time.sleep(0.02)  # lands anywhere in the next shard: mid-forward, mid-write or mid-meta
@@ -243,8 +279,8 @@ def _cli_argv(out: Path) -> list[str]:
 
 
 DAMAGE = {
-    "flipped": ("is corrupted (sha256 differs from meta.json)", lambda f: _flip(f)),
-    "deleted": ("is missing though meta.json lists it", lambda f: f.unlink()),
+    "flipped": ("is corrupted (sha256 differs from the harvest's)", lambda f: _flip(f)),
+    "deleted": ("is missing though the harvest lists it", lambda f: f.unlink()),
     "truncated": ("is truncated", lambda f: f.write_bytes(f.read_bytes()[:-8])),
 }
 
@@ -270,10 +306,9 @@ def test_rerun_of_a_finished_harvest_verifies_every_shard(tmp_path, reference, c
     assert message in lines[-1] and "harvest ready" not in "".join(lines)
     assert snapshot(out) == before, "a refused rerun writes nothing"
 
-    # The repair hint, followed: drop the shard's entry and later ones, rerun the same config.
-    meta = json.loads((out / "meta.json").read_text())
-    meta["shards"] = meta["shards"][:1]
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    # The repair hint, followed: drop the shard's line and later ones, rerun the same config.
+    lines = (out / LOG).read_text().splitlines(keepends=True)
+    (out / LOG).write_text(lines[0])
     H.harvest(cfg_for(tmp_path), progress=False)
     assert snapshot(out) == snapshot(reference)
 
@@ -292,3 +327,161 @@ def test_cli_null_text_corpus_exits_2_naming_the_line(tmp_path, capsys):
     assert main([*_cli_argv(tmp_path / "new"), "--corpus", str(corpus)]) == 2
     assert "c.jsonl:2 has null under 'text'" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------ streaming and dtypes
+
+
+def test_streamed_tokens_equal_the_whole_corpus_tokenized_at_once(reference, tiny):
+    texts = load_texts("default", "text", "train", 0)
+    want = contexts(texts, tiny.tokenizer, 16, 10)
+    np.testing.assert_array_equal(np.load(reference / "tokens.npy"), want)
+
+
+def test_model_dtype_recorded_and_part_of_the_identity(tmp_path, reference):
+    cfg = cfg_for(tmp_path, hooks=HOOKS[:1], model_dtype="bfloat16")
+    out = H.harvest(cfg, progress=False)
+    assert read_meta(out)["model_dtype"] == "bfloat16"
+    got = np.load(out / shard_path("acts", HOOKS[0], 0))
+    full = np.load(reference / shard_path("acts", HOOKS[0], 0))
+    assert not np.array_equal(got, full)  # the model really ran in bfloat16
+    np.testing.assert_allclose(got, full, rtol=0.1, atol=0.1)
+    before = snapshot(out)
+    with pytest.raises(UserError, match="model_dtype='bfloat16', but 'float32' was asked"):
+        H.harvest(cfg_for(tmp_path, hooks=HOOKS[:1], model_dtype="auto"), progress=False)
+    assert snapshot(out) == before
+
+
+def test_auto_batch_size():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert H._batch_size(HarvestConfig(n_ctx=128), cpu) == 16
+    assert H._batch_size(HarvestConfig(n_ctx=128, shard_contexts=1024), cuda) == 256
+    assert H._batch_size(HarvestConfig(n_ctx=1024), cuda) == 32
+    assert H._batch_size(HarvestConfig(n_ctx=128), cuda) == 256  # a whole shard
+    assert H._batch_size(HarvestConfig(n_ctx=128, grads=True), cuda) == 16
+    assert H._batch_size(HarvestConfig(batch_size=5), cuda) == 5
+
+
+def test_auto_batch_size_is_recorded_and_kept_on_resume(tmp_path, reference, monkeypatch):
+    out = tmp_path / "h"
+    shutil.copytree(reference, out)
+    lines = (out / LOG).read_text().splitlines(keepends=True)
+    (out / LOG).write_text(lines[0])
+    # batch_size=3 is in the header: a resume asking for auto (16 on CPU) still runs batches
+    # of 3, so the redone shards come out byte-identical.
+    H.harvest(cfg_for(tmp_path, batch_size=0), progress=False)
+    assert snapshot(out) == snapshot(reference)
+    fresh = H.harvest(cfg_for(tmp_path, "auto", batch_size=0, hooks=HOOKS[:1]), progress=False)
+    assert read_meta(fresh)["batch_size"] == 16
+
+
+def test_format1_harvest_resumes_into_a_log(tmp_path, reference):
+    """An unfinished harvest of an older saelab (shard list in meta.json, no model_dtype)."""
+    out = tmp_path / "h"
+    shutil.copytree(reference, out)
+    meta = read_meta(out)
+    del meta["model_dtype"]
+    meta.update(format=1, shards=meta["shards"][:1], n_tokens=60, complete=False)
+    (out / LOG).unlink()
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    H.harvest(cfg_for(tmp_path), progress=False)
+    got, want = snapshot(out), snapshot(reference)
+    assert got.pop("meta.json") != want.pop("meta.json") and got == want
+    resumed = read_meta(out)
+    assert resumed["format"] == 2 and resumed["complete"] and "model_dtype" not in resumed
+
+
+def test_resume_refuses_a_changed_corpus(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"line {i} of some text to tokenize" for i in range(400)))
+    cfg = cfg_for(tmp_path, corpus=str(corpus), hooks=HOOKS[:1])
+    out = H.harvest(cfg, progress=False)
+    lines = (out / LOG).read_text().splitlines(keepends=True)
+    (out / LOG).write_text(lines[0])
+    corpus.write_text(corpus.read_text().replace("line 3 ", "line three "))
+    before = snapshot(out)
+    with pytest.raises(UserError, match="differs from the corpus's tokens in contexts 0..4"):
+        H.harvest(cfg, progress=False)
+    assert snapshot(out) == before
+
+
+def test_too_short_a_corpus_is_refused_before_writing(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(f"word{i}" for i in range(30)))  # a few of the 10 contexts
+    with pytest.raises(UserError, match=r"fills only [1-9] full contexts .*lower n_tokens"):
+        H.harvest(cfg_for(tmp_path, corpus=str(corpus)), progress=False)
+    assert not (tmp_path / "h").exists()
+
+
+# ------------------------------------------------------------------ activations a user has
+
+
+def _user_data(rows_per_ctx: int = 7, n_contexts: int = 9, d_in: int = 5):
+    rng = np.random.default_rng(0)
+    acts = rng.standard_normal((rows_per_ctx * n_contexts, d_in)).astype(np.float32)
+    tokens = rng.integers(2, 1000, (n_contexts, rows_per_ctx + 1)).astype(np.int64)
+    tokens[:, 0] = 1
+    return acts, tokens
+
+
+def test_array_round_trips_through_the_store(tmp_path):
+    acts, tokens = _user_data()
+    out = H.harvest_array(tmp_path / "a", acts, tokens=tokens, hook="my.hook", shard_rows=20)
+    s = ActivationStore(out)
+    assert (s.hook, s.d_in, s.n_tokens, s.storage_dtype) == ("my.hook", 5, 63, "float32")
+    np.testing.assert_array_equal(s.read(0, 63).numpy(), acts)
+    assert len(s.shards) == 5  # 20 rows -> 2 contexts of 7 per shard, 9 contexts
+    np.testing.assert_array_equal(s.tokens(), tokens)
+    window, i = s.context(10, before=2, after=0)
+    assert window[i] == tokens[1, 4] and s.locate(10) == (1, 4)
+    meta = read_meta(out)
+    assert meta["complete"] and meta["corpus"] == {"array": "ndarray"}
+    s.verify()
+    stream = s.batches(9, chunk_rows=8, shuffle_buffer=16)
+    rows = np.concatenate([next(stream).numpy().copy() for _ in range(7)])  # one epoch
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, acts.tolist()))
+
+
+def test_array_from_npy_and_safetensors_files(tmp_path):
+    from safetensors.torch import save_file
+
+    acts, _ = _user_data()
+    np.save(tmp_path / "x.npy", acts.astype(np.float16))
+    s = ActivationStore(H.harvest_array(tmp_path / "n", tmp_path / "x.npy"))
+    assert s.storage_dtype == "float16" and s.tokens_per_context == 63  # placeholder tokens
+    np.testing.assert_array_equal(s.read(0, 63, dtype=torch.float16).numpy(), acts.astype("f2"))
+    bf = torch.from_numpy(acts).to(torch.bfloat16)
+    save_file({"acts": bf, "other": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(UserError, match="holds acts, other; name .* key="):
+        H.harvest_array(tmp_path / "s", tmp_path / "x.safetensors")
+    s = ActivationStore(H.harvest_array(tmp_path / "s", tmp_path / "x.safetensors", key="acts"))
+    assert s.storage_dtype == "bfloat16"
+    torch.testing.assert_close(s.read(0, 63, dtype=torch.bfloat16), bf, rtol=0, atol=0)
+
+
+def test_array_write_resumes_after_a_crash(tmp_path, monkeypatch):
+    acts, tokens = _user_data()
+    want = snapshot(H.harvest_array(tmp_path / "ref", acts, tokens=tokens, shard_rows=20))
+    real = H.write_shard
+
+    def crash_on_third(out, meta, index, *args):
+        if index == 2:
+            raise _Crash
+        real(out, meta, index, *args)
+
+    monkeypatch.setattr(H, "write_shard", crash_on_third)
+    with pytest.raises(_Crash):
+        H.harvest_array(tmp_path / "k", acts, tokens=tokens, shard_rows=20)
+    monkeypatch.setattr(H, "write_shard", real)
+    assert snapshot(H.harvest_array(tmp_path / "k", acts, tokens=tokens, shard_rows=20)) == want
+    with pytest.raises(UserError, match="holds another harvest"):
+        H.harvest_array(tmp_path / "k", acts[:14], tokens=tokens[:2])
+
+
+def test_array_bad_input(tmp_path):
+    acts, tokens = _user_data()
+    with pytest.raises(UserError, match=r"shape \[63\]; activations must be \[rows, d_in\]"):
+        H.harvest_array(tmp_path / "a", acts[:, 0])
+    with pytest.raises(UserError, match="do not match 63 activation rows"):
+        H.harvest_array(tmp_path / "a", acts, tokens=tokens[:, :5])
+    assert not (tmp_path / "a").exists()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +17,7 @@ import pytest
 import torch
 
 from saelab import shards
+from saelab import store as store_module
 from saelab.errors import UserError
 from saelab.store import ActivationStore
 
@@ -111,7 +115,11 @@ def make_harvest(
 
 
 def _edit_meta(root: Path, **changes) -> None:
+    """Change meta.json, or the shard log where a format-2 harvest keeps its "shards"."""
     meta = json.loads((root / "meta.json").read_text())
+    if meta["format"] == 2 and "shards" in changes:
+        entries = changes.pop("shards")
+        (root / shards.LOG).write_text("".join(json.dumps(e) + "\n" for e in entries))
     meta.update(changes)
     (root / "meta.json").write_text(json.dumps(meta))
 
@@ -123,9 +131,14 @@ def take_rows(stream, n_batches: int) -> list[np.ndarray]:
 SMALL = dict(chunk_rows=8, shuffle_buffer=32)  # several chunks per buffer, many buffers
 
 
-@pytest.fixture
-def harvest(tmp_path: Path) -> Path:
-    return make_harvest(tmp_path)  # 24 contexts x 8 rows = 192 rows in 5 shards
+@pytest.fixture(params=[1, 2], ids=["format1", "format2"])
+def harvest(tmp_path: Path, request) -> Path:
+    """24 contexts x 8 rows = 192 rows in 5 shards: the shard list inside meta.json (format 1,
+    as older saelab wrote it), or converted to a header and a shard log (format 2)."""
+    root = make_harvest(tmp_path)
+    if request.param == 2:
+        shards.convert_v1(root, shards.read_meta(root))
+    return root
 
 
 # ------------------------------------------------------------------ random access
@@ -314,7 +327,7 @@ def test_batch_memory_recycled_only_when_dropped(harvest: Path):
 
 
 def test_half_written_harvest_reads_listed_shards(harvest: Path):
-    meta = json.loads((harvest / "meta.json").read_text())
+    meta = shards.read_meta(harvest)
     _edit_meta(harvest, shards=meta["shards"][:2], n_tokens=80, complete=False)
     s = ActivationStore(harvest)
     assert s.n_tokens == 80
@@ -384,7 +397,7 @@ def test_deleted_shard_named_on_every_read_path(tmp_path: Path, path: str, opene
     if opened:
         s._mmap("acts", 2)  # its memmap still reads: only the checksum can notice
     (root / f"acts/{HOOK}/shard_00002.npy").unlink()
-    with pytest.raises(UserError, match="shard_00002.npy is missing though meta.json") as err:
+    with pytest.raises(UserError, match="shard_00002.npy is missing though the harvest") as err:
         READS[path](s)
     assert "\n" not in str(err.value) and "saelab harvest" in str(err.value)
 
@@ -395,7 +408,7 @@ def test_shard_deleted_while_hashing_is_named(harvest: Path, monkeypatch, path: 
         raise FileNotFoundError(2, "No such file or directory", str(file))
 
     monkeypatch.setattr(shards, "sha256_file", deleted)
-    with pytest.raises(UserError, match=r"shard_\d{5}.npy is missing though meta.json"):
+    with pytest.raises(UserError, match=r"shard_\d{5}.npy is missing though the harvest lists"):
         READS[path](ActivationStore(harvest))
 
 
@@ -437,3 +450,158 @@ def test_grads_missing(harvest: Path):
         s.batches(8, grads=True)
     with pytest.raises(UserError, match="saelab harvest --grads"):
         s.read(0, 4, kind="grads")
+
+
+# ------------------------------------------------------------------ checksum policies
+
+
+@pytest.fixture
+def hashes(monkeypatch) -> list[Path]:
+    """The files hashed from now on, by a fresh process-wide verifier (as in a new process)."""
+    seen: list[Path] = []
+    real = shards.sha256_file
+
+    def counting(path: Path) -> str:
+        seen.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(shards, "sha256_file", counting)
+    monkeypatch.setattr(store_module, "VERIFIER", shards._Verifier())
+    return seen
+
+
+def _new_process(monkeypatch) -> None:
+    monkeypatch.setattr(store_module, "VERIFIER", shards._Verifier())
+
+
+def _read_all(s: ActivationStore) -> None:
+    s.read(0, s.n_tokens)
+
+
+def test_first_read_hashes_once_and_remembers_in_the_harvest(harvest, hashes, monkeypatch):
+    _read_all(ActivationStore(harvest))
+    assert len(hashes) == 5
+    record = shards.read_checked(harvest)
+    assert sorted(record) == [f"acts/{HOOK}/shard_{i:05d}.npy" for i in range(5)]
+    _new_process(monkeypatch)
+    s = ActivationStore(harvest)
+    _read_all(s)
+    take_rows(s.batches(8, **SMALL), 30)
+    s.sample(100)
+    s.confirm_pending()
+    assert len(hashes) == 5, "a new process trusted the record"
+
+
+def test_first_read_record_survives_a_real_new_process(harvest):
+    code = (
+        "import sys; from saelab import shards; from saelab.store import ActivationStore\n"
+        "n = []; real = shards.sha256_file\n"
+        "shards.sha256_file = lambda p: n.append(p) or real(p)\n"
+        "s = ActivationStore(sys.argv[1]); s.read(0, s.n_tokens); print(len(n))\n"
+    )
+    run = lambda: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code, str(harvest)], capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+    assert run() == "5"
+    assert run() == "0"
+
+
+def test_first_read_rehashes_a_changed_file_and_refuses_a_bad_one(harvest, hashes, monkeypatch):
+    _read_all(ActivationStore(harvest))
+    shard1, shard3 = (harvest / f"acts/{HOOK}/shard_{i:05d}.npy" for i in (1, 3))
+    shard1.write_bytes(shard1.read_bytes())  # same bytes, new mtime: hashed again, accepted
+    _corrupt(shard3)
+    del hashes[:]
+    _new_process(monkeypatch)
+    s = ActivationStore(harvest)
+    s.read(0, 120)
+    assert hashes == [shard1]
+    with pytest.raises(UserError, match="shard_00003.npy is corrupted"):
+        s.read(120, 130)
+    record = shards.read_checked(harvest)
+    assert record[f"acts/{HOOK}/shard_00001.npy"][2] == shard1.stat().st_mtime_ns
+
+
+def test_record_of_another_sha_is_not_trusted(harvest, hashes, monkeypatch):
+    _read_all(ActivationStore(harvest))
+    rel = f"acts/{HOOK}/shard_00002.npy"
+    sha, size, mtime = shards.read_checked(harvest)[rel]
+    (harvest / shards.CHECKED).write_text(
+        json.dumps({"file": rel, "sha256": "0" * 64, "size": size, "mtime_ns": mtime}) + "\n"
+    )
+    del hashes[:]
+    _new_process(monkeypatch)
+    ActivationStore(harvest).read(80, 90)
+    assert hashes == [harvest / rel]
+
+
+def test_full_hashes_on_every_start_and_records_nothing(harvest, hashes, monkeypatch):
+    _read_all(ActivationStore(harvest))
+    _new_process(monkeypatch)
+    del hashes[:]
+    record = (harvest / shards.CHECKED).read_bytes()
+    _read_all(ActivationStore(harvest, verify="full"))
+    assert len(hashes) == 5
+    assert (harvest / shards.CHECKED).read_bytes() == record
+
+
+def test_off_hashes_nothing_but_checks_headers(harvest, hashes):
+    _corrupt(harvest / f"acts/{HOOK}/shard_00003.npy")
+    s = ActivationStore(harvest, verify="off")
+    _read_all(s)
+    take_rows(s.batches(8, **SMALL), 30)
+    s.sample(100)
+    s.confirm_pending()
+    assert hashes == [] and not (harvest / shards.CHECKED).exists()
+    with pytest.raises(UserError, match="shard_00003.npy is corrupted"):
+        ActivationStore(harvest, verify="off").verify()  # verify() hashes whatever the policy
+    f = harvest / f"acts/{HOOK}/shard_00002.npy"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(UserError, match="shard_00002.npy is truncated"):
+        ActivationStore(harvest, verify="off").read(80, 90)
+
+
+def test_unknown_policy_refused(harvest):
+    with pytest.raises(UserError, match="verify='sometimes' is not one of full, first-read, off"):
+        ActivationStore(harvest, verify="sometimes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("policy", ["first-read", "full"])
+def test_sample_does_not_wait_for_hashes_but_confirm_pending_does(harvest, monkeypatch, policy):
+    _corrupt(harvest / f"acts/{HOOK}/shard_00003.npy")
+    gate, real = threading.Event(), shards.sha256_file
+
+    def gated(path: Path) -> str:
+        gate.wait(timeout=2)  # a sample that waited for its hashes would wait here
+        return real(path)
+
+    monkeypatch.setattr(shards, "sha256_file", gated)
+    _new_process(monkeypatch)
+    s = ActivationStore(harvest, verify=policy)
+    rows = decode_rows(s.sample(150, seed=1))
+    assert not gate.is_set() and len(set(rows)) == 150  # handed out before any hash finished
+    gate.set()
+    with pytest.raises(UserError, match="shard_00003.npy is corrupted") as err:
+        s.confirm_pending()
+    assert "saelab harvest" in str(err.value)
+
+
+def test_confirm_pending_on_a_clean_sample(harvest, hashes):
+    s = ActivationStore(harvest)
+    s.sample(150)
+    s.confirm_pending()
+    assert len(hashes) == 5 and len(shards.read_checked(harvest)) == 5
+    s.confirm_pending()  # nothing left
+
+
+def test_unwritable_folder_remembers_in_process(harvest, hashes, monkeypatch, caplog):
+    def read_only(*args):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(store_module, "append_checked", read_only)
+    s = ActivationStore(harvest)
+    with caplog.at_level(logging.DEBUG, logger="saelab.store"):
+        _read_all(s)
+        _read_all(s)
+    assert len(hashes) == 5 and not (harvest / shards.CHECKED).exists()
+    assert len([r for r in caplog.records if "cannot record checksums" in r.message]) == 1
