@@ -243,7 +243,7 @@ def _open_array(data: Any, key: str) -> tuple[Any, str]:
 
 def _rows(arr: Any, a: int, b: int, device: torch.device) -> torch.Tensor:
     got = arr[a:b]
-    t = got if isinstance(got, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(got))
+    t = got if isinstance(got, torch.Tensor) else torch.from_numpy(np.array(got))  # a copy
     return t.to(device)
 
 

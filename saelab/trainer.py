@@ -201,18 +201,42 @@ def _member_name(s: SAEConfig) -> str:
     return f"{s.arch}-{s.d_sae}-k{s.k}" + ("" if s.aux == "default" else f"-{s.aux}")
 
 
+def _data_keys(
+    source: ActivationSource, held: ActivationStore | None, eval_range: Range | None
+) -> dict[str, Any]:
+    """cfg.json's account of the data. `held` is the harvest holding the held-out rows
+    eval_range: the training harvest itself, a live run's own, or None (activations in hand)."""
+    if held is None or eval_range is None:
+        return {"harvest": "", "hook": source.hook, **source.identity()}
+    return {
+        "harvest": str(held.path.resolve()),
+        "harvest_identity": {
+            "n_tokens": held.n_tokens,
+            "tokens_sha256": held.meta["tokens_sha256"],
+        },
+        "hook": source.hook,
+        "model": held.meta.get("model"),
+        # What exports describe the training data with, should the harvest go.
+        "n_ctx": held.n_ctx,
+        "corpus": held.meta.get("corpus"),
+        **source.identity(),  # train_range, or the live source
+        "eval_range": list(eval_range),
+    }
+
+
 def _plans(
-    cfg: TrainConfig, source: ActivationSource, held: ActivationStore, eval_range: Range
+    cfg: TrainConfig, source: ActivationSource, data: dict[str, Any]
 ) -> list[tuple[Path, dict[str, Any]]]:
-    """(run directory, cfg.json contents) for each SAE to train. `held` is the harvest that
-    holds the held-out rows eval_range: the training harvest itself, or a live run's own."""
+    """(run directory, cfg.json contents) for each SAE to train on `source`, described by
+    `data` (`_data_keys`)."""
     n_tokens = cfg.n_tokens or source.n_tokens
     saes = cfg.sweep or [cfg.sae]
-    data = f"{Path(cfg.model).name}-{source.hook}-live" if cfg.model else Path(cfg.harvest).name
+    what = Path(cfg.harvest or cfg.model).name
+    what = what if cfg.harvest else "-".join(filter(None, (what, source.hook)))
     base = (
         Path(cfg.out)
         if cfg.out
-        else Path("runs") / (f"{data}-" + ("sweep" if cfg.sweep else _member_name(cfg.sae)))
+        else Path("runs") / (f"{what}-" + ("sweep" if cfg.sweep else _member_name(cfg.sae)))
     )
     names = [_member_name(s) for s in saes]
     plans = []
@@ -225,18 +249,7 @@ def _plans(
                 base / name if cfg.sweep else base,
                 {
                     "saelab_version": __version__,
-                    "harvest": str(held.path.resolve()),
-                    "harvest_identity": {
-                        "n_tokens": held.n_tokens,
-                        "tokens_sha256": held.meta["tokens_sha256"],
-                    },
-                    "hook": source.hook,
-                    "model": held.meta.get("model"),
-                    # What exports describe the training data with, should the harvest go.
-                    "n_ctx": held.n_ctx,
-                    "corpus": held.meta.get("corpus"),
-                    **source.identity(),  # train_range, or the live source
-                    "eval_range": list(eval_range),
+                    **data,
                     "n_steps": max(1, n_tokens // cfg.batch_size),
                     "lr": member_cfg.resolved_lr(),
                     "k_aux": cfg.k_aux or source.d_in // 2,
@@ -408,7 +421,32 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     source, held, eval_range = (_live if cfg.model else _cached)(cfg, device, progress)
-    plans = _plans(cfg, source, held, eval_range)
+    return _locked(
+        cfg, source, _plans(cfg, source, _data_keys(source, held, eval_range)), device, progress
+    )
+
+
+def train_on(source: ActivationSource, cfg: TrainConfig, progress: bool = True) -> Path:
+    """Train cfg's SAEs on any `ActivationSource`, e.g. activations in hand (`ArraySource`);
+    cfg.harvest and cfg.model are ignored. Without a held-out harvest the run records no
+    eval_range, so eval, the index and the app cannot open it; a live or cached `train` can.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    plans = _plans(
+        dataclasses.replace(cfg, harvest="", model=""), source, _data_keys(source, None, None)
+    )
+    return _locked(cfg, source, plans, device, progress)
+
+
+def _locked(
+    cfg: TrainConfig,
+    source: ActivationSource,
+    plans: list[tuple[Path, dict[str, Any]]],
+    device: torch.device,
+    progress: bool,
+) -> Path:
     with contextlib.ExitStack() as locks:
         for out, _ in plans:
             locks.enter_context(writer_lock(out))
