@@ -294,8 +294,8 @@ class ArraySource(_Planned):
 class _Contexts:
     """Token windows of the corpus by index, read forward; going back restarts the corpus."""
 
-    def __init__(self, texts: Any, tokenizer: Any, n_ctx: int) -> None:
-        self.texts, self.tokenizer, self.n_ctx = texts, tokenizer, n_ctx
+    def __init__(self, texts: Any, tokenizer: Any, n_ctx: int, chunk: int = 1024) -> None:
+        self.texts, self.tokenizer, self.n_ctx, self.chunk = texts, tokenizer, n_ctx, chunk
         self._blocks: Iterator[np.ndarray] | None = None
         self._pending = np.empty((0, n_ctx), np.int32)
         self._at = 0  # index of the first pending window
@@ -303,7 +303,7 @@ class _Contexts:
     def take(self, start: int, count: int) -> np.ndarray:
         """Windows [start, start + count) of the stream, tokenizing what it skips."""
         if self._blocks is None or start < self._at:
-            self._blocks = iter_contexts(self.texts(), self.tokenizer, self.n_ctx, chunk=1024)
+            self._blocks = iter_contexts(self.texts(), self.tokenizer, self.n_ctx, self.chunk)
             self._pending, self._at = self._pending[:0], 0
         out = []
         while count:

@@ -16,7 +16,14 @@ from saelab.corpus import contexts, load_texts
 from saelab.errors import UserError
 from saelab.harvest import harvest, n_contexts_for
 from saelab.models import load_model
-from saelab.sources import ActivationSource, ArraySource, LiveSource, StoreSource, buffer_rows
+from saelab.sources import (
+    ActivationSource,
+    ArraySource,
+    LiveSource,
+    StoreSource,
+    _Contexts,
+    buffer_rows,
+)
 from saelab.store import ActivationStore
 from saelab.trainer import heldout_config, train, train_on
 
@@ -121,6 +128,16 @@ def test_array_files_read_like_the_array(tmp_path):
 
 # ---------------------------------------------------------------------------------------
 # Live
+
+
+def test_context_cursor_reads_any_window_range_across_blocks(tiny):
+    texts = lambda: load_texts("default")  # noqa: E731
+    want = contexts(texts(), tiny.tokenizer, N_CTX, 60)
+    cursor = _Contexts(texts, tiny.tokenizer, N_CTX, chunk=7)
+    for start, count in [(0, 3), (3, 9), (19, 15), (34, 1), (2, 20), (40, 20)]:  # back: restart
+        assert np.array_equal(cursor.take(start, count), want[start : start + count])
+    with pytest.raises(UserError, match="corpus ran out"):
+        _Contexts(lambda: iter(["a b c"]), tiny.tokenizer, N_CTX).take(0, 2)
 
 
 def test_live_start_row_skips_whole_buffers_without_the_model(tiny, monkeypatch):
