@@ -4,6 +4,7 @@ a killed live run resumes exactly, and a live run's held-out harvest is disjoint
 training contexts and opens in eval, index and dark matter."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,6 +269,25 @@ def test_eval_index_and_darkmatter_open_a_live_run(live_run):
     held_rows = json.loads((run / "cfg.json").read_text())["eval_range"][1]
     assert json.loads((run / "eval.json").read_text())["n_tokens"] == held_rows
     assert (run / "features.sqlite").is_file() and (run / "darkmatter.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", ["runs", "features", "darkmatter", "dead", "prompt"])
+def test_the_app_shows_a_live_run(live_run, monkeypatch, page):
+    from streamlit.testing.v1 import AppTest
+
+    if not (live_run / "darkmatter.json").is_file():
+        test_eval_index_and_darkmatter_open_a_live_run(live_run)
+    monkeypatch.setenv("SAELAB_RUNS_DIR", str(live_run.parent))
+    at = AppTest.from_file(str(Path(__file__).parent.parent / "app" / "Home.py"))
+    at.default_timeout = 120
+    at.run()
+    if page != "runs":
+        at.switch_page(f"views/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    if page == "runs":
+        assert list(at.dataframe[0].value["run"]) == [live_run.name]
 
 
 @pytest.mark.parametrize(
