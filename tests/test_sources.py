@@ -26,7 +26,7 @@ from saelab.sources import (
     buffer_rows,
 )
 from saelab.store import ActivationStore
-from saelab.trainer import heldout_config, train, train_on
+from saelab.trainer import _DeviceFeed, heldout_config, train, train_on
 
 HOOK = "blocks.0.hook_resid_post"
 N_CTX = 16
@@ -91,6 +91,18 @@ def test_every_source_meets_the_protocol(tiny, synthetic_harvest, tmp_path):
         s = src.sample(20, seed=0)
         assert s.shape == (20, src.d_in) and s.dtype == torch.float32
         assert isinstance(src.identity(), dict) and src.n_tokens > 0
+
+
+def test_store_batches_in_storage_dtype_reach_the_device_as_the_float32_ones(tmp_path):
+    from saelab.synthetic import SyntheticData, write_harvest
+
+    store = ActivationStore(write_harvest(tmp_path / "h", SyntheticData(16), 620, dtype="float16"))
+    half = StoreSource(store, (0, 400), 128, StoreSource.storage_dtype(store))
+    full = StoreSource(store, (0, 400), 128)
+    feed = _DeviceFeed(torch.device("cpu"))
+    for (a,), (b,) in zip(_take(half.batches(50, seed=1), 12), _take(full.batches(50, seed=1), 12)):
+        assert a.dtype == torch.float16 and feed(a).dtype == torch.float32
+        assert torch.equal(feed(a), b) and feed(b) is b  # float32 already there: no copy
 
 
 def test_array_epoch_permutes_within_consecutive_buffers():
