@@ -372,7 +372,12 @@ class LiveSource(_Planned):
         self.n_tokens = self.n_contexts * per
         self.rows_per_buffer = buffer_rows(shuffle_buffer, per)
         self.model_batch_size = model_batch_size
-        self.contexts = _Contexts(lambda: load_texts(*self.texts_spec), self.model.tokenizer, n_ctx)
+        # Tokenize a buffer's worth at a time: a (re)start of the corpus stream then costs
+        # about one buffer of tokenization, not a fixed large block.
+        self.contexts = _Contexts(
+            lambda: load_texts(*self.texts_spec), self.model.tokenizer, n_ctx,
+            chunk=self.rows_per_buffer // per,
+        )  # fmt: skip
         self._ident = {
             "model": name,
             "hooks": [hook],
