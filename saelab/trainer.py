@@ -589,9 +589,8 @@ def _run(
     )
     t0, step = time.perf_counter(), start
     try:
-        for batch in stream:
-            if step >= n_steps:
-                break
+        while step < n_steps:  # never ask for a batch past the last step: a live one costs
+            batch = next(stream)  # the forwards of a whole buffer
             x, g = batch if isinstance(batch, tuple) else (batch, None)
             x = feed(x)
             g = feed(g) if g is not None else None

@@ -258,6 +258,22 @@ def test_killed_live_run_resumes_to_the_same_weights(live_run, tmp_path, monkeyp
     assert strip(full) == strip(cut)
 
 
+def test_one_forward_feeds_every_member_of_a_live_sweep(tmp_path, monkeypatch):
+    fills = []
+    real = LiveSource._fill
+    monkeypatch.setattr(
+        LiveSource, "_fill", lambda self, a, b, g: fills.append((a, b)) or real(self, a, b, g)
+    )
+    sweep = [SAEConfig("topk", 64, 4), SAEConfig("topk", 32, 2)]
+    cfg = _live_cfg(tmp_path / "sweep", sweep=sweep, n_tokens=PER * 32, checkpoint_every=0)
+    root = train(cfg, progress=False)
+    runs = sorted(p for p in root.iterdir() if (p / "cfg.json").is_file())
+    assert [json.loads((p / "cfg.json").read_text())["complete"] for p in runs] == [True, True]
+    size = cfg.shuffle_buffer // PER * PER
+    # the scale sample's contexts, then each buffer of the epoch once
+    assert fills[1:] == [(a, min(a + size, PER * 32)) for a in range(0, PER * 32, size)]
+
+
 def test_heldout_and_training_contexts_are_disjoint_windows_of_one_stream(tiny, live_run):
     run, cfg = live_run, _live_cfg(live_run)
     run_cfg = json.loads((run / "cfg.json").read_text())
