@@ -635,8 +635,10 @@ class _DeviceFeed:
         self.turn = 0
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device == self.device or self.device.type != "cuda":
-            return t.to(self.device).float()  # no copy when it is already there in float32
+        # Only host batches bound for CUDA need staging ("cuda" and "cuda:0" compare unequal,
+        # so the test is by type). No copy at all for float32 already on the device.
+        if t.device.type != "cpu" or self.device.type != "cuda":
+            return t.to(self.device).float()
         key = (tuple(t.shape), t.dtype)
         if key not in self.rings:
             self.rings[key] = [
