@@ -134,6 +134,35 @@ class TrainConfig:
     hook: Free = ""
     """Hook to train on; defaults to the harvest's only hook."""
 
+    model: Free = ""
+    """Train live, without a harvest: the model to run on the corpus as training goes
+    ('smollm2-135m', 'tiny', an HF name or a local HF directory). Give this or harvest."""
+
+    hooks: Annotated[list[str], Check(free=True)] = field(default_factory=list)
+    """Live training: the hook to train on (empty: hook, else the default hook)."""
+
+    corpus: Name = "default"
+    """Live training: text source, as for harvest."""
+
+    text_field: Name = "text"
+    """Live training: field holding the text in JSONL files and HF datasets."""
+
+    split: Name = "train"
+    """Live training: split of an HF dataset."""
+
+    n_ctx: Annotated[int, Check(ge=2, note="BOS and at least one token")] = 128
+    """Live training: context length in tokens, BOS included."""
+
+    model_dtype: ModelDtype = "auto"
+    """Live training: dtype the model runs in; 'auto' is bfloat16 on CUDA, float32 on CPU."""
+
+    model_batch_size: Positive = 16
+    """Live training: contexts per model forward."""
+
+    heldout: Free = ""
+    """Live training: where to harvest the held-out set (eval_tokens, taken from the corpus
+    before the training contexts); default cached_activations/<model>-<hook>-heldout-<id>."""
+
     sae: SAEConfig = field(default_factory=SAEConfig)
     """The SAE to train."""
 
@@ -145,7 +174,8 @@ class TrainConfig:
     """Run directory; defaults to runs/<harvest name>-<arch>-<d_sae>-k<k>."""
 
     n_tokens: Count = 0
-    """Training tokens; 0 means one epoch over the training split."""
+    """Training tokens; 0 means one epoch over the training split (live training needs a
+    count)."""
 
     batch_size: Positive = 4096
     """Tokens per optimizer step."""
@@ -181,7 +211,8 @@ class TrainConfig:
     """A latent that has not fired for this many tokens counts as dead."""
 
     eval_tokens: Count = 20_000
-    """Tokens held out at the end of the harvest for evaluation (never trained on)."""
+    """Tokens held out for evaluation, never trained on: the end of the harvest, or (live) the
+    corpus contexts before the training ones."""
 
     scale_sample: Positive = 20_000
     """Tokens sampled to estimate the input scale and the b_dec init."""

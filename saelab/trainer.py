@@ -6,14 +6,20 @@ min(#dead / k_aux, 1) as in EleutherAI's sparsify. mutual_choice uses aux_zipf i
 (Ayonrinde 2024, arXiv 2411.02124; see `zipf_deficit`).
 
 A sweep trains several SAEs on one read of the activations: every batch goes to each SAE
-in turn. The data stream is a pure function of (seed, rows consumed) and a checkpoint
-holds everything else, so a resumed run ends with the same weights as an uninterrupted one.
+in turn. The data (a `saelab.sources.ActivationSource`: a harvest, or the model run live on
+the corpus) is a pure function of (seed, rows consumed) and a checkpoint holds everything
+else, so a resumed run ends with the same weights as an uninterrupted one.
+
+A live run first harvests its held-out set (eval_tokens, from the corpus contexts before the
+training ones) with `saelab.harvest`, and records it as its harvest, so evaluation, the index,
+dark matter and the app read it as they read any run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -29,12 +35,13 @@ from tqdm.auto import tqdm
 
 from saelab import __version__, kernels
 from saelab.archs import ARCHS, TRAINABLE, ArchSpec, EncodeArgs, Encoding, feature_choice_m
-from saelab.config import SAEConfig, TrainConfig
+from saelab.config import DEFAULT_HOOK, HarvestConfig, SAEConfig, TrainConfig
 from saelab.errors import UserError
 from saelab.fields import to_dict
 from saelab.models import resolve_device
 from saelab.runs import CHECKPOINT, LOG, atomic_write, prepare_run_dir, trim_log, writer_lock
 from saelab.sae import SparseCoder
+from saelab.sources import ActivationSource, LiveSource, StoreSource
 from saelab.store import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -167,7 +174,7 @@ class Member:
 # Planning: every check happens here, before anything is written.
 
 
-def _check_arch(s: SAEConfig, cfg: TrainConfig, store: ActivationStore) -> ArchSpec:
+def _check_arch(s: SAEConfig, cfg: TrainConfig, source: ActivationSource) -> ArchSpec:
     if s.arch not in ARCHS:
         raise UserError(f"unknown arch '{s.arch}'; valid: {', '.join(ARCHS)}")
     spec = ARCHS[s.arch]
@@ -176,10 +183,10 @@ def _check_arch(s: SAEConfig, cfg: TrainConfig, store: ActivationStore) -> ArchS
             f"arch {s.arch} is inference-only (it labels SAEs imported from SAELens); train "
             f"one of {', '.join(TRAINABLE)}"
         )
-    if spec.needs_grads and not store.has_grads:
+    if spec.needs_grads and not source.has_grads:
         raise UserError(
-            f"{s.arch} needs gradients but harvest {store.path} has none; "
-            "harvest them with `saelab harvest --grads`"
+            f"{s.arch} needs gradients but {source!r} has none; "
+            "harvest them with `saelab harvest --grads`, or train live (--model)"
         )
     if s.arch == "feature_choice" and (s.k * cfg.batch_size) // s.d_sae < 1:
         raise UserError(
@@ -194,21 +201,47 @@ def _member_name(s: SAEConfig) -> str:
     return f"{s.arch}-{s.d_sae}-k{s.k}" + ("" if s.aux == "default" else f"-{s.aux}")
 
 
-def _plans(cfg: TrainConfig, store: ActivationStore) -> list[tuple[Path, dict[str, Any]]]:
-    """(run directory, cfg.json contents) for each SAE to train."""
-    train_range, eval_range = split_ranges(store, cfg.eval_tokens)
-    n_tokens = cfg.n_tokens or (train_range[1] - train_range[0])
+def _data_keys(
+    source: ActivationSource, held: ActivationStore | None, eval_range: Range | None
+) -> dict[str, Any]:
+    """cfg.json's account of the data. `held` is the harvest holding the held-out rows
+    eval_range: the training harvest itself, a live run's own, or None (activations in hand)."""
+    if held is None or eval_range is None:
+        return {"harvest": "", "hook": source.hook, **source.identity()}
+    return {
+        "harvest": str(held.path.resolve()),
+        "harvest_identity": {
+            "n_tokens": held.n_tokens,
+            "tokens_sha256": held.meta["tokens_sha256"],
+        },
+        "hook": source.hook,
+        "model": held.meta.get("model"),
+        # What exports describe the training data with, should the harvest go.
+        "n_ctx": held.n_ctx,
+        "corpus": held.meta.get("corpus"),
+        **source.identity(),  # train_range, or the live source
+        "eval_range": list(eval_range),
+    }
+
+
+def _plans(
+    cfg: TrainConfig, source: ActivationSource, data: dict[str, Any]
+) -> list[tuple[Path, dict[str, Any]]]:
+    """(run directory, cfg.json contents) for each SAE to train on `source`, described by
+    `data` (`_data_keys`)."""
+    n_tokens = cfg.n_tokens or source.n_tokens
     saes = cfg.sweep or [cfg.sae]
+    what = Path(cfg.harvest or cfg.model).name
+    what = what if cfg.harvest else "-".join(filter(None, (what, source.hook)))
     base = (
         Path(cfg.out)
         if cfg.out
-        else Path("runs")
-        / (f"{Path(cfg.harvest).name}-" + ("sweep" if cfg.sweep else _member_name(cfg.sae)))
+        else Path("runs") / (f"{what}-" + ("sweep" if cfg.sweep else _member_name(cfg.sae)))
     )
     names = [_member_name(s) for s in saes]
     plans = []
     for i, s in enumerate(saes):
-        spec = _check_arch(s, cfg, store)
+        spec = _check_arch(s, cfg, source)
         name = names[i] if names.count(names[i]) == 1 else f"{names[i]}-{i}"
         member_cfg = dataclasses.replace(cfg, sae=s, sweep=[])
         plans.append(
@@ -216,21 +249,10 @@ def _plans(cfg: TrainConfig, store: ActivationStore) -> list[tuple[Path, dict[st
                 base / name if cfg.sweep else base,
                 {
                     "saelab_version": __version__,
-                    "harvest": str(Path(cfg.harvest).resolve()),
-                    "harvest_identity": {
-                        "n_tokens": store.n_tokens,
-                        "tokens_sha256": store.meta["tokens_sha256"],
-                    },
-                    "hook": store.hook,
-                    "model": store.meta.get("model"),
-                    # What exports describe the training data with, should the harvest go.
-                    "n_ctx": store.n_ctx,
-                    "corpus": store.meta.get("corpus"),
-                    "train_range": list(train_range),
-                    "eval_range": list(eval_range),
+                    **data,
                     "n_steps": max(1, n_tokens // cfg.batch_size),
                     "lr": member_cfg.resolved_lr(),
-                    "k_aux": cfg.k_aux or store.d_in // 2,
+                    "k_aux": cfg.k_aux or source.d_in // 2,
                     "aux_loss": spec.aux if s.aux == "default" else s.aux,
                     "feature_choice_m": feature_choice_m(s.k, cfg.batch_size, s.d_sae),
                     "train": to_dict(member_cfg),
@@ -312,13 +334,10 @@ def _train_step(
 
 
 def _init_scale_and_median(
-    store: ActivationStore, cfg: TrainConfig, train_range: list[int], device: torch.device
+    source: ActivationSource, cfg: TrainConfig, device: torch.device
 ) -> tuple[float, torch.Tensor]:
-    sample = store.sample(
-        cfg.scale_sample, seed=cfg.seed, token_range=(train_range[0], train_range[1])
-    )
-    sample = sample.to(device, torch.float32)
-    scale = math.sqrt(store.d_in / float(sample.pow(2).sum(1).mean()))
+    sample = source.sample(cfg.scale_sample, seed=cfg.seed).to(device, torch.float32)
+    scale = math.sqrt(source.d_in / float(sample.pow(2).sum(1).mean()))
     return scale, geometric_median(sample * scale)
 
 
@@ -385,24 +404,127 @@ def _log_step(m: Member, stats: dict[str, float], cfg: TrainConfig, rate: float)
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Train the SAE (or the sweep of SAEs) of cfg; resume from checkpoints where they exist.
 
-    Returns the run directory (for a sweep, the directory holding one run per SAE).
+    The data is cfg.harvest (cached) or cfg.model run on cfg.corpus (live). Returns the run
+    directory (for a sweep, the directory holding one run per SAE).
     """
-    if not cfg.harvest:
-        raise UserError("no harvest given; pass --harvest cached_activations/<name>")
+    if cfg.harvest and cfg.model:
+        raise UserError(
+            "both --harvest and --model given; pass --harvest to train on a harvest, or --model "
+            "(with --corpus and --hooks) to train live without one"
+        )
+    if not cfg.harvest and not cfg.model:
+        raise UserError(
+            "no training data given; pass --harvest cached_activations/<name>, or --model <name> "
+            "to train live on the corpus"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    store = ActivationStore(cfg.harvest, cfg.hook or None)
-    plans = _plans(cfg, store)
+    source, held, eval_range = (_live if cfg.model else _cached)(cfg, device, progress)
+    return _locked(
+        cfg, source, _plans(cfg, source, _data_keys(source, held, eval_range)), device, progress
+    )
+
+
+def train_on(source: ActivationSource, cfg: TrainConfig, progress: bool = True) -> Path:
+    """Train cfg's SAEs on any `ActivationSource`, e.g. activations in hand (`ArraySource`);
+    cfg.harvest and cfg.model are ignored. Without a held-out harvest the run records no
+    eval_range, so eval, the index and the app cannot open it; a live or cached `train` can.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    plans = _plans(
+        dataclasses.replace(cfg, harvest="", model=""), source, _data_keys(source, None, None)
+    )
+    return _locked(cfg, source, plans, device, progress)
+
+
+def _locked(
+    cfg: TrainConfig,
+    source: ActivationSource,
+    plans: list[tuple[Path, dict[str, Any]]],
+    device: torch.device,
+    progress: bool,
+) -> Path:
     with contextlib.ExitStack() as locks:
         for out, _ in plans:
             locks.enter_context(writer_lock(out))
-        return _train(cfg, store, plans, device, progress)
+        return _train(cfg, source, plans, device, progress)
+
+
+def _cached(
+    cfg: TrainConfig, device: torch.device, progress: bool
+) -> tuple[StoreSource, ActivationStore, Range]:
+    if cfg.hooks:
+        raise UserError(
+            "--hooks names the hook of live training (--model); pick a harvest's hook with --hook"
+        )
+    store = ActivationStore(cfg.harvest, cfg.hook or None)
+    train_range, eval_range = split_ranges(store, cfg.eval_tokens)
+    # On CUDA batches cross in their storage dtype (half the bytes) and become float32 there.
+    dtype = StoreSource.storage_dtype(store) if device.type == "cuda" else torch.float32
+    return StoreSource(store, train_range, cfg.shuffle_buffer, dtype), store, eval_range
+
+
+def live_hook(cfg: TrainConfig) -> str:
+    """The hook a live run trains on: --hooks, else --hook, else the default hook."""
+    hooks = cfg.hooks or [cfg.hook or DEFAULT_HOOK]
+    if len(hooks) > 1:
+        raise UserError(
+            f"live training takes one hook at a time, not {len(hooks)} ({', '.join(hooks)}); "
+            "start one saelab train per hook"
+        )
+    return hooks[0]
+
+
+def heldout_config(cfg: TrainConfig) -> HarvestConfig:
+    """The harvest of a live run's held-out set: the first eval_tokens of its corpus stream,
+    which its training skips. Its default folder is named after everything that defines it,
+    so runs on the same data share one held-out set."""
+    hook = live_hook(cfg)
+    h = HarvestConfig(
+        model=cfg.model, hooks=[hook], corpus=cfg.corpus, text_field=cfg.text_field,
+        split=cfg.split, n_tokens=cfg.eval_tokens, n_ctx=cfg.n_ctx,
+        batch_size=cfg.model_batch_size, model_dtype=cfg.model_dtype, seed=cfg.seed,
+        device=cfg.device, out=cfg.heldout,
+    )  # fmt: skip
+    if cfg.heldout:
+        return h
+    ident = {k: v for k, v in to_dict(h).items() if k not in ("out", "device")}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+    out = f"cached_activations/{Path(cfg.model).name}-{hook}-heldout-{digest}"
+    return dataclasses.replace(h, out=out)
+
+
+def _live(
+    cfg: TrainConfig, device: torch.device, progress: bool
+) -> tuple[LiveSource, ActivationStore, Range]:
+    from saelab.harvest import harvest, n_contexts_for
+
+    if not cfg.n_tokens:
+        raise UserError(
+            "live training needs a token count (a corpus has no epochs); pass --n_tokens"
+        )
+    if not cfg.eval_tokens:
+        raise UserError(
+            "live training harvests eval_tokens held-out tokens for eval, index and the app; "
+            "pass --eval_tokens > 0"
+        )
+    hcfg = heldout_config(cfg)
+    source = LiveSource(
+        cfg.model, hcfg.hooks[0], n_tokens=cfg.n_tokens, corpus=cfg.corpus,
+        text_field=cfg.text_field, split=cfg.split, seed=cfg.seed, n_ctx=cfg.n_ctx,
+        skip_contexts=n_contexts_for(hcfg), model_dtype=cfg.model_dtype,
+        model_batch_size=cfg.model_batch_size, shuffle_buffer=cfg.shuffle_buffer, device=device,
+    )  # fmt: skip
+    held = ActivationStore(harvest(hcfg, progress=progress), hcfg.hooks[0])
+    return source, held, (0, held.n_tokens)
 
 
 def _train(
     cfg: TrainConfig,
-    store: ActivationStore,
+    source: ActivationSource,
     plans: list[tuple[Path, dict[str, Any]]],
     device: torch.device,
     progress: bool,
@@ -414,8 +536,12 @@ def _train(
         log.info("%s is already trained; nothing to do", root)
         return root
 
-    plan0 = todo[0][1]
-    scale, median = _init_scale_and_median(store, cfg, plan0["train_range"], device)
+    if all(old and (o / CHECKPOINT).exists() for o, _, old in todo):
+        # Every member resumes: its checkpoint holds b_dec and its cfg.json the scale, so the
+        # sample (seconds of reading or model forwards) would only stall the start.
+        scale, median = 1.0, torch.zeros(source.d_in, device=device)
+    else:
+        scale, median = _init_scale_and_median(source, cfg, device)
     members = [_make_member(o, p, old, scale, median, cfg, device) for o, p, old in todo]
     for m in members:
         m.out.mkdir(parents=True, exist_ok=True)
@@ -424,7 +550,7 @@ def _train(
         m.logf = open(m.out / LOG, "a")  # noqa: SIM115 - closed in _finish
         m.wandb = _wandb_init(cfg, m.out, m.plan)
     try:
-        _run(members, store, cfg, device, progress)
+        _run(members, source, cfg, device, progress)
     finally:
         for m in members:
             m.logf.close()
@@ -440,7 +566,7 @@ def _train(
 
 def _run(
     members: list[Member],
-    store: ActivationStore,
+    source: ActivationSource,
     cfg: TrainConfig,
     device: torch.device,
     progress: bool,
@@ -448,14 +574,10 @@ def _run(
     n_steps = members[0].plan["n_steps"]
     start = min(m.step for m in members)
     grads = any(m.spec.needs_grads for m in members)
-    stream = store.batches(
-        cfg.batch_size,
-        token_range=tuple(members[0].plan["train_range"]),
-        seed=cfg.seed,
-        start_row=start * cfg.batch_size,
-        shuffle_buffer=cfg.shuffle_buffer,
-        grads=grads,
+    stream = source.batches(
+        cfg.batch_size, seed=cfg.seed, start_row=start * cfg.batch_size, grads=grads
     )
+    feed = _DeviceFeed(device)
     name = members[0].out.name if len(members) == 1 else f"sweep of {len(members)}"
     bar = tqdm(
         total=n_steps,
@@ -467,12 +589,11 @@ def _run(
     )
     t0, step = time.perf_counter(), start
     try:
-        for batch in stream:
-            if step >= n_steps:
-                break
+        while step < n_steps:  # never ask for a batch past the last step: a live one costs
+            batch = next(stream)  # the forwards of a whole buffer
             x, g = batch if isinstance(batch, tuple) else (batch, None)
-            x = x.to(device, non_blocking=True)
-            g = g.to(device, non_blocking=True) if g is not None else None
+            x = feed(x)
+            g = feed(g) if g is not None else None
             rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
             for m in members:
                 if m.step != step:  # resumed ahead of the others: it has done this batch
@@ -497,6 +618,40 @@ def _run(
     finally:
         bar.close()
         stream.close()
+
+
+class _DeviceFeed:
+    """Batches onto the device as float32, crossing in the dtype they come in (a harvest's
+    storage dtype on CUDA: half the bytes of float32).
+
+    To CUDA a host batch goes through one of a few reused pinned buffers, so the copy runs
+    asynchronously; a buffer is refilled only once the copy out of it has finished (the CUDA
+    event recorded after it), so a batch in flight is never overwritten.
+    """
+
+    def __init__(self, device: torch.device, slots: int = 4) -> None:
+        self.device, self.slots = device, slots
+        self.rings: dict[tuple, list[tuple[torch.Tensor, Any]]] = {}
+        self.turn = 0
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        # Only host batches bound for CUDA need staging ("cuda" and "cuda:0" compare unequal,
+        # so the test is by type). No copy at all for float32 already on the device.
+        if t.device.type != "cpu" or self.device.type != "cuda":
+            return t.to(self.device).float()
+        key = (tuple(t.shape), t.dtype)
+        if key not in self.rings:
+            self.rings[key] = [
+                (torch.empty(t.shape, dtype=t.dtype, pin_memory=True), torch.cuda.Event())
+                for _ in range(self.slots)
+            ]
+        pinned, done = self.rings[key][self.turn % self.slots]
+        self.turn += 1
+        done.synchronize()  # the copy out of this buffer (slots batches ago) has finished
+        pinned.copy_(t)
+        out = pinned.to(self.device, non_blocking=True)
+        done.record()
+        return out.float()
 
 
 def _wandb_init(cfg: TrainConfig, out: Path, plan: dict) -> Any:
