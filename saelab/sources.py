@@ -75,6 +75,11 @@ class ActivationSource(Protocol):
         yields after its first ``r`` rows."""
         ...
 
+    def confirm_pending(self) -> None:
+        """Raise a UserError if anything handed out so far (the sample included) failed its
+        integrity check; the trainer calls it before it saves what depends on that data."""
+        ...
+
 
 # ---------------------------------------------------------------------------------------
 # Cached: a harvest
@@ -111,6 +116,9 @@ class StoreSource:
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
         return self.store.sample(n, seed=seed, token_range=self.token_range)
+
+    def confirm_pending(self) -> None:
+        self.store.confirm_pending()
 
     def batches(
         self, batch_size: int, *, seed: int = 0, start_row: int = 0, grads: bool = False
@@ -163,6 +171,9 @@ class _Planned:
         rows = self._fill(0, m, False)[0]
         pick = np.sort(np.random.default_rng([seed % 2**63, 2]).choice(m, min(n, m), False))
         return rows[torch.from_numpy(pick).to(rows.device)].float()
+
+    def confirm_pending(self) -> None:
+        """Nothing to confirm: the rows come straight from memory or the model."""
 
     def batches(
         self, batch_size: int, *, seed: int = 0, start_row: int = 0, grads: bool = False

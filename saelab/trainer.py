@@ -460,7 +460,7 @@ def _cached(
         raise UserError(
             "--hooks names the hook of live training (--model); pick a harvest's hook with --hook"
         )
-    store = ActivationStore(cfg.harvest, cfg.hook or None)
+    store = ActivationStore(cfg.harvest, cfg.hook or None, verify=cfg.verify)
     train_range, eval_range = split_ranges(store, cfg.eval_tokens)
     # On CUDA batches cross in their storage dtype (half the bytes) and become float32 there.
     dtype = StoreSource.storage_dtype(store) if device.type == "cuda" else torch.float32
@@ -556,6 +556,7 @@ def _train(
             m.logf.close()
             if m.wandb is not None:
                 m.wandb.finish()
+    source.confirm_pending()
     for m in members:
         _check_finite(m)
         save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
@@ -612,6 +613,7 @@ def _run(
                         )
                 if cfg.checkpoint_every and m.step % cfg.checkpoint_every == 0:
                     _check_finite(m)
+                    source.confirm_pending()
                     save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
             step += 1
             bar.update(1)

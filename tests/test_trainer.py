@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from saelab.cli import main
-from saelab.config import TrainConfig
+from saelab.config import SAEConfig, TrainConfig
 from saelab.errors import UserError
 from saelab.runs import CHECKPOINT
 from saelab.sae import SparseCoder
 from saelab.store import ActivationStore
 from saelab.synthetic import SyntheticData
-from saelab.trainer import geometric_median, lr_at, split_ranges
+from saelab.trainer import geometric_median, lr_at, split_ranges, train
 
 DATA = dict(d_in=32, n_features=128, k_true=4, seed=3)
 
@@ -292,6 +292,28 @@ def test_cli_damaged_shard_is_named(tmp_path, capsys, synthetic_harvest, damage)
     # A corrupt shard's hash is awaited by the batch stream, so its error may follow the bar.
     errors = [ln for ln in capsys.readouterr().err.split("\n") if "error" in ln]
     assert rc == 2 and len(errors) == 1 and "shard_00001.npy" in errors[0]
+
+
+@pytest.mark.parametrize("verify", ["first-read", "full", "off"])
+def test_train_follows_the_verify_policy(tmp_path, synthetic_harvest, verify):
+    """A flipped byte in a shard stops training under first-read and full; off trusts it."""
+    h = synthetic_harvest(
+        tmp_path / "h", d_in=8, n_features=16, k_true=2, n_tokens=3000,
+        tokens_per_context=15, shard_contexts=16,
+    )  # fmt: skip
+    shard = sorted((h / "acts" / "synthetic").glob("shard_*.npy"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0x01  # the lowest mantissa bit of one value: still finite
+    shard.write_bytes(bytes(data))
+    cfg = TrainConfig(
+        harvest=str(h), out=str(tmp_path / "r"), sae=SAEConfig(d_sae=32, k=2),
+        batch_size=128, eval_tokens=300, verify=verify,
+    )  # fmt: skip
+    if verify == "off":
+        assert (train(cfg, progress=False) / "sae.safetensors").exists()
+    else:
+        with pytest.raises(UserError, match="shard_00001.npy"):
+            train(cfg, progress=False)
 
 
 def test_zipf_deficit_hand_worked():
