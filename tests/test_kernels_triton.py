@@ -262,6 +262,26 @@ def test_batch_rules_match_eager(arch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(CUDA, reason="int32 wrap-around is checked in the interpreter")
+def test_row_offsets_are_int64_past_2_31():
+    # A row index times a row length passes 2³¹ in a large encode (B·d_in) or W_enc
+    # (d_sae·d_in); the interpreter computes int32 as numpy does, wrapping like a GPU.
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def offsets_kernel(rows_ptr, out_ptr, stride, N: tl.constexpr):
+        ns = tl.arange(0, N)
+        rows = tl.load(rows_ptr + ns).to(tl.int32)
+        tl.store(out_ptr + ns, triton_select.row_offsets(rows, stride))
+
+    rows = torch.tensor([0, 1, 2**19, 2**20 + 3, 2**31 // 2304, 2**31 - 1], dtype=torch.int32)
+    rows = torch.cat([rows, rows[:2]])  # 8, a power of two
+    out = torch.empty(8, dtype=torch.int64)
+    offsets_kernel[(1,)](rows, out, 4096, N=8)
+    assert out.tolist() == [r * 4096 for r in rows.tolist()]
+
+
 # ---- backend choice ----------------------------------------------------------------------
 
 
