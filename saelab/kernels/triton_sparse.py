@@ -154,7 +154,7 @@ def scatter_rows(
     B, K = indices.shape
     D = rows.shape[1]
     flat = indices.reshape(-1)
-    order = torch.argsort(flat)
+    order = torch.argsort(flat, stable=True)  # a fixed summation order: exact resumes
     offsets = torch.zeros(n_out + 1, dtype=torch.int64, device=rows.device)
     torch.cumsum(torch.bincount(flat, minlength=n_out), 0, out=offsets[1:])
     out = torch.empty(n_out, D, dtype=rows.dtype, device=rows.device)
