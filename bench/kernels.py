@@ -13,8 +13,9 @@ tokens/s and peak memory. Then, on CUDA, the fused encoder's forward ÷ a bare c
 [B, d_in] × [d_in, d_sae] at the same precision (goal ≤ 1.2: the top-k nearly free), and
 each precision's step against the fp32 eager step (goal for bf16 on Triton: ≥ 2).
 
-On the CPU only the eager backend runs; rows interleave precisions call by call
-(A B A B ...), so a shared machine's drift slows them alike, and each time is a median.
+On the CPU only the eager backend runs. All timed calls take turns (every precision and
+backend's encode, decode and step once per round), so a shared machine's drift slows them
+alike; each time is the median over rounds. Peak memory is the step's own, on CUDA.
 """
 
 from __future__ import annotations
@@ -104,6 +105,14 @@ class Setup:
         _train_step(self.m, self.x, None, self.cfg)
 
 
+def with_backend(backend: str, fn: Callable[[], None]) -> Callable[[], None]:
+    def call() -> None:
+        kernels.use_backend(backend)
+        fn()
+
+    return call
+
+
 def bench_shape(d_in: int, d_sae: int, k: int, args: argparse.Namespace) -> dict[str, float]:
     """Prints the rows of one shape; returns the step times by 'precision/backend'."""
     print(f"\nd_in {d_in}, d_sae {d_sae}, k {k}, batch {args.batch}, dead {args.dead:.0%}")
@@ -119,23 +128,27 @@ def bench_shape(d_in: int, d_sae: int, k: int, args: argparse.Namespace) -> dict
             setups[f"{precision}/{backend}"] = Setup(
                 d_in, d_sae, k, args.batch, precision, args.dead, args.device
             )
+    fns = {}
+    for name, s in setups.items():
+        for op, fn in (("enc", s.encode), ("dec", s.decode), ("step", s.step)):
+            fns[f"{name}/{op}"] = with_backend(name.split("/")[1], fn)
+    try:
+        t = timed_all(fns, args.iters, args.device)
+    except torch.OutOfMemoryError:
+        print("out of memory; try fewer --precision values at a time")
+        return {}
     steps: dict[str, float] = {}
     for name, s in setups.items():
-        kernels.use_backend(name.split("/")[1])
-        try:
-            t = timed_all({"enc": s.encode, "dec": s.decode, "step": s.step}, args.iters, s.device)
-            peak = float("nan")
-            if args.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                s.step()
-                peak = torch.cuda.max_memory_allocated() / 2**30
-        except torch.OutOfMemoryError:
-            print(f"{name.replace('/', ' '):17s} out of memory")
-            continue
-        steps[name] = t["step"]
+        peak = float("nan")
+        if args.device == "cuda":
+            kernels.use_backend(name.split("/")[1])
+            torch.cuda.reset_peak_memory_stats()
+            s.step()
+            peak = torch.cuda.max_memory_allocated() / 2**30
+        steps[name] = step = t[f"{name}/step"]
         print(
-            f"{name.split('/')[0]:9s} {name.split('/')[1]:7s} {t['enc']:9.2f}ms "
-            f"{t['dec']:9.2f}ms {t['step']:8.2f}ms {args.batch / t['step'] * 1e3:10,.0f} "
+            f"{name.split('/')[0]:9s} {name.split('/')[1]:7s} {t[f'{name}/enc']:9.2f}ms "
+            f"{t[f'{name}/dec']:9.2f}ms {step:8.2f}ms {args.batch / step * 1e3:10,.0f} "
             + (f"{peak:7.2f}GiB" if args.device == "cuda" else f"{'-':>9s}")
         )
     del setups

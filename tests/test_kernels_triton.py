@@ -343,3 +343,28 @@ def test_gpu_batch_selection():
     v, r = kernels.column_topk(z, 4)
     assert torch.equal(v.sort(0).values, torch.topk(z, 4, dim=0).values.sort(0).values)
     assert torch.equal(z.gather(0, r), v)
+
+
+@pytest.mark.skipif(CUDA, reason="CUDA runs are checked by torch.cuda.set_sync_debug_mode")
+@pytest.mark.parametrize("dead", [False, True])
+def test_triton_train_step_never_syncs(dead, monkeypatch):
+    # The step of tests/test_precision.py on the Triton kernels (interpreted here): the fused
+    # AuxK pass reads its candidate count on the device, scatter_rows sizes nothing on the host.
+    from test_precision import SyncDetector, batch, member
+
+    from saelab.config import TrainConfig
+    from saelab.trainer import _train_step
+
+    monkeypatch.setattr(eager, "host_reads_are_free", lambda t: False)
+    m = member("topk", fused=True)
+    if dead:
+        m.since_fired[::3] = 1000
+        with torch.no_grad():
+            m.sae.b_enc[::3] = -100.0
+    x, _ = batch(B=32)
+    cfg = TrainConfig(dead_tokens=1000)
+    _train_step(m, x, None, cfg)
+    with SyncDetector() as d:
+        stats = _train_step(m, x, None, cfg)
+    assert d.seen == [], d.seen
+    assert (float(stats["aux"]) > 0) == dead

@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from saelab import kernels
+from saelab.archs import TRAINABLE
 from saelab.config import TrainConfig
 from saelab.errors import UserError
 from saelab.kernels import eager
@@ -225,6 +226,20 @@ def test_bf16_step_matches_fp32_within_bf16_rounding():
     # A few near-tied selections flip in bf16, so gradients are compared as a whole.
     for a, b in zip(g16, g32):
         assert (a - b).norm() <= 0.2 * b.norm()
+
+
+@pytest.mark.parametrize("arch", TRAINABLE)
+def test_every_rule_trains_in_bf16_like_in_fp32(arch):
+    fvu = {}
+    for precision in ("fp32", "bf16"):
+        m = member(arch, precision=precision, fused=True)
+        x, g = batch()
+        cfg = TrainConfig(precision=precision)  # type: ignore[arg-type]
+        for _ in range(3):
+            stats = _train_step(m, x, g if arch == "gradient_topk" else None, cfg)
+        fvu[precision] = float(stats["fvu"])
+        assert all(p.dtype == torch.float32 for p in m.sae.state_dict().values())
+    assert 0 < fvu["bf16"] == pytest.approx(fvu["fp32"], rel=5e-2)
 
 
 def test_fp32_is_untouched_by_the_precision_machinery():

@@ -10,7 +10,7 @@ Three gather/scatter kernels cover every sparse product, each accumulating in fp
 - row_dots:     out[b, j] = T[idx[b, j]] · rows[b]               decoder grad values
 - scatter_rows: out[i] = Σ_{(b, j): idx[b, j] = i} w[b, j] · rows[b]   grad W_enc, grad W_dec
 
-scatter_rows sorts the B·K pairs by latent (torch.argsort, a radix sort on GPU) and lets one
+scatter_rows sorts the B·K pairs by latent (torch.sort, a radix sort on GPU) and lets one
 program own each (latent, d-block), so it needs no atomics and is deterministic; the same
 pass writes Σ w per latent, which is grad b_enc. The stock alternatives are slower here:
 index_add_ needs a [B·K, d_in] copy of the rows, and the embedding-bag backward sorts too
@@ -153,10 +153,10 @@ def scatter_rows(
     """
     B, K = indices.shape
     D = rows.shape[1]
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # a fixed summation order: exact resumes
-    offsets = torch.zeros(n_out + 1, dtype=torch.int64, device=rows.device)
-    torch.cumsum(torch.bincount(flat, minlength=n_out), 0, out=offsets[1:])
+    # Stable: a fixed summation order, so a resumed run repeats the uninterrupted one.
+    # searchsorted, not bincount, which reads the largest index on the host (a sync).
+    latents, order = torch.sort(indices.reshape(-1), stable=True)
+    offsets = torch.searchsorted(latents, torch.arange(n_out + 1, device=rows.device))
     out = torch.empty(n_out, D, dtype=rows.dtype, device=rows.device)
     total = torch.empty(n_out if sums else 1, dtype=torch.float32, device=rows.device)
     BLOCK_D = _block_d(D)
