@@ -345,6 +345,7 @@ def test_gpu_batch_selection():
     assert torch.equal(z.gather(0, r), v)
 
 
+@pytest.mark.slow  # about 15 s of CPU in the interpreter
 @pytest.mark.skipif(CUDA, reason="CUDA runs are checked by torch.cuda.set_sync_debug_mode")
 @pytest.mark.parametrize("dead", [False, True])
 def test_triton_train_step_never_syncs(dead, monkeypatch):
