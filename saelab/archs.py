@@ -156,7 +156,7 @@ def gradient_topk(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     if args.grad is None:
         return topk(sae, x, args)
     with torch.no_grad():
-        g = args.grad.to(torch.float32)
+        g = args.grad.to(x.dtype)
         g_hat = sae.compute(g / g.pow(2).mean().sqrt().clamp_min(1e-12))
         W_dec = sae.compute(sae.W_dec.detach())
 
@@ -189,6 +189,7 @@ def _thresholded(z: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
 
 def _ema_(buf: Tensor, new: Tensor) -> None:
     """buf ← new while it is unset (NaN), else its EMA; decided on the device (no sync)."""
+    new = new.to(buf.dtype)  # a bf16 z's threshold, in the buffer's float32
     buf.copy_(torch.where(torch.isnan(buf).all(), new, buf.lerp(new, THRESHOLD_EMA)))
 
 
