@@ -3,9 +3,15 @@
     python bench/train.py                       # d_in 512, d_sae 4096, k 32, batch 4096, 2M tokens
     python bench/train.py --tokens 500000       # shorter
     python bench/train.py --baseline            # also Adam at lr 2e-4, constant (the usual recipe)
+    python bench/train.py --precision fp32,bf16 --seeds 3 --tokens 400000
 
 Prints tokens/s (whole training loop, data reading included) and the FVU on 100k held-out
 tokens. The synthetic harvest is written once to $SAELAB_BENCH_DIR (default /tmp/saelab-bench).
+
+With several precisions and seeds the runs interleave (seed 0 in each precision, then
+seed 1, ...), so a machine whose speed drifts slows both alike, and a summary gives each
+precision's mean ± std of tokens/s and FVU over seeds, and the per-seed ratio of tokens/s
+to the first precision's.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -41,7 +48,10 @@ def harvest_dir(tokens: int, d_in: int) -> Path:
     return path
 
 
-def run(path: Path, name: str, tokens: int, args: argparse.Namespace, **overrides) -> None:
+def run(
+    path: Path, name: str, tokens: int, args: argparse.Namespace, **overrides
+) -> tuple[float, float]:
+    """Train and evaluate one SAE; prints a line and returns (loop tokens/s, held-out FVU)."""
     out = Path(os.environ.get("SAELAB_BENCH_DIR", "/tmp/saelab-bench")) / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(
@@ -67,6 +77,30 @@ def run(path: Path, name: str, tokens: int, args: argparse.Namespace, **override
         f"{tokens / elapsed:9,.0f} tok/s (incl. setup)  held-out FVU {res['fvu']:.3f}  "
         f"L0 {res['l0']:.1f}  dead {res['dead_frac']:.1%}"
     )
+    return steady, res["fvu"]
+
+
+def precisions(path: Path, args: argparse.Namespace) -> None:
+    """The same runs in each precision of --precision, seeds interleaved, then a summary."""
+    names = args.precision.split(",")
+    rate: dict[str, list[float]] = {p: [] for p in names}
+    fvu: dict[str, list[float]] = {p: [] for p in names}
+    for seed in range(args.seeds):
+        for p in names:
+            r, f = run(path, f"{p} seed {seed}", args.tokens, args, precision=p, seed=seed)
+            rate[p].append(r)
+            fvu[p].append(f)
+
+    def ms(xs: list[float]) -> str:
+        return f"{statistics.mean(xs):.4g} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2g}"
+
+    print(f"\n{'precision':10s} {'tok/s (mean ± std)':>22s} {'FVU (mean ± std)':>22s}  ratio")
+    for p in names:
+        ratios = [a / b for a, b in zip(rate[p], rate[names[0]])]
+        print(
+            f"{p:10s} {ms(rate[p]):>22s} {ms(fvu[p]):>22s}  "
+            f"{' '.join(f'{x:.2f}' for x in ratios)} (tok/s ÷ {names[0]}, per seed)"
+        )
 
 
 def parse_args(doc: str, extra: bool = False) -> argparse.Namespace:
@@ -81,6 +115,10 @@ def parse_args(doc: str, extra: bool = False) -> argparse.Namespace:
     p.add_argument("--dead_tokens", type=int, default=1_000_000)
     if extra:
         p.add_argument("--baseline", action="store_true", help="also run Adam lr 2e-4 constant")
+        p.add_argument(
+            "--precision", default="", help="comma-separated precisions to compare, e.g. fp32,bf16"
+        )
+        p.add_argument("--seeds", type=int, default=1, help="seeds per precision (--precision)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -93,6 +131,9 @@ def parse_args(doc: str, extra: bool = False) -> argparse.Namespace:
 def main() -> None:
     args = parse_args(__doc__, extra=True)
     path = harvest_dir(args.tokens, args.d_in)
+    if args.precision:
+        precisions(path, args)
+        return
     run(path, "saelab defaults", args.tokens, args)
     if args.baseline:
         run(path, "Adam lr 2e-4 constant", args.tokens, args, lr=2e-4, lr_decay_frac=0.0)

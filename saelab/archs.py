@@ -112,12 +112,13 @@ def _encoding(values: Tensor, indices: Tensor, aux_values: Tensor, aux_indices: 
     return Encoding(SparseCode(values, indices), aux)
 
 
+def _encoder(sae: SparseCoder, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x, W_enc, b_enc, b_dec) in the SAE's compute dtype."""
+    return tuple(sae.compute(t) for t in (x, sae.W_enc, sae.b_enc, sae.b_dec))  # type: ignore[return-value]
+
+
 def _encode_with(sae: SparseCoder, x: Tensor, args: EncodeArgs, select) -> Encoding:
-    return _encoding(
-        *kernels.sparse_encode(
-            x, sae.W_enc, sae.b_enc, sae.b_dec, select, args.aux_mask, args.k_aux
-        )
-    )
+    return _encoding(*kernels.sparse_encode(*_encoder(sae, x), select, args.aux_mask, args.k_aux))
 
 
 def mask_to_code(z: Tensor, rows: Tensor, cols: Tensor, relu: bool = True) -> tuple[Tensor, Tensor]:
@@ -144,9 +145,11 @@ def mask_to_code(z: Tensor, rows: Tensor, cols: Tensor, relu: bool = True) -> tu
 
 def topk(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     # Its own kernel entry point: the rule a fused top-k encoder implements in one pass.
-    return _encoding(
-        *kernels.topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, args.aux_mask, args.k_aux)
-    )
+    return _encoding(*kernels.topk_encode(*_encoder(sae, x), sae.k, args.aux_mask, args.k_aux))
+
+
+GRADIENT_TOPK_TILE = 8192
+"""Latents scored at a time by gradient_topk: its [B, tile] temporaries stay bounded."""
 
 
 def gradient_topk(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
@@ -154,13 +157,27 @@ def gradient_topk(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
         return topk(sae, x, args)
     with torch.no_grad():
         g = args.grad.to(x.dtype)
-        g_hat = g / g.pow(2).mean().sqrt().clamp_min(1e-12)
-        boost = 1 + sae.beta * (g_hat @ sae.W_dec.T).abs()  # [B, n]: |d_i·ĝ| per latent
+        g_hat = sae.compute(g / g.pow(2).mean().sqrt().clamp_min(1e-12))
+        W_dec = sae.compute(sae.W_dec.detach())
 
     def select(z: Tensor) -> tuple[Tensor, Tensor]:
-        relu = z.relu()
-        _, indices = kernels.row_topk(relu * boost, sae.k)
-        return relu.gather(1, indices), indices
+        # Score ReLU(z_i)·(1 + β|d_i·ĝ|) one tile of latents at a time, keeping a running
+        # top-k: the only [B, d_sae] matrix is the encoder's z.
+        k, n = sae.k, z.shape[1]
+        best_s = best_i = None
+        with torch.no_grad():
+            for j0 in range(0, n, GRADIENT_TOPK_TILE):
+                j1 = min(n, j0 + GRADIENT_TOPK_TILE)
+                boost = (g_hat @ W_dec[j0:j1].T).abs_().mul_(sae.beta).add_(1)
+                score = boost.mul_(z[:, j0:j1].relu())
+                s, i = kernels.row_topk(score, min(k, j1 - j0))
+                if best_s is None or best_i is None:
+                    best_s, best_i = s, i + j0
+                    continue
+                best_s, pick = torch.topk(torch.cat([best_s, s], 1), k, dim=1, sorted=False)
+                best_i = torch.cat([best_i, i + j0], 1).gather(1, pick)
+        assert best_i is not None
+        return z.gather(1, best_i).relu(), best_i
 
     return _encode_with(sae, x, args, select)
 
@@ -171,10 +188,9 @@ def _thresholded(z: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _ema_(buf: Tensor, new: Tensor) -> None:
-    if torch.isnan(buf).all():
-        buf.copy_(new)
-    else:
-        buf.lerp_(new, THRESHOLD_EMA)
+    """buf ← new while it is unset (NaN), else its EMA; decided on the device (no sync)."""
+    new = new.to(buf.dtype)  # a bf16 z's threshold, in the buffer's float32
+    buf.copy_(torch.where(torch.isnan(buf).all(), new, buf.lerp(new, THRESHOLD_EMA)))
 
 
 def feature_choice(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
@@ -257,8 +273,10 @@ def mp_select(r: Tensor, W_dec: Tensor, steps: int, tol: float = 0.0) -> Tensor:
         active &= cj > 0
         if tol > 0:
             active &= r2 > stop2
-        if not bool(active.any()):
-            break
+            # An early stop for speed (finished rows only ever pick −1), read only where it
+            # pays: without tol rows finish rarely, and the read is a host sync on a GPU.
+            if not bool(active.any()):
+                break
         a = torch.where(active, cj, torch.zeros_like(cj))
         chosen[:, t] = torch.where(active, j, torch.full_like(j, -1))
         r2 = r2 - a.pow(2)

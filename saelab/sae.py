@@ -5,6 +5,11 @@ at unit norm (Gao et al. 2024, arXiv 2406.04093). The SAE works on activations m
 by `input_scale` (chosen so that E‖x·s‖² = d_in); `encode`, `decode` and `forward` take and
 return the model's own units, the `*_scaled` methods work in the SAE's.
 
+Mixed precision: parameters stay in their own dtype (float32 master weights); with
+`compute_dtype` set to bfloat16 the encoder GEMM, the decoder gather and their sparse
+backward run on bf16 copies (differentiable casts, so gradients land in float32), while
+b_dec is added and losses are taken in float32.
+
 On disk: `sae.safetensors` (tensors only) beside `cfg.json` (arch, d_in, d_sae, k,
 input_scale, and whatever the trainer adds).
 """
@@ -30,6 +35,9 @@ class SparseCoder(nn.Module):
     threshold: Tensor
     """Inference threshold(s) of batch-level rules (a buffer; absent for other rules)."""
 
+    compute_dtype: torch.dtype
+    """dtype of the SAE's matmuls (set by the trainer's precision; not saved)."""
+
     def __init__(
         self,
         d_in: int,
@@ -50,6 +58,7 @@ class SparseCoder(nn.Module):
         self.spec = ARCHS[arch]
         self.input_scale = float(input_scale)
         self.beta = float(beta)
+        self.compute_dtype = dtype
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.W_enc = nn.Parameter(torch.empty(d_sae, d_in, **kw), self.spec.uses_encoder)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw), self.spec.uses_encoder)
@@ -78,7 +87,14 @@ class SparseCoder(nn.Module):
         return self.spec.encode(self, x, args or EncodeArgs())
 
     def decode_scaled(self, code: SparseCode) -> Tensor:
-        return kernels.decode(code.values, code.indices, self.W_dec, self.b_dec)
+        """x̂ in the parameters' dtype: the gather in compute_dtype, b_dec added after."""
+        c = self.compute
+        out = kernels.decode(c(code.values), code.indices, c(self.W_dec), None)
+        return out.to(self.b_dec.dtype) + self.b_dec
+
+    def compute(self, t: Tensor) -> Tensor:
+        """t in compute_dtype, by a differentiable cast (t itself when it is already)."""
+        return t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Dense z = W_enc (x − b_dec) + b_enc, [B, d_sae]; for analysis, never for training."""

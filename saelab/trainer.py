@@ -85,10 +85,19 @@ def load_checkpoint(
     for name, p in sae.named_parameters():
         s = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"opt.{name}.")}
         if s:
-            if "step" in s:
-                s["step"] = s["step"].cpu()
-            opt.state[p] = s
+            opt.state[p] = {k: v.to(_state_device(opt, p, k)) for k, v in s.items()}
     return step, {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
+
+
+def _state_device(opt: torch.optim.Optimizer, p: torch.Tensor, key: str) -> torch.device:
+    """Where `opt` keeps state `key` of parameter p: with p, except Adam's `step` counter,
+    which stays on the CPU unless the update runs fused or capturable on p's device (the
+    fused CUDA kernel reads it there)."""
+    if key != "step":
+        return p.device
+    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    on_device = group.get("fused") or group.get("capturable")
+    return p.device if on_device else torch.device("cpu")
 
 
 Range = tuple[int, int]
@@ -161,6 +170,9 @@ class Member:
     """[d_sae] EMA of each latent's firing frequency per token."""
     logf: Any = None
     wandb: Any = None
+    diverged_at: torch.Tensor = field(default_factory=lambda: torch.full((), -1))
+    """The first step whose loss was non-finite (−1: none), kept on the device and read only
+    when a log line or a checkpoint is written."""
 
     @property
     def spec(self) -> ArchSpec:
@@ -272,60 +284,69 @@ def _aux_loss(
     x: torch.Tensor,
     x_hat: torch.Tensor,
     weights: torch.Tensor | None,
-    n_aux: int,
+    n_aux: torch.Tensor,
     cfg: TrainConfig,
 ) -> torch.Tensor:
-    """AuxK-style: reconstruct the residual from the auxiliary latents' code."""
+    """AuxK-style: reconstruct the residual from the auxiliary latents' code.
+
+    n_aux, the number of eligible latents, stays on the device: the scale min(n_aux/k_aux, 1)
+    is 0 when none are (the code is then all padding, which only a GPU computes).
+    """
     assert enc.aux is not None
     e = (x - x_hat).detach()
     values = enc.aux.values if weights is None else enc.aux.values * weights[enc.aux.indices]
-    e_hat = kernels.decode(values, enc.aux.indices, m.sae.W_dec, None)
+    c = m.sae.compute
+    e_hat = kernels.decode(c(values), enc.aux.indices, c(m.sae.W_dec), None).to(e.dtype)
     loss = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
-    return loss * cfg.auxk_alpha * min(n_aux / m.plan["k_aux"], 1.0)
+    return loss * cfg.auxk_alpha * (n_aux / m.plan["k_aux"]).clamp(max=1.0)
 
 
 def _train_step(
     m: Member, x: torch.Tensor, grad: torch.Tensor | None, cfg: TrainConfig
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
+    """One optimizer step. It never waits for the device: its stats come back as device
+    tensors, read by `_log_step` on log steps only, and a non-finite loss is recorded in
+    m.diverged_at for `_log_step` and `_check_finite` to act on."""
     sae = m.sae
     dead = m.since_fired >= cfg.dead_tokens
-    n_dead = int(dead.sum())
     weights = None
     if m.plan["aux_loss"] == "zipf":
         weights = zipf_deficit(m.freq, cfg.zipf_exponent)
         aux_mask = weights > 0
     else:
         aux_mask = dead
-    n_aux = int(aux_mask.sum())
-    args = EncodeArgs(True, aux_mask if n_aux else None, m.plan["k_aux"], grad)
-    enc = sae.encode_scaled(x, args)
-    x_hat = sae.decode_scaled(enc.code)
-    fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    aux = _aux_loss(m, enc, x, x_hat, weights, n_aux, cfg) if enc.aux is not None else None
-    m.opt.zero_grad(set_to_none=True)
-    (fvu if aux is None else fvu + aux).backward()
+    n_aux = aux_mask.sum()
+    args = EncodeArgs(True, aux_mask, m.plan["k_aux"], grad)
+    with kernels.matmul_precision(cfg.precision):
+        enc = sae.encode_scaled(x, args)
+        x_hat = sae.decode_scaled(enc.code)
+        fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        aux = _aux_loss(m, enc, x, x_hat, weights, n_aux, cfg) if enc.aux is not None else None
+        m.opt.zero_grad(set_to_none=True)
+        (fvu if aux is None else fvu + aux).backward()
     sae.project_decoder_grad()
     m.opt.step()
     sae.normalize_decoder()
     with torch.no_grad():
         values, indices = enc.code
-        counts = torch.bincount(indices[values > 0], minlength=sae.d_sae)
+        fired = values > 0
+        # index_add_ rather than bincount, which reads its input's max on the host.
+        counts = torch.zeros(sae.d_sae, dtype=torch.int64, device=indices.device)
+        counts.index_add_(0, indices.reshape(-1), fired.reshape(-1).to(torch.int64))
         m.since_fired += x.shape[0]
-        m.since_fired[counts > 0] = 0
+        m.since_fired.masked_fill_(counts > 0, 0)
         rate = counts.to(m.freq.dtype) / x.shape[0]
         m.freq.copy_(rate if m.step == 0 else m.freq.lerp(rate, 1 - cfg.freq_decay))
-        l0 = float((values > 0).sum()) / x.shape[0]
-    # Read once, after the step was queued: a non-finite loss stops training here, before
-    # anything of this step is saved (checkpoints also refuse non-finite weights).
-    fvu_value, aux_value = fvu.item(), 0.0 if aux is None else aux.item()
-    if not math.isfinite(fvu_value + aux_value):
-        raise _diverged(m, f"the loss is {fvu_value + aux_value}")
+        aux_value = torch.zeros_like(fvu) if aux is None else aux.detach()
+        bad = ~torch.isfinite(fvu.detach() + aux_value)
+        m.diverged_at.copy_(torch.where(bad & (m.diverged_at < 0), m.step, m.diverged_at))
     m.step += 1
     return {
-        "fvu": fvu_value,
+        "fvu": fvu.detach(),
         "aux": aux_value,
-        "l0": l0,
-        "dead_frac": n_dead / sae.d_sae,
+        # float64, as the host's int / int division these figures were once logged with
+        "l0": fired.sum(dtype=torch.float64) / x.shape[0],
+        "dead_frac": dead.sum(dtype=torch.float64) / sae.d_sae,
     }
 
 
@@ -355,6 +376,7 @@ def _make_member(
     if old:  # the scale is part of the run: keep the one it was trained with
         scale = float(old["input_scale"])
     sae = SparseCoder(median.shape[0], s.d_sae, s.k, s.arch, scale, device, beta=s.beta)
+    sae.compute_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     with torch.no_grad():
         sae.b_dec.copy_(median)
     params = [p for p in sae.parameters() if p.requires_grad]
@@ -364,6 +386,7 @@ def _make_member(
     m = Member(out, plan, sae, opt)
     m.since_fired = torch.zeros(s.d_sae, dtype=torch.int64, device=device)
     m.freq = torch.zeros(s.d_sae, dtype=torch.float32, device=device)
+    m.diverged_at = torch.full((), -1, dtype=torch.int64, device=device)
     if (out / CHECKPOINT).exists():
         m.step, counters = load_checkpoint(out / CHECKPOINT, sae, opt, device)
         m.since_fired.copy_(counters["since_fired"])
@@ -380,14 +403,28 @@ def _diverged(m: Member, what: str) -> UserError:
     )
 
 
+def _check_loss(m: Member) -> None:
+    first = int(m.diverged_at)
+    if first >= 0:
+        raise _diverged(m, f"the loss was non-finite from step {first + 1}")
+
+
 def _check_finite(m: Member) -> None:
-    """Refuse to write non-finite weights (a step can overflow them with a finite loss)."""
-    for name, p in m.sae.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            raise _diverged(m, f"{name} is no longer finite")
+    """Refuse to write non-finite weights: stop on a non-finite loss seen since the last
+    check, or on weights a step overflowed with a finite loss."""
+    _check_loss(m)
+    finite = torch.stack([torch.isfinite(p).all() for _, p in m.sae.named_parameters()])
+    if not bool(finite.all()):
+        name = [n for n, _ in m.sae.named_parameters()][int(finite.to(torch.uint8).argmin())]
+        raise _diverged(m, f"{name} is no longer finite")
 
 
-def _log_step(m: Member, stats: dict[str, float], cfg: TrainConfig, rate: float) -> None:
+def _log_step(m: Member, stats: dict[str, Any], cfg: TrainConfig, rate: float) -> None:
+    """Write a log line, reading `stats` on the host (in place, one sync) and stopping
+    first if the loss has been non-finite since the last check."""
+    _check_loss(m)
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in stats.values()])
+    stats.update(zip(stats, values.tolist()))
     row = {
         "step": m.step,
         "tokens": m.step * cfg.batch_size,

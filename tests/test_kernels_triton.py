@@ -161,9 +161,16 @@ def test_topk_encode_aux_with_fewer_dead_than_k_aux():
     mask = torch.zeros(150, dtype=torch.bool, device=DEVICE)
     mask[[3, 77, 149]] = True
     _, _, av, ai = kernels.topk_encode(x, W, b_enc, b_dec, 4, mask, 16)
-    assert ai.shape == (8, 3) and set(ai.flatten().tolist()) == {3, 77, 149}
+    # The shape may not depend on the mask (reading it would stall a GPU): each row holds
+    # the 3 masked latents, then 13 slots of value-0 padding, each on its own latent.
+    assert ai.shape == av.shape == (8, 16)
     z = torch.addmm(b_enc, x - b_dec, W.T)
-    torch.testing.assert_close(av, z.gather(1, ai).relu())
+    for row_i, row_v, z_row in zip(ai.tolist(), av, z):
+        assert len(set(row_i)) == 16
+        real = [j for j, i in enumerate(row_i) if mask[i]]
+        assert sorted(row_i[j] for j in real) == [3, 77, 149]
+        torch.testing.assert_close(row_v[real], z_row[[row_i[j] for j in real]].relu())
+        assert all(row_v[j] == 0 for j in range(16) if j not in real)
 
 
 def test_relu_clipped_and_negative_rows():
@@ -255,6 +262,26 @@ def test_batch_rules_match_eager(arch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(CUDA, reason="int32 wrap-around is checked in the interpreter")
+def test_row_offsets_are_int64_past_2_31():
+    # A row index times a row length passes 2³¹ in a large encode (B·d_in) or W_enc
+    # (d_sae·d_in); the interpreter computes int32 as numpy does, wrapping like a GPU.
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def offsets_kernel(rows_ptr, out_ptr, stride, N: tl.constexpr):
+        ns = tl.arange(0, N)
+        rows = tl.load(rows_ptr + ns).to(tl.int32)
+        tl.store(out_ptr + ns, triton_select.row_offsets(rows, stride))
+
+    rows = torch.tensor([0, 1, 2**19, 2**20 + 3, 2**31 // 2304, 2**31 - 1], dtype=torch.int32)
+    rows = torch.cat([rows, rows[:2]])  # 8, a power of two
+    out = torch.empty(8, dtype=torch.int64)
+    offsets_kernel[(1,)](rows, out, 4096, N=8)
+    assert out.tolist() == [r * 4096 for r in rows.tolist()]
+
+
 # ---- backend choice ----------------------------------------------------------------------
 
 
@@ -316,3 +343,29 @@ def test_gpu_batch_selection():
     v, r = kernels.column_topk(z, 4)
     assert torch.equal(v.sort(0).values, torch.topk(z, 4, dim=0).values.sort(0).values)
     assert torch.equal(z.gather(0, r), v)
+
+
+@pytest.mark.slow  # about 15 s of CPU in the interpreter
+@pytest.mark.skipif(CUDA, reason="CUDA runs are checked by torch.cuda.set_sync_debug_mode")
+@pytest.mark.parametrize("dead", [False, True])
+def test_triton_train_step_never_syncs(dead, monkeypatch):
+    # The step of tests/test_precision.py on the Triton kernels (interpreted here): the fused
+    # AuxK pass reads its candidate count on the device, scatter_rows sizes nothing on the host.
+    from test_precision import SyncDetector, batch, member
+
+    from saelab.config import TrainConfig
+    from saelab.trainer import _train_step
+
+    monkeypatch.setattr(eager, "host_reads_are_free", lambda t: False)
+    m = member("topk", fused=True)
+    if dead:
+        m.since_fired[::3] = 1000
+        with torch.no_grad():
+            m.sae.b_enc[::3] = -100.0
+    x, _ = batch(B=32)
+    cfg = TrainConfig(dead_tokens=1000)
+    _train_step(m, x, None, cfg)
+    with SyncDetector() as d:
+        stats = _train_step(m, x, None, cfg)
+    assert d.seen == [], d.seen
+    assert (float(stats["aux"]) > 0) == dead

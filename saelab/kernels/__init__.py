@@ -10,8 +10,10 @@ TRITON_INTERPRET=1, which is how the parity tests run it on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -114,3 +116,19 @@ def column_topk(z: Tensor, m: int) -> tuple[Tensor, Tensor]:
 def global_topk(z: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
     """The K largest entries of z as (values, rows, cols); see eager.global_topk."""
     return _impl(z).global_topk(z, K)
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """fp32 matmuls inside the block on TF32 tensor cores when precision is 'tf32', in IEEE
+    fp32 otherwise (whatever the process had set); its setting is restored on exit.
+
+    torch's CUDA matmuls and the fused Triton encoder (`triton_select._precision`) both
+    read this flag; CPU matmuls ignore it.
+    """
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

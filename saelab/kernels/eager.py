@@ -22,6 +22,9 @@ def _scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n_out: int) ->
     indices, weights: [B, K]; rows: [B, D]. Returns [n_out, D].
     """
     B, K = indices.shape
+    if rows.device.type == "cpu" and rows.dtype == torch.bfloat16:
+        # MKL has no bf16 CSR product: accumulate in fp32 (more exact too), round once.
+        return _scatter_rows(indices, weights, rows.float(), n_out).to(rows.dtype)
     w = weights.to(rows.dtype)
     if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
         # A token-major CSR needs no sort (row b holds its K latents); MKL applies Sᵀ.
@@ -33,7 +36,7 @@ def _scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n_out: int) ->
             )
         return S.t() @ rows
     # One slot at a time: [B, D] of scratch, never a [B·K, D] copy of the rows (tens of
-    # GB at d_in 2304 with AuxK); MKL has no bf16 CSR product, so bf16 on CPU lands here too.
+    # GB at d_in 2304 with AuxK).
     out = torch.zeros(n_out, rows.shape[1], dtype=rows.dtype, device=rows.device)
     for j in range(K):
         out.index_add_(0, indices[:, j], w[:, j, None] * rows)
@@ -51,8 +54,31 @@ def _row_dots(indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
     return torch.einsum("bkd,bd->bk", table[indices], rows)
 
 
+def host_reads_are_free(t: Tensor) -> bool:
+    """Whether reading t's values on the host costs nothing: true on the CPU, where there
+    is no queue of kernels to drain; on an accelerator a read stalls it (a host sync)."""
+    return t.device.type == "cpu"
+
+
+def aux_mask_is_empty(mask: Tensor | None, k_aux: int, like: Tensor) -> bool:
+    """No auxiliary candidates can exist. Decided from shapes alone off the CPU (an
+    accelerator would stall to read the mask; its kernels then work on a zero-padded code)."""
+    if mask is None or k_aux <= 0:
+        return True
+    return host_reads_are_free(like) and not bool(mask.any())
+
+
 def _masked_topk(z: Tensor, k: int, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Top-k of z over the latents where mask is True (columns), in global latent ids."""
+    """Top-k of ReLU(z) over the latents where mask is True (columns), in global latent ids.
+
+    On the CPU the masked columns are gathered first ([B, min(k, #mask)], the cheap way when
+    few latents are dead). Elsewhere the shape may not depend on the mask, so the others are
+    set to −inf and the code is [B, min(k, n)], zero-padded when fewer than k are masked.
+    """
+    if not host_reads_are_free(z):
+        kk = min(k, z.shape[1])
+        vals, cols = torch.topk(z.masked_fill(~mask, float("-inf")), kk, dim=1, sorted=False)
+        return vals.relu(), cols
     cols = mask.nonzero().squeeze(1)
     kk = min(k, cols.numel())
     vals, local = torch.topk(z.index_select(1, cols), kk, dim=1, sorted=False)
@@ -85,7 +111,7 @@ class SparseEncode(torch.autograd.Function):
         x_c = x - b_dec
         z = torch.addmm(b_enc, x_c, W_enc.T)
         values, indices = select(z)
-        if aux_mask is not None and k_aux > 0 and bool(aux_mask.any()):
+        if not aux_mask_is_empty(aux_mask, k_aux, z):
             aux_values, aux_indices = _masked_topk(z, k_aux, aux_mask)
         else:
             aux_values = z.new_zeros(z.shape[0], 0)

@@ -52,6 +52,13 @@ def _log2(n: int) -> int:
 
 
 @triton.jit
+def row_offsets(rows, stride):
+    """rows · stride as int64 pointer offsets: a product of two int32 sizes (a token row of
+    a [B, d_in] batch with B·d_in ≥ 2³¹, a latent row of a large W_enc) overflows int32."""
+    return rows.to(tl.int64) * stride
+
+
+@triton.jit
 def _to_keys(z, idx):
     """Sortable int64 keys of fp32 values z with their int indices idx (same shape)."""
     bits = z.to(tl.int32, bitcast=True)
@@ -129,30 +136,41 @@ def _merge(best, keys, LOG_K: tl.constexpr, LOG_T: tl.constexpr):
 
 @triton.jit
 def _topk_encode_kernel(
-    xc_ptr, W_ptr, b_ptr, val_ptr, idx_ptr,
+    xc_ptr, W_ptr, b_ptr, cols_ptr, count_ptr, val_ptr, idx_ptr,
     B, N, D, K,
     LOG_K: tl.constexpr, LOG_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
+    # GATHER: the candidates are the latents cols[0:count], both read from device memory
+    # (count is a device scalar, so the caller never waits to learn it).
     KP: tl.constexpr = 2**LOG_K
     BLOCK_N: tl.constexpr = 2**LOG_N
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
+    x_rows = row_offsets(rows, D)
+    if GATHER:
+        n_cand = tl.load(count_ptr)
+    else:
+        n_cand = N
     best = tl.full([BLOCK_B, KP], MIN_KEY, tl.int64)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
+    for n0 in range(0, n_cand, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        col_ok = pos < n_cand
+        if GATHER:
+            cols = tl.load(cols_ptr + pos, mask=col_ok, other=0)
+        else:
+            cols = pos
         acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_ok = ds < D
             x = tl.load(
-                xc_ptr + rows[:, None] * D + ds[None, :],
+                xc_ptr + x_rows[:, None] + ds[None, :],
                 mask=row_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
             w = tl.load(  # W_encᵀ tile [BLOCK_D, BLOCK_N]: a transposed view, no copy
-                W_ptr + cols[None, :].to(tl.int64) * D + ds[:, None],
+                W_ptr + row_offsets(cols, D)[None, :] + ds[:, None],
                 mask=col_ok[None, :] & d_ok[:, None],
                 other=0.0,
             )
@@ -162,13 +180,20 @@ def _topk_encode_kernel(
                 x, w = x.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
         z = acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        keys = tl.where(col_ok[None, :], _to_keys(z, cols[None, :]), MIN_KEY)
+        keys = tl.where(col_ok[None, :], _to_keys(z, pos[None, :]), MIN_KEY)
         best = _merge(best, keys, LOG_K, LOG_N)
     z, idx = _from_keys(best)
     ks = tl.arange(0, KP)
-    out = rows[:, None].to(tl.int64) * K + ks[None, :]
+    # Slots no candidate filled (fewer than K of them) are padding: value 0, and each its
+    # own latent (slot j → candidate j) so a later scatter meets no pile-up on one latent.
+    filled = best != MIN_KEY
+    z = tl.where(filled, tl.maximum(z, 0.0), 0.0)
+    idx = tl.where(filled, idx, ks[None, :].to(tl.int64))
     ok = row_ok[:, None] & (ks < K)[None, :]
-    tl.store(val_ptr + out, tl.maximum(z, 0.0).to(val_ptr.dtype.element_ty), mask=ok)
+    if GATHER:
+        idx = tl.load(cols_ptr + idx, mask=ok, other=0)
+    out = row_offsets(rows, K)[:, None] + ks[None, :]
+    tl.store(val_ptr + out, z.to(val_ptr.dtype.element_ty), mask=ok)
     tl.store(idx_ptr + out, idx, mask=ok)
 
 
@@ -179,14 +204,25 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def fused_topk(x_c: Tensor, W: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def fused_topk(
+    x_c: Tensor,
+    W: Tensor,
+    b: Tensor,
+    k: int,
+    cols: Tensor | None = None,
+    count: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """(ReLU'd values, int64 indices) [B, k] of the top-k of z = x_c Wᵀ + b, per row.
 
     Selection is on z itself (not ReLU(z)), as in eager: a row with fewer than k positive
-    pre-activations pads with its largest non-positive ones, at value zero.
+    pre-activations pads with its largest non-positive ones, at value zero. With `cols`
+    (int64 latent ids) and `count` (a one-element int64 tensor, read on the device only),
+    the candidates are the latents cols[:count]; slots beyond count are value-0 padding.
     """
     B, D = x_c.shape
     N = W.shape[0]
+    # Without candidates listed, the kernel never reads its cols/count pointers.
+    listed = (cols.contiguous(), count) if cols is not None and count is not None else None
     KP = next_pow2(k)
     if KP > MAX_FUSED_K:
         raise ValueError(f"fused top-k keeps k ≤ {MAX_FUSED_K} in registers, got k={k}")
@@ -197,10 +233,12 @@ def fused_topk(x_c: Tensor, W: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tenso
     BLOCK_N = max(128, KP)
     BLOCK_D = 64 if x_c.element_size() == 2 else 32
     _topk_encode_kernel[(triton.cdiv(B, BLOCK_B),)](
-        x_c.contiguous(), W.contiguous(), b.contiguous(), values, indices,
+        x_c.contiguous(), W.contiguous(), b.contiguous(),
+        *(listed or (indices, indices)),
+        values, indices,
         B, N, D, k,
         LOG_K=_log2(KP), LOG_N=_log2(BLOCK_N), BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D,
-        PRECISION=_precision(x_c.dtype), UPCAST=INTERPRET, num_warps=8,
+        PRECISION=_precision(x_c.dtype), UPCAST=INTERPRET, GATHER=listed is not None, num_warps=8,
     )  # fmt: skip
     return values, indices
 

@@ -10,7 +10,7 @@ Three gather/scatter kernels cover every sparse product, each accumulating in fp
 - row_dots:     out[b, j] = T[idx[b, j]] · rows[b]               decoder grad values
 - scatter_rows: out[i] = Σ_{(b, j): idx[b, j] = i} w[b, j] · rows[b]   grad W_enc, grad W_dec
 
-scatter_rows sorts the B·K pairs by latent (torch.argsort, a radix sort on GPU) and lets one
+scatter_rows sorts the B·K pairs by latent (torch.sort, a radix sort on GPU) and lets one
 program own each (latent, d-block), so it needs no atomics and is deterministic; the same
 pass writes Σ w per latent, which is grad b_enc. The stock alternatives are slower here:
 index_add_ needs a [B·K, d_in] copy of the rows, and the embedding-bag backward sorts too
@@ -31,7 +31,13 @@ from torch import Tensor
 
 from saelab.kernels import eager
 from saelab.kernels.eager import Selector
-from saelab.kernels.triton_select import MAX_FUSED_K, fused_topk, next_pow2, slice_topk
+from saelab.kernels.triton_select import (
+    MAX_FUSED_K,
+    fused_topk,
+    next_pow2,
+    row_offsets,
+    slice_topk,
+)
 
 
 def _block_d(D: int) -> int:
@@ -52,7 +58,9 @@ def _gather_rows_kernel(
         k_ok = ks < K
         ids = tl.load(idx_ptr + b * K + ks, mask=k_ok, other=0)
         w = tl.load(w_ptr + b * K + ks, mask=k_ok, other=0.0).to(tl.float32)
-        t = tl.load(T_ptr + ids[:, None] * D + ds[None, :], mask=k_ok[:, None] & d_ok[None, :])
+        # Zero weights (padding of a short code) skip their row's read.
+        t_ok = (k_ok & (w != 0))[:, None] & d_ok[None, :]
+        t = tl.load(T_ptr + row_offsets(ids, D)[:, None] + ds[None, :], mask=t_ok, other=0.0)
         acc += tl.sum(w[:, None] * t.to(tl.float32), axis=0)
     tl.store(out_ptr + b * D + ds, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
 
@@ -84,7 +92,11 @@ def _row_dots_kernel(
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
         r = tl.load(rows_ptr + b * D + ds, mask=d_ok, other=0.0).to(tl.float32)
-        t = tl.load(T_ptr + ids[:, None] * D + ds[None, :], mask=k_ok[:, None] & d_ok[None, :])
+        t = tl.load(
+            T_ptr + row_offsets(ids, D)[:, None] + ds[None, :],
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         acc += tl.sum(t.to(tl.float32) * r[None, :], axis=1)
     tl.store(out_ptr + b * K + ks, acc, mask=k_ok)
 
@@ -120,8 +132,8 @@ def _scatter_rows_kernel(
         pos = tl.load(order_ptr + ps, mask=p_ok, other=0)  # flat (b, j) of this latent's pairs
         w = tl.load(w_ptr + pos, mask=p_ok, other=0.0).to(tl.float32)
         r = tl.load(
-            rows_ptr + (pos // K)[:, None] * D + ds[None, :],
-            mask=p_ok[:, None] & d_ok[None, :],
+            rows_ptr + row_offsets(pos // K, D)[:, None] + ds[None, :],
+            mask=(p_ok & (w != 0))[:, None] & d_ok[None, :],
             other=0.0,
         )
         acc += tl.sum(w[:, None] * r.to(tl.float32), axis=0)
@@ -141,10 +153,10 @@ def scatter_rows(
     """
     B, K = indices.shape
     D = rows.shape[1]
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat)
-    offsets = torch.zeros(n_out + 1, dtype=torch.int64, device=rows.device)
-    torch.cumsum(torch.bincount(flat, minlength=n_out), 0, out=offsets[1:])
+    # Stable: a fixed summation order, so a resumed run repeats the uninterrupted one.
+    # searchsorted, not bincount, which reads the largest index on the host (a sync).
+    latents, order = torch.sort(indices.reshape(-1), stable=True)
+    offsets = torch.searchsorted(latents, torch.arange(n_out + 1, device=rows.device))
     out = torch.empty(n_out, D, dtype=rows.dtype, device=rows.device)
     total = torch.empty(n_out if sums else 1, dtype=torch.float32, device=rows.device)
     BLOCK_D = _block_d(D)
@@ -204,19 +216,19 @@ def _no_aux(x_c: Tensor) -> tuple[Tensor, Tensor]:
 def _aux_topk(
     x_c: Tensor, W_enc: Tensor, b_enc: Tensor, mask: Tensor | None, k_aux: int
 ) -> tuple[Tensor, Tensor]:
-    """eager._masked_topk without the dense z: a second fused pass over the masked rows of
-    W_enc only. Past MAX_FUSED_K (k_aux ≥ 513) a GEMM over those rows feeds torch.topk."""
-    if mask is None or k_aux <= 0 or not bool(mask.any()):
+    """eager._masked_topk without the dense z and without a host sync: [B, min(k_aux, n)],
+    zero-padded when fewer latents are masked. A second fused pass runs over the masked
+    latents only, listed first by a stable sort of the mask, their number read on the device.
+    Past MAX_FUSED_K (k_aux ≥ 513) a GEMM over all latents, the others at −inf, feeds
+    torch.topk (the masked count is unknown to the host, so the GEMM cannot be cut to it)."""
+    if mask is None or k_aux <= 0:
         return _no_aux(x_c)
-    cols = mask.nonzero().squeeze(1)
-    kk = min(k_aux, cols.numel())
-    W, b = W_enc.index_select(0, cols), b_enc.index_select(0, cols)
-    if next_pow2(kk) <= MAX_FUSED_K:
-        values, local = fused_topk(x_c, W, b, kk)
-    else:
-        values, local = torch.topk(torch.addmm(b, x_c, W.T), kk, dim=1, sorted=False)
-        values = values.relu()
-    return values, cols[local]
+    kk = min(k_aux, W_enc.shape[0])
+    if next_pow2(kk) > MAX_FUSED_K:
+        return eager._masked_topk(torch.addmm(b_enc, x_c, W_enc.T), kk, mask)
+    order = torch.argsort((~mask).to(torch.uint8), stable=True)
+    count = mask.sum(dtype=torch.int64).reshape(1)
+    return fused_topk(x_c, W_enc, b_enc, kk, order, count)
 
 
 def topk_encode(
@@ -252,7 +264,7 @@ def sparse_encode(
     def pick(x_c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         z = torch.addmm(b_enc, x_c, W_enc.T)
         values, indices = select(z)
-        if aux_mask is None or k_aux <= 0 or not bool(aux_mask.any()):
+        if eager.aux_mask_is_empty(aux_mask, k_aux, z):
             return values, indices, *_no_aux(x_c)
         return values, indices, *eager._masked_topk(z, k_aux, aux_mask)
 
