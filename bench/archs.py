@@ -1,6 +1,6 @@
 """Every trainable selection rule at one shape and budget, on one synthetic harvest.
 
-    python bench/archs.py                         # d_in 512, d_sae 4096, k 32, batch 4096, 1M tokens
+    python bench/archs.py                      # d_in 512, d_sae 4096, k 32, batch 4096, 1M tokens
     python bench/archs.py --tokens 300000 --archs topk mutual_choice
 
 Each rule trains with saelab's defaults for it (its own auxiliary loss) on the same synthetic
