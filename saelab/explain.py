@@ -261,18 +261,26 @@ class _Texts:
 # One latent, and the run
 
 
+def split_contexts(
+    top: list[Context], quantile: list[Context], n_show: int
+) -> tuple[list[Context], list[Context]]:
+    """(shown to the explainer, held out to score it): the even top ranks below 2·n_show are
+    shown; the other top ranks, then the quantile contexts, are held out."""
+    shown = top[0 : 2 * n_show : 2]
+    return shown, [c for k, c in enumerate(top) if k % 2 or k >= 2 * n_show] + quantile
+
+
 def explain_latent(
     i: int, ix: FeatureIndex, cfg: ExplainConfig, explainer: Explainer | None,
     texts: _Texts | None,
 ) -> dict[str, Any]:  # fmt: skip
-    top, quant = ix.contexts(i, "top"), ix.contexts(i, "quantile")
-    shown = top[0 : 2 * cfg.n_show : 2]
+    top = ix.contexts(i, "top")
+    shown, held = split_contexts(top, ix.contexts(i, "quantile"), cfg.n_show)
     line: dict[str, Any] = {"latent": i, "label": label(ix.latent(i), top)}
     line |= {"explainer": explainer.name if explainer else "none", "n_shown": len(shown)}
     if explainer is None or texts is None or not shown:
         return {**line, "explanation": line["label"], "score": None, "n_scored": 0}
     explanation = clean(explainer.complete(explain_chat(shown), cfg.max_new_tokens))
-    held = [c for k, c in enumerate(top) if k % 2 or k >= 2 * cfg.n_show] + quant
     pos = [texts.text(c.row) for c in held[: cfg.n_detect]]
     neg = texts.negatives(i, len(pos), cfg.seed)
     line |= {"explanation": explanation, "seed": cfg.seed}

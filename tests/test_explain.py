@@ -255,10 +255,13 @@ def test_held_out_texts_never_shown_and_negatives_silent(fresh):
                 code = sae.encode(store.read(int(rows[0]), int(rows[-1]) + 1))
             fires = bool(((code.indices == i) & (code.values > 0)).any())
             assert texts.fired[w, j] == fires
-        top = ix.contexts(i)
-        shown = {r.row for r in top[0 : 2 * cfg.n_show : 2]}
-        held = [c.row for k, c in enumerate(top) if k % 2 or k >= 2 * cfg.n_show]
-        assert shown.isdisjoint(held)
+        top, quantile = ix.contexts(i), ix.contexts(i, "quantile")
+        for n_show in (1, 2, 10):
+            shown, held = E.split_contexts(top, quantile, n_show)
+            assert len(shown) == min(n_show, (len(top) + 1) // 2)
+            assert [c.act for c in shown] == sorted((c.act for c in shown), reverse=True)
+            assert {c.row for c in shown}.isdisjoint(c.row for c in held)
+            assert len(shown) + len(held) == len(top) + len(quantile)
         for c in top:  # a context's text is its window, BOS (position 0) dropped
             at_bos = 1 + c.row % TPC - c.peak == 0
             assert texts.text(c.row) == "".join(c.tokens[1:] if at_bos else c.tokens)
