@@ -192,6 +192,12 @@ def _cli(run: Path, *flags: str) -> int:
     return main(["-q", "explain", str(run), "--device", "cpu", *flags])
 
 
+def _window(c: Context) -> str:
+    """A context's text as the explainer gets it: BOS (position 0) dropped, stripped."""
+    at_bos = 1 + c.row % TPC - c.peak == 0
+    return "".join(c.tokens[1:] if at_bos else c.tokens).strip()
+
+
 def _live(run: Path, n: int) -> list[int]:
     fires = FeatureIndex.of_run(run).stats()["n_fires"]
     return [int(i) for i in np.nonzero(fires > 0)[0][:n]]
@@ -227,14 +233,21 @@ def test_endpoint_explainer_end_to_end(fresh, server, monkeypatch, logprobs):
     # Each line scores the server's answers: per latent one explanation request, then its
     # positives, then its negatives; margins as the server gave them.
     groups: list[list[float]] = []
+    asked: list[list[str]] = []
     for r in server.requests:
         if r["max_tokens"] != 1:
             groups.append([])
+            asked.append([])
             continue
         yes = server.answer(r)["message"]["content"] == "Yes"
         groups[-1].append((2.4 if logprobs else 1.0) * (1 if yes else -1))
-    for i, margins in zip(ids, groups):
+        asked[-1].append(re.search(r"^Text: (.*)\n\nDoes", r["messages"][-1]["content"], re.S)[1])
+    for i, margins, texts in zip(ids, groups, asked):
         d, m = lines[i], np.array(margins)
+        # The positives come first: the held-out contexts' windows, in rank order.
+        held = E.split_contexts(ix.contexts(i), ix.contexts(i, "quantile"), 2)[1]
+        want = [_window(c) for c in held[: d["n_pos"]]]
+        assert texts[: d["n_pos"]] == want and not set(texts[d["n_pos"] :]) & set(want)
         s = E.detection_score(m[: d["n_pos"]], m[d["n_pos"] :], graded=logprobs)
         assert {k: d[k] for k in s} == pytest.approx(s)
 
@@ -263,8 +276,7 @@ def test_held_out_texts_never_shown_and_negatives_silent(fresh):
             assert {c.row for c in shown}.isdisjoint(c.row for c in held)
             assert len(shown) + len(held) == len(top) + len(quantile)
         for c in top:  # a context's text is its window, BOS (position 0) dropped
-            at_bos = 1 + c.row % TPC - c.peak == 0
-            assert texts.text(c.row) == "".join(c.tokens[1:] if at_bos else c.tokens)
+            assert texts.text(c.row).strip() == _window(c)
 
 
 def test_interrupted_run_resumes_to_the_same_file(run, tmp_path, server, monkeypatch):
