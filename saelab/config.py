@@ -372,11 +372,9 @@ class ExplainConfig:
     run: Free = ""
     """Run directory to explain (finished and indexed)."""
 
-    latents: Annotated[
-        str, Check(pattern=r"(\d+(:\d+)?(,\d+(:\d+)?)*)?", what="e.g. 0:50 or 12,40,7")
-    ] = ""
+    latents: Free = ""
     """Latents to explain: a range '0:50' (end excluded), a list '12,40,7', or both mixed;
-    '' picks n_latents live latents at random (seeded)."""
+    '' picks n_latents live latents at random (seeded). Checked against the SAE's width."""
 
     n_latents: Positive = 50
     """Latents picked at random when --latents is not given."""

@@ -89,6 +89,8 @@ def read_explanations(run: str | Path) -> dict[int, dict[str, Any]]:
 
 def parse_latents(spec: str, d_sae: int) -> list[int]:
     """'0:50' (a range, end excluded), '12,40,7', or both mixed; in the order given, once each."""
+    if not re.fullmatch(r"\s*\d+(\s*:\s*\d+)?(\s*,\s*\d+(\s*:\s*\d+)?)*\s*", spec):
+        raise UserError(f"--latents {spec!r} is not a list like 0:50 or 12,40,7 (or both mixed)")
     ids: list[int] = []
     for part in spec.split(","):
         a, _, b = part.partition(":")

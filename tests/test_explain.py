@@ -56,6 +56,10 @@ def test_an_explainer_that_says_the_same_to_every_text_scores_chance():
 
 def test_parse_latents():
     assert E.parse_latents("3:6,1,4", 10) == [3, 4, 5, 1]
+    assert E.parse_latents(" 2 : 4 , 0", 10) == [2, 3, 0]
+    for bad in ("a-b", "1,,2", "-1", "3:"):
+        with pytest.raises(UserError, match="is not a list like 0:50 or 12,40,7"):
+            E.parse_latents(bad, 10)
     with pytest.raises(UserError, match="latent 10 is out of range; this SAE has latents 0..9"):
         E.parse_latents("8:11", 10)
     with pytest.raises(UserError, match="selects none"):
@@ -341,7 +345,7 @@ def _closed_port() -> int:
     "flags, env, message",
     [
         (("--latents", "0,5000"), {}, "latent 5000 is out of range; this SAE has latents 0..63"),
-        (("--latents", "a-b"), {}, "latents='a-b' must be e.g. 0:50 or 12,40,7"),
+        (("--latents", "a-b"), {}, "--latents 'a-b' is not a list like 0:50 or 12,40,7"),
         (("--explainer", "http://127.0.0.1:{port}/v1"), {}, "cannot be reached"),
         (("--explainer", "http://127.0.0.1:{port}/v1", "--api_key_env", "SAELAB_NO_SUCH_KEY"),
          {}, "environment variable SAELAB_NO_SUCH_KEY is not set"),
