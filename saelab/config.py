@@ -415,5 +415,9 @@ class ExplainConfig:
     device: Device = "auto"
     """Where to run the SAE and a local explainer; 'auto' picks cuda when it is available."""
 
+    threads: Count = 0
+    """torch CPU threads; 0 keeps torch's default. On a CPU shared with other jobs, 1 can be
+    several times faster than the default (threads waiting on each other)."""
+
     def __post_init__(self) -> None:
         validate(self)

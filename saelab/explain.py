@@ -320,6 +320,10 @@ def explain_run(cfg: ExplainConfig, progress: bool = True) -> Path:
     ix = FeatureIndex.of_run(run)
     latents = choose_latents(cfg, ix)
     explainer = None
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     if cfg.explainer != "none":
         from saelab.explainers import make_explainer
 

@@ -311,7 +311,13 @@ def test_interrupted_run_resumes_to_the_same_file(run, tmp_path, server, monkeyp
 
 def test_no_lm_writes_index_labels(fresh):
     ids = _live(fresh, 3)
-    assert _cli(fresh, "--explainer", "none", "--latents", ",".join(map(str, ids))) == 0
+    before = torch.get_num_threads()
+    try:
+        flags = ("--latents", ",".join(map(str, ids)), "--threads", "1")
+        assert _cli(fresh, "--explainer", "none", *flags) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
     ix = FeatureIndex.of_run(fresh)
     for i, d in E.read_explanations(fresh).items():
         peaks = Counter(c.tokens[c.peak].strip() or c.tokens[c.peak] for c in ix.contexts(i))
