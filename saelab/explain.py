@@ -4,7 +4,7 @@ Explanation: the explainer LM (saelab.explainers: a local HF model, the embedded
 default, or an OpenAI-compatible endpoint) reads the latent's top-activating contexts from the
 feature index, the even ranks 0, 2, 4, …, with the tokens at or above half the context's peak
 marked <<like this>>, and names what they share in a short phrase (greedy, so reproducible).
-One worked example precedes the question: small models follow a shown format far better than
+Two worked examples precede the question: small models follow a shown format far better than
 a described one.
 
 Detection score, after Bills et al. 2023 ("Language models can explain neurons in language
@@ -57,11 +57,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHANCE = 0.5
-_EXAMPLE = [
-    " the rain fell on the dry <<ground>> all",
-    " he planted the seed in the <<ground>> and",
-    " they sat down on the <<ground>> to rest",
-]
+_EXAMPLES = [
+    (
+        [" the rain fell on the dry <<ground>> all", " he planted the seed in the <<ground>> and",
+         " they sat down on the <<ground>> to rest"],
+        'the word "ground"',
+    ),
+    (
+        ["    print(total<<)>>", " if len(items<<)>> > 0:", " return max(a, b<<)>>"],
+        "closing parentheses in code",
+    ),
+]  # fmt: skip
+"""Worked examples put before the question, of two kinds (one word, a category), so that a
+small explainer copies the format but not one kind of answer."""
 _SYSTEM = "You explain what a feature of a language model responds to, in a few words."
 
 
@@ -157,12 +165,10 @@ def _ask(texts: list[str]) -> str:
 
 
 def explain_chat(shown: list[Context]) -> Chat:
-    return [
-        {"role": "system", "content": _SYSTEM},
-        {"role": "user", "content": _ask(_EXAMPLE)},
-        {"role": "assistant", "content": 'the word "ground"'},
-        {"role": "user", "content": _ask([marked(c) for c in shown])},
-    ]
+    chat = [{"role": "system", "content": _SYSTEM}]
+    for texts, answer in _EXAMPLES:
+        chat += [{"role": "user", "content": _ask(texts)}, {"role": "assistant", "content": answer}]
+    return chat + [{"role": "user", "content": _ask([marked(c) for c in shown])}]
 
 
 def clean(answer: str) -> str:
