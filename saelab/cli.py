@@ -147,6 +147,15 @@ def cmd_index(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(ns: argparse.Namespace) -> int:
+    from saelab.explain import explain_run, summary
+
+    cfg = _config_from_args(C.ExplainConfig, ns, {})
+    path = explain_run(cfg, progress=not ns.quiet)
+    sys.stdout.write(f"{summary(path.parent)}\nwrote {path}\n")
+    return 0
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     if ns.format in ("neuronpedia", "saedashboard"):  # one layout: SAEDashboard's runner output
         from saelab.neuronpedia import export_neuronpedia
@@ -256,6 +265,12 @@ COMMANDS: dict[str, Command] = {
         "build a run's feature index for the app (features.sqlite)",
         cmd_index,
         C.IndexConfig,
+        (_RUN,),
+    ),
+    "explain": Command(
+        "explain a run's latents with an LM and score each explanation (explanations.jsonl)",
+        cmd_explain,
+        C.ExplainConfig,
         (_RUN,),
     ),
     "export": Command(

@@ -397,3 +397,59 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+
+
+@dataclass
+class ExplainConfig:
+    run: Free = ""
+    """Run directory to explain (finished and indexed)."""
+
+    latents: Free = ""
+    """Latents to explain: a range '0:50' (end excluded), a list '12,40,7', or both mixed;
+    '' picks n_latents live latents at random (seeded). Checked against the SAE's width."""
+
+    n_latents: Positive = 50
+    """Latents picked at random when --latents is not given."""
+
+    explainer: Name = DEFAULT_MODEL
+    """Explainer LM: 'smollm2-135m' (embedded, offline), an HF name or local folder, an
+    OpenAI-compatible endpoint 'http(s)://…/v1', or 'none' (a label from the index, no score)."""
+
+    api_model: Free = ""
+    """Model name sent to an endpoint explainer ('' sends none: the server's default)."""
+
+    api_key_env: Free = ""
+    """Environment variable holding an endpoint's API key, e.g. OPENAI_API_KEY ('' sends no
+    key); the key is never written to disk."""
+
+    detection: Literal["auto", "likelihood", "yes_no"] = "auto"
+    """How the explainer tells held-out texts apart: 'likelihood' (how much the explanation
+    raises its log-prob of a token of the text; local models only), 'yes_no' (its Yes/No
+    answer to "does this text contain <explanation>?"), 'auto' (likelihood for a local model,
+    yes_no for an endpoint)."""
+
+    n_show: Positive = 10
+    """Top-activating contexts shown to the explainer (the even ranks 0, 2, …)."""
+
+    n_detect: Positive = 10
+    """Held-out positive contexts scored per latent (the other top ranks, then the quantile
+    contexts), and as many negatives (windows where the latent is silent)."""
+
+    max_new_tokens: Annotated[int, Check(ge=1, le=256)] = 16
+    """Longest explanation, in tokens (greedy decoding)."""
+
+    batch_size: Positive = 8
+    """Detection prompts per forward of a local explainer."""
+
+    seed: Seed = 0
+    """Seed of the latent sample, the negatives and the endpoint's sampling."""
+
+    device: Device = "auto"
+    """Where to run the SAE and a local explainer; 'auto' picks cuda when it is available."""
+
+    threads: Count = 0
+    """torch CPU threads; 0 keeps torch's default. On a CPU shared with other jobs, 1 can be
+    several times faster than the default (threads waiting on each other)."""
+
+    def __post_init__(self) -> None:
+        validate(self)

@@ -109,6 +109,7 @@ def test_train_refuses_bad_values_before_writing(flags, field, tmp_path, monkeyp
         (["darkmatter", "r", "--ridge", "nan"], "ridge"),
         (["index", "r", "--hist_bins", "0"], "hist_bins"),
         (["index", "r", "--device", "tpu"], "device"),
+        (["explain", "r", "--n_show", "0"], "n_show"),
     ],
 )
 def test_every_command_refuses_a_bad_field_in_one_line(argv, field, tmp_path, monkeypatch, capsys):
@@ -119,7 +120,7 @@ def test_every_command_refuses_a_bad_field_in_one_line(argv, field, tmp_path, mo
 
 
 def test_every_config_command_is_covered_above():
-    tested = {"harvest", "train", "eval", "compare", "darkmatter", "index"}
+    tested = {"harvest", "train", "eval", "compare", "darkmatter", "index", "explain"}
     assert tested == {name for name, cmd in COMMANDS.items() if cmd.config is not None}
 
 

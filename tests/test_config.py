@@ -146,7 +146,7 @@ def test_the_walk_finds_every_config():
     names = {cls.__name__ for cls in CONFIGS}
     assert names == {
         "HarvestConfig", "SAEConfig", "TrainConfig", "EvalConfig", "DarkMatterConfig",
-        "IndexConfig",
+        "IndexConfig", "ExplainConfig",
     }  # fmt: skip
 
 
