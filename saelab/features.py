@@ -378,6 +378,26 @@ def _vocab(model: str | None, ids: np.ndarray) -> list[tuple[int, str, str]]:
     return [(int(i), f"<{i}>", f"<{i}>") for i in ids]
 
 
+@torch.no_grad()
+def whole_context(run: str | Path, row: int, latent: int) -> tuple[list[str], list[float], int]:
+    """The whole harvest context holding harvest `row` (the app's "show the whole context"):
+    its tokens (BOS first), `latent`'s activation on each (0 on BOS, which is not stored),
+    and the index of `row`'s token."""
+    s = open_run(run)
+    if not 0 <= latent < s.sae.d_sae:
+        raise UserError(f"latent {latent} is out of range; this SAE has 0..{s.sae.d_sae - 1}")
+    tpc = s.store.tokens_per_context
+    if not 0 <= row < s.store.n_tokens:
+        raise UserError(f"harvest row {row} is out of range; this harvest has {s.store.n_tokens}")
+    ctx, pos = (int(v) for v in locate(np.array([row]), tpc))
+    x = s.store.read(ctx * tpc, min((ctx + 1) * tpc, s.store.n_tokens)).to(s.device)
+    code = s.sae.encode(x)
+    acts = (code.values.float() * (code.indices == latent)).sum(1).cpu().tolist()
+    ids = np.asarray(s.store.tokens()[ctx])[: len(acts) + 1].astype(np.int64)
+    words = {i: text for i, text, _ in _vocab(s.cfg.get("model"), np.unique(ids))}
+    return [words[int(t)] for t in ids], [0.0, *acts], pos
+
+
 # ---------------------------------------------------------------------------------------
 # Writing the file
 

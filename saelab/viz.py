@@ -276,24 +276,46 @@ def _token_text(tok: str, empty: str = "∅") -> str:
     return html.escape(tok.replace("\n", "↵").replace("\t", "⇥"), quote=True) or empty
 
 
+MIN_ALPHA = 0.2
+"""Least highlight opacity of a token the latent fires on, so a weak firing stays visible."""
+
+_TOKEN_CSS = (
+    "<style>.sl-ctx{font-family:ui-monospace,monospace;font-size:0.85rem;line-height:1.9;"
+    "white-space:pre-wrap;word-break:break-word}"
+    ".sl-t{position:relative}"
+    ".sl-t:hover::after{content:attr(data-v);position:absolute;left:0;bottom:1.45em;"
+    "background:#262730;color:#fff;font-size:0.7rem;padding:0 4px;border-radius:3px;"
+    "white-space:nowrap;z-index:10;pointer-events:none}"
+    ".sl-peak{outline:2px solid #1f2937;outline-offset:1px;border-radius:2px}</style>"
+)
+"""Instant tooltips (a CSS ::after from data-v, not the browser's slow title) and the peak
+token's frame, drawn outside the glyphs so that any token, `__` or a space, shows it."""
+
+
+def token_alpha(a: float, top: float) -> float:
+    """Highlight opacity: act / top, at least MIN_ALPHA for any firing token, 0 otherwise."""
+    if a <= 0 or top <= 0:
+        return 0.0
+    return min(max(a / top, MIN_ALPHA), 1.0)
+
+
 def token_html(
     tokens: list[str], acts: list[float], peak: int | None = None, vmax: float | None = None
 ) -> str:
-    """Tokens as one line of HTML spans whose background opacity is act / vmax (vmax: the
-    largest activation given); hovering shows the value. Every token is escaped."""
+    """Tokens as one block of HTML spans whose background opacity is `token_alpha(act, vmax)`
+    (vmax: the largest activation given); hovering shows the value at once. No padding
+    between spans, so a word split into tokens reads as one word. Every token is escaped."""
     top = vmax if vmax and vmax > 0 else max([a for a in acts if a > 0], default=1.0)
     r, g, b = ACT_COLOR
     spans = []
     for i, (tok, a) in enumerate(zip(tokens, acts)):
-        alpha = min(max(a / top, 0.0), 1.0)
-        style = f"background:rgba({r},{g},{b},{alpha:.2f});border-radius:3px;padding:0 1px"
-        if i == peak:
-            style += ";outline:1.5px solid #333"
-        spans.append(f'<span style="{style}" title="{a:.3g}">{_token_text(tok)}</span>')
-    return (
-        '<div style="font-family:ui-monospace,monospace;font-size:0.85rem;line-height:1.9;'
-        'white-space:pre-wrap;word-break:break-word">' + "".join(spans) + "</div>"
-    )
+        alpha = token_alpha(a, top)
+        cls = "sl-t sl-peak" if i == peak else "sl-t"
+        spans.append(
+            f'<span class="{cls}" style="background:rgba({r},{g},{b},{alpha:.2f})" '
+            f'data-v="{a:.3g}">{_token_text(tok)}</span>'
+        )
+    return f'{_TOKEN_CSS}<div class="sl-ctx">{"".join(spans)}</div>'
 
 
 def marked_html(text: str, open_mark: str = "«", close_mark: str = "»") -> str:
