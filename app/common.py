@@ -14,6 +14,7 @@ import streamlit as st
 
 from saelab import workbench as wb
 from saelab.errors import UserError
+from saelab.runs import SYNTHETIC
 
 log = logging.getLogger("saelab.app")
 
@@ -202,7 +203,7 @@ def model_and_sae(info: wb.RunInfo) -> tuple[Any, Any] | None:
     """The run's model and SAE, loaded once per process; None (with a message) when the run
     has no model behind it."""
     name = info.cfg.get("model")
-    if not name or name == wb.SYNTHETIC:
+    if not name or name == SYNTHETIC:
         st.info(f"{info.name} was trained on a synthetic harvest: there is no model to run.")
         return None
     weights = info.path / wb.WEIGHTS

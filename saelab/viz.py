@@ -58,6 +58,9 @@ def frontier_figure(rows: list[dict[str, Any]]) -> go.Figure:
                 row=1,
                 col=col,
             )
+    fvu = [r["fvu"] for r in rows if r.get("fvu") is not None]
+    # FVU is at least 0: never let autoscale (one point is centred in a ±1 range) go negative.
+    fig.update_yaxes(range=[0, max([*fvu, 0.0]) * 1.15 or 1.0])
     fig.update_yaxes(title_text="FVU (held out)", row=1, col=1)
     fig.update_layout(
         title="SAE architectures side by side",
@@ -190,11 +193,19 @@ def error_split_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def error_split_figure(rows: list[dict[str, Any]]) -> go.Figure:
-    """Linear and nonlinear parts of the error as fractions of the activations' variance,
-    one bar per SAE (rows need name, fvu_linear, fvu_nonlinear; fvu optional)."""
+    """The error ‖e‖² (FVU) and its linear and nonlinear parts ‖e_lin‖², ‖e_nl‖², each as a
+    fraction of the activations' variance, side by side per SAE (rows need name, fvu_linear,
+    fvu_nonlinear; fvu optional). Side by side, not stacked: e = e_lin + e_nl, but the two
+    are not orthogonal on held-out tokens, so their squared norms need not add up to FVU."""
     names = [r["name"] for r in rows]
+    total = (
+        [go.Bar(x=names, y=[r["fvu"] for r in rows], name="total ‖e‖² (FVU)",
+                marker_color=ERROR_COLORS["e_norm"])]
+        if all("fvu" in r for r in rows) else []
+    )  # fmt: skip
     fig = go.Figure(
-        [
+        total
+        + [
             go.Bar(
                 x=names,
                 y=[r["fvu_linear"] for r in rows],
@@ -209,19 +220,9 @@ def error_split_figure(rows: list[dict[str, Any]]) -> go.Figure:
             ),
         ]  # fmt: skip
     )
-    if all("fvu" in r for r in rows):
-        fig.add_trace(
-            go.Scatter(
-                x=names,
-                y=[r["fvu"] for r in rows],
-                mode="markers",
-                name="FVU (total)",
-                marker={"symbol": "diamond", "size": 11, "color": "#222"},
-            )  # fmt: skip
-        )
     fig.update_layout(
-        barmode="stack",
-        title="SAE error: linearly predictable vs nonlinear (fraction of variance)",
+        barmode="group",
+        title="SAE error and its linear and nonlinear parts (not additive)",
         yaxis_title="fraction of variance of x",
         template="plotly_white",
         height=420,
@@ -381,6 +382,8 @@ def logit_lens_figure(top: list[tuple[str, float]], bottom: list[tuple[str, floa
                 x=[v for _, v in rows],
                 y=[repr(t)[1:-1] or "∅" for t, _ in rows],
                 orientation="h",
+                text=[f"{v:+.2f}" for _, v in rows],
+                textposition="auto",
                 marker_color=color,
                 showlegend=False,
                 hovertemplate="%{y}: %{x:.3g}<extra></extra>",
@@ -418,7 +421,10 @@ def freq_hist_figure(hists: dict[str, dict[str, Any]]) -> go.Figure:
             )
         )
     fig.add_vline(x=lo - 0.2, line_dash="dot", line_color="#999")
-    fig.add_vline(x=-5, line_dash="dash", line_color="#d62728", opacity=0.5)
+    fig.add_vline(
+        x=-5, line_dash="dash", line_color="#d62728", opacity=0.5,
+        annotation_text="1e-5: rarely firing", annotation_position="top right",
+    )  # fmt: skip
     fig.update_xaxes(
         tickvals=[lo - 0.5, *range(int(lo), 1)],
         ticktext=["never", *(f"1e{v}" for v in range(int(lo), 1))],

@@ -33,12 +33,11 @@ from saelab.runs import (
     LOG,
     NOTES,
     SCALING,
-    SYNTHETIC,
     WEIGHTS,
     is_finished,
-    write_json,
     read_json,
     read_token_table,
+    write_json,
 )
 
 RUNS_DEPTH = 2
@@ -260,9 +259,13 @@ def freq_hist_from_stats(freq: np.ndarray, n_tokens: int) -> FreqHist:
 
 
 def dead_counts(h: FreqHist) -> dict[str, int]:
+    """Dead (never fired) and "freq < f" counts on the histogram's own sample. Only the
+    thresholds that sample can resolve are counted: on n tokens a latent that fires at all
+    has frequency at least 1/n, so "freq < f" with f ≤ 1/n would only repeat the dead count."""
     out = {"dead": h.never_fired}
     for f in UNDER_USED:
-        out[f"freq < {f:.0e}".replace("e-0", "e-")] = h.below(f)
+        if f * h.n_tokens > 1:
+            out[f"freq < {f:.0e}".replace("e-0", "e-")] = h.below(f)
     return out
 
 
@@ -318,6 +321,16 @@ def scaling_result(root: Path, run: Path) -> tuple[Path, dict[str, Any]] | None:
     return path, read_json(path, "rerun saelab darkmatter --scaling")
 
 
+def ce_contexts(ce: dict[str, Any] | None) -> str:
+    """Which contexts a CE measurement used (its 'n_contexts', 'n_tokens', 'contexts'), so
+    that two ΔCEs on different context sets are never read as one number."""
+    if not ce or not ce.get("n_contexts"):
+        return "contexts not recorded"
+    ids = ce.get("contexts") or []
+    span = f", harvest contexts {min(ids)}–{max(ids)}" if ids else ""
+    return f"{ce['n_contexts']} held-out contexts ({ce.get('n_tokens', 0):,} tokens{span})"
+
+
 def ce_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The three-way CE (clean, each splice, zero-ablation) as table rows."""
     ce = result.get("ce") or {}
@@ -365,7 +378,9 @@ def read_explanations(run: Path) -> dict[int, Explanation]:
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} cannot be read ({type(e).__name__}); rerun saelab explain") from None
+        raise UserError(
+            f"{path} cannot be read ({type(e).__name__}); rerun saelab explain"
+        ) from None
     out: dict[int, Explanation] = {}
     for n, line in enumerate(lines):
         if not line.strip():

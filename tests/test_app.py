@@ -146,7 +146,7 @@ def test_read_json_errors_are_one_line(tmp_path):
 def test_freq_hist_counts():
     ev = {
         "d_sae": 10,
-        "n_tokens": 1000,
+        "n_tokens": 2_000_000,
         "log10_freq_hist": {"edges": [-8, -6, -5, -4, 0], "counts": [1, 2, 3, 1], "never_fired": 3},
     }
     h = wb.freq_hist(ev)
@@ -155,6 +155,9 @@ def test_freq_hist_counts():
     freq = np.array([0, 0, 1e-7, 1e-3, 0.5])
     g = wb.freq_hist_from_stats(freq, 100)
     assert g.never_fired == 2 and sum(g.counts) == 3 and g.below(1e-6) == 3
+    small = wb.freq_hist({**ev, "n_tokens": 40_005})
+    assert small is not None  # 40k tokens resolve 1e-4 only: 1e-5 would repeat the dead count
+    assert wb.dead_counts(small) == {"dead": 3, "freq < 1e-4": 9}
 
 
 def test_dead_series_skips_unparsable_lines(tmp_path):
@@ -404,6 +407,16 @@ def test_dark_matter_page(monkeypatch, runs_dir):
     assert charts(at) == 3  # norms, predicted vs actual, linear/nonlinear split
     assert len(at.html) == 1 and "«" not in at.html[0].proto.body
     assert "clean" in list(at.dataframe[0].value["splice"])
+    dm = json.loads((runs_dir / RUN / "darkmatter.json").read_text())
+    ev = json.loads((runs_dir / RUN / "eval.json").read_text())
+    split = json.loads(at.get("plotly_chart")[2].proto.spec)
+    assert split["layout"]["barmode"] == "group"  # the parts are not additive
+    bars = {t["name"]: t["y"] for t in split["data"]}
+    assert bars["total ‖e‖² (FVU)"][0] == pytest.approx(dm["fvu"])  # then pursuit's
+    assert bars["nonlinear ‖e_nl‖²"][0] == pytest.approx(dm["fvu_nonlinear"])
+    caption = texts(at.caption)
+    assert wb.ce_contexts(dm["ce"]) in caption and wb.ce_contexts(ev["downstream"]) in caption
+    assert wb.ce_contexts(dm["ce"]) != wb.ce_contexts(ev["downstream"])
     at = focus(at, PLAIN)
     assert f"saelab darkmatter {runs_dir / PLAIN}" in texts(at.info)
 
@@ -414,6 +427,12 @@ def test_compare_page(monkeypatch, runs_dir):
     assert charts(at) == 1 and "topk" in texts(at.subheader)
     assert list(at.dataframe[0].value["name"]) == [RUN]
     assert f"saelab eval {runs_dir / PLAIN}" in texts(at.caption)
+    assert "select more runs" in texts(at.info)  # one evaluated run: nothing to compare yet
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    fvu = json.loads((runs_dir / RUN / "eval.json").read_text())["fvu"]
+    assert fig["layout"]["yaxis"]["range"] == [0, pytest.approx(fvu * 1.15)]  # never negative
+    ev = json.loads((runs_dir / RUN / "eval.json").read_text())
+    assert f"{wb.md_escape(RUN)}: {wb.ce_contexts(ev['downstream'])}" in texts(at.caption)
 
 
 def test_prompt_page_runs_the_model(monkeypatch, runs_dir):

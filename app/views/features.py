@@ -209,6 +209,11 @@ def card(idx: FeatureIndex, i: int, info: wb.RunInfo, describe: wb.Describer) ->
     contexts(idx, i, c, info)
 
 
+def _row(x, vmax: float) -> tuple[str, str]:
+    label = f"activation {x.act:.3g} · harvest row {x.row}"
+    return label, viz.token_html(x.tokens, x.acts, x.peak, vmax)
+
+
 def contexts(idx: FeatureIndex, i: int, c, info: wb.RunInfo) -> None:
     top, groups = st.tabs(["Top activations", "Across the range (activation intervals)"])
     vmax = c.max_act
@@ -217,9 +222,7 @@ def contexts(idx: FeatureIndex, i: int, c, info: wb.RunInfo) -> None:
         if not found:
             st.caption("No contexts stored.")
         else:
-            rows = [(f"activation {x.act:.3g} · harvest row {x.row}",
-                     viz.token_html(x.tokens, x.acts, x.peak, vmax)) for x in found]  # fmt: skip
-            st.html(viz.labelled_html(rows))
+            st.html(viz.labelled_html([_row(x, vmax) for x in found]))
             expand(found, i, info, vmax)
     with groups:
         examples = idx.contexts(i, "interval")
@@ -234,9 +237,7 @@ def contexts(idx: FeatureIndex, i: int, c, info: wb.RunInfo) -> None:
                 f"({share:.1%})" + ("" if inside or not n else " · no distinct example kept")
             )
             if inside:
-                rows = [(f"activation {x.act:.3g} · harvest row {x.row}",
-                         viz.token_html(x.tokens, x.acts, x.peak, vmax)) for x in inside]  # fmt: skip
-                st.html(viz.labelled_html(rows))
+                st.html(viz.labelled_html([_row(x, vmax) for x in inside]))
 
 
 def expand(found: list, i: int, info: wb.RunInfo, vmax: float) -> None:

@@ -44,13 +44,13 @@ def main() -> None:
     def named(i: int) -> str:
         label = describe(i)
         return f"{i} ({wb.shorten(label, 32)})" if label else str(i)
+
     table = pd.DataFrame(
         {
             "position": [r[0] for r in rows],
             "token": [repr(r[1])[1:-1] for r in rows],
             "latents (activation)": [
-                "  ".join(f"{named(i)}: {v:.2f}" for i, v in zip(r[2][:k], r[3][:k]))
-                for r in rows
+                "  ".join(f"{named(i)}: {v:.2f}" for i, v in zip(r[2][:k], r[3][:k])) for r in rows
             ],
         }
     )
