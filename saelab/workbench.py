@@ -467,6 +467,7 @@ def describer(run: Path, index: Any = None) -> Describer:
     return Describer(read_notes(run), read_explanations(run), label)
 
 
+_AUTOLINK = re.compile(r"(?<=://)|(?<=@)|(?i:(?<=www)(?=\.))")
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=^&])")
 
 
@@ -477,6 +478,9 @@ def md_escape(text: str, one_line: bool = True) -> str:
     text = str(text)
     if one_line:
         text = text.replace("\r", "").replace("\n", "↵")
+    # The markdown renderer turns bare URLs and e-mail addresses in text into links whatever
+    # the escapes; an invisible word joiner inside them keeps them plain text.
+    text = _AUTOLINK.sub("\u2060", text)
     return _MARKDOWN.sub(r"\\\1", text)
 
 

@@ -69,8 +69,11 @@ def test_describer_prefers_note_then_explanation_then_index(tmp_path):
 def test_md_escape_neutralises_markdown():
     for raw in ("def __init__(self):", "[link](http://x.y)", "**bold** `code` $x$", ":red[hi]"):
         out = wb.md_escape(raw)
-        assert re.sub(r"\\(.)", r"\1", out) == raw  # unescaping gives the text back
+        plain = re.sub(r"\\(.)", r"\1", out).replace("\u2060", "")
+        assert plain == raw  # unescaping gives the text back
         assert not re.search(r"(?<!\\)[_*\[\]`$:]", out)  # no active markdown character
+    for url in ("see http://x.y", "www.python.org", "me@x.org"):  # no bare autolinks either
+        assert not re.search(r"://\w|www\\?\.|@\w", wb.md_escape(url)), wb.md_escape(url)
     assert wb.md_escape("a\nb") == "a↵b" and wb.md_escape("a\nb", one_line=False) == "a\nb"
 
 
