@@ -389,7 +389,7 @@ def whole_context(run: str | Path, row: int, latent: int) -> tuple[list[str], li
     tpc = s.store.tokens_per_context
     if not 0 <= row < s.store.n_tokens:
         raise UserError(f"harvest row {row} is out of range; this harvest has {s.store.n_tokens}")
-    ctx, pos = (int(v) for v in locate(np.array([row]), tpc))
+    ctx, pos = locate(int(row), tpc)
     x = s.store.read(ctx * tpc, min((ctx + 1) * tpc, s.store.n_tokens)).to(s.device)
     code = s.sae.encode(x)
     acts = (code.values.float() * (code.indices == latent)).sum(1).cpu().tolist()

@@ -194,6 +194,23 @@ def test_label_names_the_most_frequent_tokens(index, dense, run):
     assert index.labels([3, 3, 1]) == {3: index.latent(3).label(), 1: index.latent(1).label()}
 
 
+def test_whole_context_is_the_harvest_context_with_its_activations(index, dense, run):
+    tok = load_tokenizer("tiny")
+    store = ActivationStore(index.meta["harvest"])
+    for c in index.contexts(7)[:2] + index.contexts(7, "interval")[:1]:
+        tokens, acts, peak = F.whole_context(run, c.row, 7)
+        ctx = c.row // TPC
+        assert tokens == [tok.decode([int(t)]) for t in store.tokens()[ctx]]
+        want = [0.0, *dense[ctx * TPC : (ctx + 1) * TPC, 7]]
+        np.testing.assert_allclose(acts, want, rtol=1e-5, atol=1e-6)
+        assert peak == 1 + c.row % TPC and acts[peak] == pytest.approx(c.act, rel=1e-5)
+        assert tokens[peak - c.peak : peak - c.peak + len(c.tokens)] == c.tokens
+    with pytest.raises(UserError, match="out of range"):
+        F.whole_context(run, 0, 96)
+    with pytest.raises(UserError, match="harvest row"):
+        F.whole_context(run, 10**9, 0)
+
+
 def test_neighbours_match_brute_force(index, run):
     W = SparseCoder.load(run).W_dec.detach()
     W = W / W.norm(dim=1, keepdim=True)

@@ -252,6 +252,7 @@ def expand(found: list, i: int, info: wb.RunInfo, vmax: float) -> None:
         if n is None or not st.toggle("show it", key="whole_on"):
             return
         x = found[n]
+        st.session_state["_ctx_row"] = x.row
         tokens, acts, peak = whole(str(info.path), common.mtime(info.path / wb.WEIGHTS), x.row, i)
         st.html(viz.token_html(tokens, acts, peak, vmax))
 
