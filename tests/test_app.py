@@ -279,7 +279,7 @@ def test_feature_page_shows_explanation_note_and_labels(monkeypatch, runs_dir, t
 
 
 def test_your_text_box_matches_the_sae(monkeypatch, runs_dir):
-    from saelab.steering import hook_activations
+    from saelab.steering import hook_activations, rank_latents
 
     at = app(monkeypatch, runs_dir, "features", run=RUN, latent="2")
     n_html = len(at.html)
@@ -291,6 +291,12 @@ def test_your_text_box_matches_the_sae(monkeypatch, runs_dir):
     dense = np.zeros((x.shape[0], sae.d_sae))
     np.put_along_axis(dense, code.indices.numpy(), code.values.numpy(), 1)
     latent = int(dense[1:].sum(0).argmax())  # one that fires on this text
+    best = dense[1:].max(0)  # text search ranks by the largest activation after BOS
+    want = [j for j in np.argsort(-best, kind="stable")[:20] if best[j] > 0]
+    got = rank_latents(model, sae, text, k=20)
+    assert [h.latent for h in got] == want
+    assert [h.value for h in got] == pytest.approx(best[want].tolist(), rel=1e-5)
+    assert [h.position for h in got] == [1 + int(dense[1:, j].argmax()) for j in want]
     at.number_input[0].set_value(latent).run()
     at.text_input(key="own_text").input(text).run()
     clean(at)
