@@ -139,11 +139,13 @@ def about(i: int, info: wb.RunInfo, describe: wb.Describer) -> None:
         name = {"note": "Your note", "explanation": "Explanation", "index": "From the index"}
         st.markdown(f"**{name[source]}:** {wb.md_escape(label, one_line=False)}")
     if (e := describe.explanations.get(i)) is not None:
-        score = "no score" if e.score is None else f"detection score {e.score:.2f}"
-        st.caption(
-            f"Explanation by {wb.md_escape(e.explainer or 'an explainer')}: {score} "
-            f"(balanced accuracy on {e.n_scored} examples; chance is 0.50)"
+        score = (
+            "not scored"
+            if e.score is None
+            else f"detection score {e.score:.2f} (balanced accuracy on {e.n_scored} examples; "
+            "chance is 0.50)"
         )
+        st.caption(f"Explanation by {wb.md_escape(e.explainer or 'an explainer')}: {score}")
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
     with c1.expander("Your note on this latent" + (" (saved)" if i in describe.notes else "")):
         text = st.text_area("Note", describe.notes.get(i, ""), key=f"note_{i}", height=80)

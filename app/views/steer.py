@@ -101,6 +101,7 @@ def main() -> None:
     st.dataframe(
         common.table(rows, {"before": "{:.2%}", "after": "{:.2%}", "change": "{:+.2%}"}),
         hide_index=True,
+        height=35 * (len(rows) + 1) + 3,
     )
     st.caption(
         "Same seed, same sampling, with and without the intervention (saelab.steering."
