@@ -211,17 +211,26 @@ def _encode_rows(s: _Subject, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return keys[o], code.values.float().cpu().numpy()[fire][o]
 
 
+def _window_tokens(
+    s: _Subject, cfg: IndexConfig, row: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids [N, W] of each context's window, its validity mask and its positions."""
+    n_ctx = s.store.n_ctx
+    ctx, pos = locate(row, s.store.tokens_per_context)
+    p = pos[:, None] + np.arange(-cfg.context_before, cfg.context_after + 1)
+    valid = (p >= 0) & (p < n_ctx)
+    return np.asarray(s.store.tokens()[ctx[:, None], p.clip(0, n_ctx - 1)]), valid, p
+
+
 def _windows(
     s: _Subject, cfg: IndexConfig, fires: tuple[np.ndarray, np.ndarray], latent: np.ndarray,
     row: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Token ids [N, W], per-token activations [N, W] of each context's latent, and a validity
     mask (windows clipped at the context's edges; BOS has no activation, so 0)."""
-    tpc, n_ctx = s.store.tokens_per_context, s.store.n_ctx
-    ctx, pos = locate(row, tpc)
-    p = pos[:, None] + np.arange(-cfg.context_before, cfg.context_after + 1)
-    valid = (p >= 0) & (p < n_ctx)
-    toks = np.asarray(s.store.tokens()[ctx[:, None], p.clip(0, n_ctx - 1)])
+    tpc = s.store.tokens_per_context
+    ctx, _ = locate(row, tpc)
+    toks, valid, p = _window_tokens(s, cfg, row)
     wrow = ctx[:, None] * tpc + p - 1
     has = valid & (p >= 1)
     inside = has & (wrow >= s.rows[0]) & (wrow < s.rows[1])
@@ -553,14 +562,15 @@ def build_index(run: str | Path, cfg: IndexConfig | None = None, progress: bool 
         token_rows, most = _token_table(fires, tok_of_row, lo, n_fires, cfg.token_latents)
         iv = _intervals(acc, fires, cfg)
         ctx = _candidates(acc, cfg, tpc, iv)
+        ctx = _choose(ctx, *_window_tokens(s, cfg, ctx["row"])[:2], cfg)
+        ctx = {k: v[ctx["keep"]] for k, v in ctx.items()}  # activations only for those shown
         toks, acts, valid = _windows(s, cfg, fires, ctx["latent"], ctx["row"])
-        ctx = _choose(ctx, toks, valid, cfg)
         del fires
     nb = _neighbours(s.sae.W_dec.detach().float(), cfg.neighbours)
     lens, note = _logit_lens(s, cfg.logit_tokens) if cfg.logit_lens else (None, "not asked for")
     if note:
         log.info("logit lens skipped: %s", note)
-    shown = toks[valid & ctx["keep"][:, None]]
+    shown = toks[valid]
     ids = [tok_of_row, shown] + ([lens[0].ravel(), lens[2].ravel()] if lens else [])
     vocab = _vocab(s.cfg.get("model"), np.unique(np.concatenate(ids)).astype(np.int64))
     n_tok = np.bincount(tok_of_row.astype(np.int64))
