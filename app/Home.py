@@ -22,6 +22,7 @@ PAGES = [
     st.Page("views/darkmatter.py", title="Dark matter", icon=":material/dark_mode:"),
     st.Page("views/compare.py", title="Compare", icon=":material/scatter_plot:"),
     st.Page("views/prompt.py", title="Prompt", icon=":material/keyboard:"),
+    st.Page("views/steer.py", title="Steer", icon=":material/tune:"),
 ]
 
 page = st.navigation(PAGES)

@@ -14,6 +14,7 @@ import streamlit as st
 
 from saelab import workbench as wb
 from saelab.errors import UserError
+from saelab.runs import SYNTHETIC
 
 log = logging.getLogger("saelab.app")
 
@@ -178,3 +179,43 @@ def open_index(run: Path) -> Any:
 @st.cache_data(max_entries=16, show_spinner=False)
 def darkmatter_tokens(run: str, modified: float) -> dict[str, Any] | None:
     return wb.darkmatter_tokens(Path(run))
+
+
+# ---------------------------------------------------------------------------------------
+# The model and the SAE (Prompt, Steer, the feature page's own-text box)
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the model…")
+def model(name: str) -> Any:
+    from saelab.models import load_model
+
+    return load_model(name)
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def sae(path: str, modified: float) -> Any:
+    from saelab.steering import load_sae
+
+    return load_sae(path).eval()
+
+
+def model_and_sae(info: wb.RunInfo) -> tuple[Any, Any] | None:
+    """The run's model and SAE, loaded once per process; None (with a message) when the run
+    has no model behind it."""
+    name = info.cfg.get("model")
+    if not name or name == SYNTHETIC:
+        st.info(f"{info.name} was trained on a synthetic harvest: there is no model to run.")
+        return None
+    weights = info.path / wb.WEIGHTS
+    return model(name), sae(str(info.path), mtime(weights))
+
+
+def describer(info: wb.RunInfo, idx: Any = None) -> wb.Describer:
+    """Notes, explanations and index labels of the run (read each rerun: a few small files)."""
+    return wb.describer(info.path, idx)
+
+
+def named(i: int, describe: wb.Describer, width: int = 48) -> str:
+    """'#i · label' for a button or a list, markdown-escaped."""
+    label = describe(i)
+    return f"#{i}" + (f" · {wb.md_escape(wb.shorten(label, width))}" if label else "")

@@ -42,7 +42,7 @@ def timings(ix: FeatureIndex, n: int) -> dict[str, list[float]]:
         "stats()": lambda i: ix.stats(),
         "latent(i)": lambda i: ix.latent(i),
         "contexts(i, 'top')": lambda i: ix.contexts(i),
-        "contexts(i, 'quantile')": lambda i: ix.contexts(i, "quantile"),
+        "contexts(i, 'interval')": lambda i: ix.contexts(i, "interval"),
         "search_token": lambda i: ix.search_token(
             "<0>" if ix.meta["model"] == "synthetic" else "the"
         ),

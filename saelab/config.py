@@ -358,11 +358,12 @@ class IndexConfig:
     """Top-activating contexts kept per latent: the best of its top 2·top_contexts tokens whose
     windows do not overlap a better one's in the same context."""
 
-    quantile_samples: Count = 2
-    """Contexts kept near each of the activation quantiles 0.75, 0.5 and 0.25 of a latent."""
+    intervals: Positive = 8
+    """Equal-width activation intervals per latent, from its smallest to its largest firing
+    activation; each shows its share of firings and a few examples."""
 
-    quantile_pool: Positive = 64
-    """Firing tokens per latent sampled uniformly during the pass, to pick quantile contexts."""
+    interval_samples: Count = 3
+    """Examples kept per activation interval, drawn uniformly from the firings inside it."""
 
     context_before: Count = 16
     """Tokens shown before the peak token of a context."""
@@ -390,7 +391,7 @@ class IndexConfig:
     """Tokens per batch."""
 
     seed: Seed = 0
-    """Seed of the quantile sampling."""
+    """Seed of the interval sampling."""
 
     device: Device = "auto"
     """Where to run; 'auto' picks cuda when it is available."""

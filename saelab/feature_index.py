@@ -19,7 +19,7 @@ import numpy as np
 from saelab.errors import UserError
 from saelab.runs import INDEX, SYNTHETIC
 
-VERSION = 4
+VERSION = 5
 """Bumped whenever the schema or the meaning of a column changes; older files are refused."""
 
 
@@ -39,6 +39,21 @@ class LatentCard:
     logit_bottom: list[tuple[str, float]]
     neighbours: list[tuple[int, float]]
     """(latent id, decoder cosine), most similar first."""
+    intervals: list[tuple[float, float, int]]
+    """(lo, hi, firings) of equal-width activation intervals from the smallest firing
+    activation to the largest; the firings add up to n_fires."""
+    top_tokens: list[tuple[str, int]]
+    """The tokens it fires on most often, with how often."""
+
+    def label(self, n: int = 3) -> str:
+        """A short description from the index alone (no LM): the tokens it fires on most
+        and the tokens its decoder direction promotes most (logit lens)."""
+        if not self.n_fires:
+            return "never fired"
+        parts = ["fires on " + " ".join(_quoted(t) for t, _ in self.top_tokens[:n])]
+        if self.logit_top:
+            parts.append("promotes " + " ".join(_quoted(t) for t, _ in self.logit_top[:n]))
+        return " · ".join(parts)
 
 
 @dataclass
@@ -47,9 +62,11 @@ class Context:
 
     latent: int
     kind: str
-    """'top' (rank 0 = highest activation) or 'quantile' (samples near the 0.75, 0.5 and 0.25
-    quantiles, highest activation first)."""
+    """'top' (rank 0 = highest activation) or 'interval' (examples drawn uniformly within each
+    activation interval; highest interval first, then highest activation)."""
     rank: int
+    group: int
+    """The activation interval (an index into LatentCard.intervals); -1 for top contexts."""
     act: float
     row: int
     """Global harvest row of the peak token."""
@@ -72,7 +89,14 @@ class TokenHit:
 
 
 _CARD = [f.name for f in fields(LatentCard)]
-_KINDS = ("top", "quantile")
+_KINDS = ("top", "interval")
+_JSON = ("hist_edges", "hist_counts", "logit_top", "logit_bottom", "neighbours", "intervals",
+         "top_tokens")  # fmt: skip
+
+
+def _quoted(token: str) -> str:
+    """A token as a short quoted string with its whitespace visible (' the', '↵')."""
+    return "'" + token.replace("\n", "↵").replace("\t", "⇥") + "'"
 
 
 class FeatureIndex:
@@ -134,9 +158,13 @@ class FeatureIndex:
             f"SELECT {', '.join(_CARD)} FROM latents WHERE id = ?", (self._check(i),)
         )
         v = dict(zip(_CARD, row))
-        for key in ("hist_edges", "hist_counts", "logit_top", "logit_bottom", "neighbours"):
+        for key in _JSON:
             v[key] = [tuple(x) if isinstance(x, list) else x for x in json.loads(v[key])]
         return LatentCard(**v)
+
+    def labels(self, ids: list[int]) -> dict[int, str]:
+        """LatentCard.label of each id (one indexed lookup each)."""
+        return {int(i): self.latent(i).label() for i in dict.fromkeys(ids)}
 
     def _vocab(self) -> dict[int, str]:
         if self._words is None:
@@ -147,7 +175,7 @@ class FeatureIndex:
         if kind not in _KINDS:
             raise UserError(f"context kind {kind!r} is not one of {', '.join(_KINDS)}")
         rows = self._query(
-            "SELECT rank, act, row, peak, tokens, acts FROM contexts "
+            "SELECT rank, grp, act, row, peak, tokens, acts FROM contexts "
             "WHERE latent = ? AND kind = ? ORDER BY rank",
             (self._check(i), kind),
         )
@@ -157,13 +185,14 @@ class FeatureIndex:
                 i,
                 kind,
                 rank,
+                grp,
                 act,
                 row,
                 [words.get(int(t), f"<{t}>") for t in np.frombuffer(toks, "<i4")],
                 np.frombuffer(acts, "<f4").astype(float).tolist(),
                 peak,
             )  # fmt: skip
-            for rank, act, row, peak, toks, acts in rows
+            for rank, grp, act, row, peak, toks, acts in rows
         ]
 
     def _hits(self, ids: list[int], limit: int) -> list[TokenHit]:

@@ -3,12 +3,16 @@
 
 `build_index` streams the indexed harvest rows through the SAE once, keeping per latent on
 tensors: firing count, activation sum and max, a histogram whose range doubles as larger
-activations arrive (bins merge in pairs, so counts stay exact), the running top-2N tokens (the N
-best whose windows do not overlap a better one's are shown), and a uniform sample of firing
-tokens (the top-m of a random priority, a bottom-k sketch) from which contexts near the
-0.75/0.5/0.25 activation quantiles are picked. Every firing (row, latent, activation) also goes
-to a temporary file, sorted by row, so the per-token activations over a context window are
-lookups rather than a second encoding, and the token → latents table is counted after the pass.
+activations arrive (bins merge in pairs, so counts stay exact), and the running top-2N tokens
+(the N best whose windows neither overlap a better one's nor repeat its text are shown). Every
+firing (row, latent, activation) also goes to a temporary file, sorted by row, so the per-token
+activations over a context window are lookups rather than a second encoding, and after the pass
+the token → latents table, each latent's most frequent tokens and its interval groups are
+counted from it. Interval groups: `intervals` equal-width activation intervals from the
+latent's smallest firing activation (at or above any threshold of its rule) to its largest,
+each with its exact share of firings and a few examples drawn uniformly (seeded) from the
+firings inside it, like the interval groups of Anthropic's feature dashboards (Bricken et al.
+2023); examples whose window text repeats one already shown are skipped.
 Logit lens: a decoder row in the model's units (input scale undone) through the final norm's
 gain and W_U, as in Bricken et al. 2023 (the standard logit lens also for hooks before the last
 layer). Neighbours: top decoder cosines, chunked over d_sae × d_sae.
@@ -16,9 +20,10 @@ layer). Neighbours: top decoder cosines, chunked over d_sae × d_sae.
 Schema (all written to a temporary file, then moved into place):
   meta(key PRIMARY KEY, value JSON)
   latents(id PRIMARY KEY, n_fires, freq, mean_act, max_act, n_zero, hist_edges JSON,
-          hist_counts JSON, logit_top JSON [[text, logit]], logit_bottom JSON, neighbours JSON)
-  contexts(latent, kind 'top'|'quantile', rank, act, row, peak, tokens BLOB int32,
-           acts BLOB float32; PRIMARY KEY (latent, kind, rank))
+          hist_counts JSON, logit_top JSON [[text, logit]], logit_bottom JSON, neighbours JSON,
+          intervals JSON [[lo, hi, n_fires]], top_tokens JSON [[text, firings on it]])
+  contexts(latent, kind 'top'|'interval', rank, grp (interval number, -1 for top), act, row,
+           peak, tokens BLOB int32, acts BLOB float32; PRIMARY KEY (latent, kind, rank))
   vocab(id PRIMARY KEY, text, piece, n: occurrences in the indexed rows), indexed on text, piece
   token_latents(token, rank, latent, count, mean_act; PRIMARY KEY (token, rank)): per token
           the latents that best pick it out, by F1 = 2·count / (latent fires + token occurrences),
@@ -51,7 +56,10 @@ from saelab.shards import locate
 
 log = logging.getLogger(__name__)
 
-QUANTILES = (0.75, 0.5, 0.25)
+TOP_TOKENS = 5
+"""Most frequent tokens kept per latent (for its label when it has no explanation)."""
+_CANDIDATES = 3
+"""Examples drawn per shown example of an interval, so repeated texts can be skipped."""
 _CHUNK = 4_000_000
 """Entries per step of the post-pass work (token counts, window lookups)."""
 
@@ -98,11 +106,10 @@ class _Pass:
         z = lambda dt: torch.zeros(d_sae, dtype=dt, device=device)  # noqa: E731
         self.n_fires, self.sum_act = z(torch.int64), z(torch.float64)
         self.max_act, self.hi = z(torch.float32), z(torch.float32)
+        self.min_act = torch.full((d_sae,), float("inf"), device=device)
         self.hist = torch.zeros(d_sae, cfg.hist_bins, dtype=torch.int64, device=device)
         # Twice the contexts shown: those whose windows overlap a better one are dropped.
         self.top = _TopM(d_sae, 2 * cfg.top_contexts, device, torch.int64)
-        self.pool = _TopM(d_sae, cfg.quantile_pool, device, torch.int64, torch.float32)
-        self.gen = torch.Generator(device).manual_seed(cfg.seed)
         self.keys_file, self.acts_file = tmp / "keys.i64", tmp / "acts.f32"
         self._keys, self._acts = open(self.keys_file, "wb"), open(self.acts_file, "wb")
 
@@ -116,10 +123,9 @@ class _Pass:
         self.n_fires += torch.bincount(lat, minlength=self.d_sae)
         self.sum_act += torch.bincount(lat, weights=act.double(), minlength=self.d_sae)
         self.max_act.scatter_reduce_(0, lat, act, "amax")
+        self.min_act.scatter_reduce_(0, lat, act, "amin")
         self._histogram(lat, act)
         self.top.update(lat, act, row)
-        prio = torch.rand(lat.shape, generator=self.gen, device=lat.device)
-        self.pool.update(lat, prio, row, act)
         (row * self.d_sae + lat).cpu().numpy().tofile(self._keys)
         act.cpu().numpy().tofile(self._acts)
 
@@ -205,17 +211,26 @@ def _encode_rows(s: _Subject, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return keys[o], code.values.float().cpu().numpy()[fire][o]
 
 
+def _window_tokens(
+    s: _Subject, cfg: IndexConfig, row: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids [N, W] of each context's window, its validity mask and its positions."""
+    n_ctx = s.store.n_ctx
+    ctx, pos = locate(row, s.store.tokens_per_context)
+    p = pos[:, None] + np.arange(-cfg.context_before, cfg.context_after + 1)
+    valid = (p >= 0) & (p < n_ctx)
+    return np.asarray(s.store.tokens()[ctx[:, None], p.clip(0, n_ctx - 1)]), valid, p
+
+
 def _windows(
     s: _Subject, cfg: IndexConfig, fires: tuple[np.ndarray, np.ndarray], latent: np.ndarray,
     row: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Token ids [N, W], per-token activations [N, W] of each context's latent, and a validity
     mask (windows clipped at the context's edges; BOS has no activation, so 0)."""
-    tpc, n_ctx = s.store.tokens_per_context, s.store.n_ctx
-    ctx, pos = locate(row, tpc)
-    p = pos[:, None] + np.arange(-cfg.context_before, cfg.context_after + 1)
-    valid = (p >= 0) & (p < n_ctx)
-    toks = np.asarray(s.store.tokens()[ctx[:, None], p.clip(0, n_ctx - 1)])
+    tpc = s.store.tokens_per_context
+    ctx, _ = locate(row, tpc)
+    toks, valid, p = _window_tokens(s, cfg, row)
     wrow = ctx[:, None] * tpc + p - 1
     has = valid & (p >= 1)
     inside = has & (wrow >= s.rows[0]) & (wrow < s.rows[1])
@@ -234,9 +249,10 @@ def _token_table(
     lo: int,
     n_fires: np.ndarray,
     keep: int,
-) -> list[tuple]:
+) -> tuple[list[tuple], dict[int, list[tuple[int, int]]]]:
     """Rows (token, rank, latent, count, mean_act): per token the `keep` latents with the best
-    F1 as detectors of it (ties: more firings on it, then lower id)."""
+    F1 as detectors of it (ties: more firings on it, then lower id); and per latent its
+    TOP_TOKENS most frequent tokens as (token, firings on it)."""
     d_sae = n_fires.size
     pair, cnt, tot = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
     keys, acts = fires
@@ -249,6 +265,12 @@ def _token_table(
         tot = np.bincount(inv, np.concatenate([tot, acts[a : a + _CHUNK]]), minlength=u.size)
         pair = u
     tok, lat, mean = pair // d_sae, pair % d_sae, tot / np.maximum(cnt, 1)
+    o = np.lexsort((tok, -cnt, lat))
+    first = np.searchsorted(lat[o], lat[o], side="left")
+    o = o[np.arange(o.size) - first < TOP_TOKENS]
+    most: dict[int, list[tuple[int, int]]] = {}
+    for t, j, c in zip(tok[o].tolist(), lat[o].tolist(), cnt[o].tolist()):
+        most.setdefault(j, []).append((t, c))
     n_tok = np.bincount(tok_of_row.astype(np.int64))
     f1 = 2 * cnt / (n_fires[lat] + n_tok[tok])
     o = np.lexsort((lat, -cnt, -f1, tok))
@@ -256,30 +278,50 @@ def _token_table(
     first = np.searchsorted(tok, tok, side="left")
     rank = np.arange(tok.size) - first
     ok = rank < keep
-    return list(zip(*(c[ok].tolist() for c in (tok, rank, lat, cnt, mean))))
+    return list(zip(*(c[ok].tolist() for c in (tok, rank, lat, cnt, mean)))), most
 
 
-def _quantile_picks(acc: _Pass, per: int) -> list[tuple[int, int, float, int]]:
-    """(latent, rank, act, row) of pool samples nearest each quantile, highest act first,
-    skipping rows already among the latent's top candidates."""
-    out: list[tuple[int, int, float, int]] = []
-    if per == 0:
-        return out
-    rows = acc.pool.pay[0].cpu().numpy()
-    acts = acc.pool.pay[1].cpu().numpy()
-    top_rows = acc.top.pay[0].cpu().numpy()
-    for i in np.nonzero(rows[:, 0] >= 0)[0]:
-        ok = (rows[i] >= 0) & ~np.isin(rows[i], top_rows[i])
-        r, a = rows[i][ok], acts[i][ok]
-        o = np.argsort(a, kind="stable")
-        r, a = r[o], a[o]
-        chosen: set[int] = set()
-        for q in QUANTILES:
-            near = np.argsort(np.abs(np.arange(a.size) - q * (a.size - 1)), kind="stable")
-            chosen.update(int(j) for j in [j for j in near if j not in chosen][:per])
-        for rank, j in enumerate(sorted(chosen, key=lambda j: -a[j])):
-            out.append((int(i), rank, float(a[j]), int(r[j])))
-    return out
+@dataclass
+class _Intervals:
+    """Each latent's `n` equal-width activation intervals from lo to hi (its smallest and
+    largest firing activations): firings per interval [d_sae, n], and candidate examples
+    (latent, interval, row, act), in random order within an interval."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    counts: np.ndarray
+    latent: np.ndarray
+    grp: np.ndarray
+    row: np.ndarray
+    act: np.ndarray
+
+    def bounds(self, i: int) -> list[list[float]]:
+        """[[lo, hi, firings]] of latent i's intervals; [] when it never fired."""
+        n = self.counts.shape[1]
+        if not self.counts[i].sum():
+            return []
+        e = np.linspace(float(self.lo[i]), float(self.hi[i]), n + 1).tolist()
+        return [[e[j], e[j + 1], int(self.counts[i, j])] for j in range(n)]
+
+
+def _intervals(acc: _Pass, fires: tuple[np.ndarray, np.ndarray], cfg: IndexConfig) -> _Intervals:
+    keys, acts = fires
+    n, d_sae = cfg.intervals, acc.d_sae
+    lo = acc.min_act.cpu().numpy().astype(np.float64)
+    hi = acc.max_act.cpu().numpy().astype(np.float64)
+    lo[~np.isfinite(lo)] = 0.0
+    width = (hi - lo) / n
+    lat = keys % d_sae
+    w = width[lat]
+    g = np.floor((acts - lo[lat]) / np.where(w > 0, w, 1.0))
+    g = np.where(w > 0, g, 0).astype(np.int64).clip(0, n - 1)  # the maximum goes in the last
+    group = lat * n + g
+    counts = np.bincount(group, minlength=d_sae * n).reshape(d_sae, n)
+    prio = np.random.default_rng(cfg.seed).random(keys.size)
+    o = np.lexsort((prio, group))
+    first = np.searchsorted(group[o], group[o], side="left")
+    o = o[np.arange(o.size) - first < _CANDIDATES * cfg.interval_samples]
+    return _Intervals(lo, hi, counts, lat[o], g[o], keys[o] // d_sae, acts[o])
 
 
 @torch.no_grad()
@@ -345,6 +387,26 @@ def _vocab(model: str | None, ids: np.ndarray) -> list[tuple[int, str, str]]:
     return [(int(i), f"<{i}>", f"<{i}>") for i in ids]
 
 
+@torch.no_grad()
+def whole_context(run: str | Path, row: int, latent: int) -> tuple[list[str], list[float], int]:
+    """The whole harvest context holding harvest `row` (the app's "show the whole context"):
+    its tokens (BOS first), `latent`'s activation on each (0 on BOS, which is not stored),
+    and the index of `row`'s token."""
+    s = open_run(run)
+    if not 0 <= latent < s.sae.d_sae:
+        raise UserError(f"latent {latent} is out of range; this SAE has 0..{s.sae.d_sae - 1}")
+    tpc = s.store.tokens_per_context
+    if not 0 <= row < s.store.n_tokens:
+        raise UserError(f"harvest row {row} is out of range; this harvest has {s.store.n_tokens}")
+    ctx, pos = locate(int(row), tpc)
+    x = s.store.read(ctx * tpc, min((ctx + 1) * tpc, s.store.n_tokens)).to(s.device)
+    code = s.sae.encode(x)
+    acts = (code.values.float() * (code.indices == latent)).sum(1).cpu().tolist()
+    ids = np.asarray(s.store.tokens()[ctx])[: len(acts) + 1].astype(np.int64)
+    words = {i: text for i, text, _ in _vocab(s.cfg.get("model"), np.unique(ids))}
+    return [words[int(t)] for t in ids], [0.0, *acts], pos
+
+
 # ---------------------------------------------------------------------------------------
 # Writing the file
 
@@ -352,9 +414,9 @@ _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
 CREATE TABLE latents (id INTEGER PRIMARY KEY, n_fires INTEGER, freq REAL, mean_act REAL,
     max_act REAL, n_zero INTEGER, hist_edges TEXT, hist_counts TEXT, logit_top TEXT,
-    logit_bottom TEXT, neighbours TEXT);
+    logit_bottom TEXT, neighbours TEXT, intervals TEXT, top_tokens TEXT);
 CREATE INDEX latents_stats ON latents (id, freq, mean_act, max_act, n_fires);
-CREATE TABLE contexts (latent INTEGER, kind TEXT, rank INTEGER, act REAL, row INTEGER,
+CREATE TABLE contexts (latent INTEGER, kind TEXT, rank INTEGER, grp INTEGER, act REAL, row INTEGER,
     peak INTEGER, tokens BLOB, acts BLOB, PRIMARY KEY (latent, kind, rank)) WITHOUT ROWID;
 CREATE TABLE vocab (id INTEGER PRIMARY KEY, text TEXT, piece TEXT, n INTEGER);
 CREATE INDEX vocab_text ON vocab (text);
@@ -364,7 +426,10 @@ CREATE TABLE token_latents (token INTEGER, rank INTEGER, latent INTEGER, count I
 """
 
 
-def _latent_rows(acc: _Pass, n_tokens: int, lens: Any, words: dict[int, str], nb: Any):
+def _latent_rows(
+    acc: _Pass, n_tokens: int, lens: Any, words: dict[int, str], nb: Any, iv: _Intervals,
+    most: dict[int, list[tuple[int, int]]],
+):  # fmt: skip
     n_fires = acc.n_fires.cpu().numpy()
     mean = (acc.sum_act.cpu().numpy() / np.maximum(n_fires, 1)).tolist()
     max_act, hi = acc.max_act.cpu().numpy().tolist(), acc.hi.cpu().numpy().tolist()
@@ -378,29 +443,30 @@ def _latent_rows(acc: _Pass, n_tokens: int, lens: Any, words: dict[int, str], nb
             top = [[words[int(t)], float(v)] for t, v in zip(lens[0][i], lens[1][i])]
             bottom = [[words[int(t)], float(v)] for t, v in zip(lens[2][i], lens[3][i])]
         near = [[int(j), float(c)] for j, c in zip(nb[0][i], nb[1][i])]
+        tokens = [[words[t], c] for t, c in most.get(i, [])]
         n = int(n_fires[i])
         yield (
             i, n, n / n_tokens, mean[i], max_act[i], n_tokens - n, json.dumps(edges),
             json.dumps(hist[i, :used].tolist()), json.dumps(top), json.dumps(bottom),
-            json.dumps(near),
+            json.dumps(near), json.dumps(iv.bounds(i)), json.dumps(tokens),
         )  # fmt: skip
 
 
 def _context_rows(ctx: dict[str, np.ndarray], toks: np.ndarray, acts: np.ndarray, valid, before):
     first = valid.argmax(1)
-    for n in range(len(ctx["latent"])):
+    for n in np.nonzero(ctx["keep"])[0]:
         v = valid[n]
         yield (
-            int(ctx["latent"][n]), str(ctx["kind"][n]), int(ctx["rank"][n]),
+            int(ctx["latent"][n]), str(ctx["kind"][n]), int(ctx["rank"][n]), int(ctx["grp"][n]),
             float(ctx["act"][n]), int(ctx["row"][n]), before - int(first[n]),
             toks[n][v].astype("<i4").tobytes(), acts[n][v].astype("<f4").tobytes(),
         )  # fmt: skip
 
 
 def _distinct_top(
-    score: np.ndarray, rows: np.ndarray, tpc: int, reach: int, n: int
+    score: np.ndarray, rows: np.ndarray, tpc: int, reach: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(latent, slot) of each latent's best n candidates, skipping any whose window would
+    """(latent, slot) of each latent's candidates, best first, skipping any whose window would
     overlap a better kept one's (same context, peaks at most `reach` tokens apart): two
     neighbouring tokens of one sentence show as one context, not two."""
     lat_out, slot_out = [], []
@@ -410,30 +476,51 @@ def _distinct_top(
             r = rows[i, j]
             if all(r // tpc != rows[i, k] // tpc or abs(r - rows[i, k]) > reach for k in kept):
                 kept.append(int(j))
-                if len(kept) == n:
-                    break
         lat_out += [i] * len(kept)
         slot_out += kept
     return np.array(lat_out, np.int64), np.array(slot_out, np.int64)
 
 
-def _contexts(acc: _Pass, cfg: IndexConfig, tpc: int) -> dict[str, np.ndarray]:
-    """Every context to show: the top-N distinct entries that fired, then the quantile
-    samples."""
+def _candidates(acc: _Pass, cfg: IndexConfig, tpc: int, iv: _Intervals) -> dict[str, np.ndarray]:
+    """Every context that may be shown: the top candidates of each latent (grp -1, best
+    first), then its interval candidates (highest interval first, random order within)."""
     score, rows = acc.top.score.cpu().numpy(), acc.top.pay[0].cpu().numpy()
-    reach = cfg.context_before + cfg.context_after
-    lat, slot = _distinct_top(score, rows, tpc, reach, cfg.top_contexts)
-    first = np.searchsorted(lat, lat, side="left")
-    rank = np.arange(lat.size) - first
-    q = _quantile_picks(acc, cfg.quantile_samples)
-    ql, qr, qa, qrow = (np.array(c) for c in zip(*q)) if q else [np.zeros(0, np.int64)] * 4
+    lat, slot = _distinct_top(score, rows, tpc, cfg.context_before + cfg.context_after)
+    o = np.lexsort((np.arange(iv.latent.size), -iv.grp, iv.latent))
     return {
-        "latent": np.concatenate([lat, ql]).astype(np.int64),
-        "kind": np.array(["top"] * lat.size + ["quantile"] * len(q)),
-        "rank": np.concatenate([rank, qr]).astype(np.int64),
-        "act": np.concatenate([score[lat, slot], qa]).astype(np.float32),
-        "row": np.concatenate([rows[lat, slot], qrow]).astype(np.int64),
+        "latent": np.concatenate([lat, iv.latent[o]]).astype(np.int64),
+        "grp": np.concatenate([np.full(lat.size, -1), iv.grp[o]]).astype(np.int64),
+        "act": np.concatenate([score[lat, slot], iv.act[o]]).astype(np.float32),
+        "row": np.concatenate([rows[lat, slot], iv.row[o]]).astype(np.int64),
     }
+
+
+def _choose(ctx: dict[str, np.ndarray], toks: np.ndarray, valid: np.ndarray, cfg: IndexConfig):
+    """Adds keep, kind and rank to the candidates: per latent the first top_contexts top
+    candidates and interval_samples per interval whose window text is not one already kept
+    for that latent (a docstring repeated across the corpus shows once); interval examples
+    are ranked by interval, highest first, then by activation."""
+    n = ctx["latent"].size
+    keep, rank = np.zeros(n, bool), np.zeros(n, np.int64)
+    seen: dict[int, set[bytes]] = {}
+    quota: dict[tuple[int, int], int] = {}
+    for m in range(n):
+        i, g = int(ctx["latent"][m]), int(ctx["grp"][m])
+        limit = cfg.top_contexts if g < 0 else cfg.interval_samples
+        text = toks[m][valid[m]].tobytes()
+        texts = seen.setdefault(i, set())
+        if quota.get((i, g), 0) >= limit or text in texts:
+            continue
+        texts.add(text)
+        quota[(i, g)] = quota.get((i, g), 0) + 1
+        keep[m] = True
+    kind = np.where(ctx["grp"] < 0, "top", "interval")
+    for k in ("top", "interval"):
+        idx = np.nonzero(keep & (kind == k))[0]
+        o = idx[np.lexsort((-ctx["act"][idx], -ctx["grp"][idx], ctx["latent"][idx]))]
+        lat = ctx["latent"][o]
+        rank[o] = np.arange(o.size) - np.searchsorted(lat, lat, side="left")
+    return {**ctx, "keep": keep, "kind": kind, "rank": rank}
 
 
 def _write(path: Path, meta: dict[str, Any], tables: dict[str, Any]) -> None:
@@ -472,15 +559,19 @@ def build_index(run: str | Path, cfg: IndexConfig | None = None, progress: bool 
         tpc = s.store.tokens_per_context
         tok_of_row = np.asarray(s.store.tokens()[locate(r, tpc)])
         n_fires = acc.n_fires.cpu().numpy()
-        token_rows = _token_table(fires, tok_of_row, lo, n_fires, cfg.token_latents)
-        ctx = _contexts(acc, cfg, tpc)
+        token_rows, most = _token_table(fires, tok_of_row, lo, n_fires, cfg.token_latents)
+        iv = _intervals(acc, fires, cfg)
+        ctx = _candidates(acc, cfg, tpc, iv)
+        ctx = _choose(ctx, *_window_tokens(s, cfg, ctx["row"])[:2], cfg)
+        ctx = {k: v[ctx["keep"]] for k, v in ctx.items()}  # activations only for those shown
         toks, acts, valid = _windows(s, cfg, fires, ctx["latent"], ctx["row"])
         del fires
     nb = _neighbours(s.sae.W_dec.detach().float(), cfg.neighbours)
     lens, note = _logit_lens(s, cfg.logit_tokens) if cfg.logit_lens else (None, "not asked for")
     if note:
         log.info("logit lens skipped: %s", note)
-    ids = [tok_of_row, toks[valid]] + ([lens[0].ravel(), lens[2].ravel()] if lens else [])
+    shown = toks[valid]
+    ids = [tok_of_row, shown] + ([lens[0].ravel(), lens[2].ravel()] if lens else [])
     vocab = _vocab(s.cfg.get("model"), np.unique(np.concatenate(ids)).astype(np.int64))
     n_tok = np.bincount(tok_of_row.astype(np.int64))
     vocab = [(i, text, piece, int(n_tok[i]) if i < n_tok.size else 0) for i, text, piece in vocab]
@@ -490,13 +581,13 @@ def build_index(run: str | Path, cfg: IndexConfig | None = None, progress: bool 
         "hook": s.cfg["hook"], "d_sae": s.sae.d_sae, "k": s.sae.k, "arch": s.sae.arch,
         "n_tokens": hi - lo, "rows": [lo, hi], "row_choice": cfg.rows,
         "top_contexts": cfg.top_contexts,
-        "quantiles": list(QUANTILES), "quantile_samples": cfg.quantile_samples,
+        "intervals": cfg.intervals, "interval_samples": cfg.interval_samples,
         "context": [cfg.context_before, cfg.context_after], "logit_lens": lens is not None,
         "logit_lens_note": note, "built_at": datetime.now(timezone.utc).isoformat(),
         "version": VERSION, "saelab_version": __version__, "config": asdict(cfg),
     }  # fmt: skip
     tables = {
-        "latents": _latent_rows(acc, hi - lo, lens, words, nb),
+        "latents": _latent_rows(acc, hi - lo, lens, words, nb, iv, most),
         "contexts": _context_rows(ctx, toks, acts, valid, cfg.context_before),
         "vocab": vocab,
         "token_latents": token_rows,

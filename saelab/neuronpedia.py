@@ -24,8 +24,8 @@ OUT/
 
 From features.sqlite to a feature: feature_index = latent id; activations = the top contexts
 (bin_min -1, bin_max the latent's max activation, bin_contains -1: SAEDashboard's "TOP
-ACTIVATIONS" group), then the quantile samples (bin_min/bin_max: the histogram bin holding the
-sample's activation, bin_contains: that bin's share of the latent's firings, as in its
+ACTIVATIONS" group), then the interval examples (bin_min/bin_max: the activation interval the
+example was drawn from, bin_contains: that interval's share of the latent's firings, as in its
 "INTERVAL" groups), each with token strings, per-token activations and
 qualifying_token_index = the peak token; pos_str/pos_values, neg_str/neg_values = the logit
 lens; frac_nonzero = firing frequency; freq_hist_data_bar_values/heights = histogram bin
@@ -196,8 +196,8 @@ def metadata(run: Path, cfg: dict[str, Any], ix: FeatureIndex) -> dict[str, Any]
         "huggingface_dataset_path": data,
         "n_prompts_total": -(-hi // tpc) - lo // tpc if tpc else 0,  # contexts the rows span
         "n_tokens_in_prompt": hm["n_ctx"] if hm else 0,
-        "n_features_at_a_time": FEATURES_PER_BATCH, "n_quantiles": len(m["quantiles"]),
-        "top_acts_group_size": m["top_contexts"], "quantile_group_size": m["quantile_samples"],
+        "n_features_at_a_time": FEATURES_PER_BATCH, "n_quantiles": m["intervals"],
+        "top_acts_group_size": m["top_contexts"], "quantile_group_size": m["interval_samples"],
         "model_id": shown, "layer": _layer(cfg["hook"]), "hf_model_path": repo,
         "prepend_bos": True,  # every saelab context starts with BOS (corpus.contexts)
         "saelab": {
@@ -209,7 +209,7 @@ def metadata(run: Path, cfg: dict[str, Any], ix: FeatureIndex) -> dict[str, Any]
                 "version": m["version"], "built_at": m["built_at"], "n_tokens": m["n_tokens"],
                 "rows": m["rows"], "row_choice": m["row_choice"],
                 "top_contexts": m["top_contexts"],
-                "quantiles": m["quantiles"], "quantile_samples": m["quantile_samples"],
+                "intervals": m["intervals"], "interval_samples": m["interval_samples"],
                 "context": m["context"], "logit_lens": bool(m["logit_lens"]),
             },
             "empty_fields": _EMPTY,
@@ -233,14 +233,10 @@ def _activation(c: Context, bin_min: float, bin_max: float, contains: float) -> 
     }  # fmt: skip
 
 
-def _interval(card: LatentCard, act: float) -> tuple[float, float, float]:
-    """(bin_min, bin_max, share of firings) of the histogram bin holding `act`."""
-    if not card.hist_counts:  # no firings, so no samples either; kept total for safety
-        return 0.0, 0.0, 0.0
-    j = int(np.searchsorted(card.hist_edges, act, side="right")) - 1
-    j = min(max(j, 0), len(card.hist_counts) - 1)
-    share = card.hist_counts[j] / max(card.n_fires, 1)
-    return card.hist_edges[j], card.hist_edges[j + 1], share
+def _interval(card: LatentCard, c: Context) -> tuple[float, float, float]:
+    """(bin_min, bin_max, share of firings) of the activation interval `c` was drawn from."""
+    lo, hi, n = card.intervals[c.group]
+    return lo, hi, n / max(card.n_fires, 1)
 
 
 def feature(ix: FeatureIndex, card: LatentCard, common: dict[str, Any]) -> dict[str, Any]:
@@ -249,7 +245,7 @@ def feature(ix: FeatureIndex, card: LatentCard, common: dict[str, Any]) -> dict[
     i = card.id
     (top_max,) = _f32([card.max_act])
     acts = [_activation(c, -1, top_max, -1) for c in ix.contexts(i, "top")]
-    acts += [_activation(c, *_interval(card, c.act)) for c in ix.contexts(i, "quantile")]
+    acts += [_activation(c, *_interval(card, c)) for c in ix.contexts(i, "interval")]
     edges = card.hist_edges
     tables = ("neuron_alignment", "correlated_neurons", "correlated_features")
     return {

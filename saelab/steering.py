@@ -546,14 +546,8 @@ def top_latents(
     model: TransformerBridge, sae: SparseCoder, prompt: str, k: int = 5, hook: str | None = None
 ) -> TopLatents:
     """For each token of `prompt`: the k latents with the largest activations (firing only)."""
-    hook = _sae_hook(sae, hook)
     k = _count(k, "k", 1, sae.d_sae, f"ask for 1 to {sae.d_sae} latents (this SAE's d_sae)")
-    _check_thresholds(sae)
-    acts = hook_activations(model, prompt, hook)
-    if acts.shape[-1] != sae.d_in:
-        raise UserError(_width_error(sae, hook, acts.shape[-1]))
-    with torch.no_grad():
-        code = sae.encode(acts)
+    code = _codes(model, sae, prompt, hook)
     order = code.values.argsort(dim=1, descending=True)
     values, ids = code.values.gather(1, order), code.indices.gather(1, order)
     tokens = cast(list[str], model.to_str_tokens(prompt))  # one string in, one list out
@@ -590,3 +584,61 @@ def next_token_probs(
             raise UserError(f"{tok!r} is {len(ids)} tokens, not one; pick a single token")
         out[tok] = float(probs[ids[0]])
     return out
+
+
+def _codes(model: TransformerBridge, sae: SparseCoder, prompt: str, hook: str | None) -> Any:
+    hook = _sae_hook(sae, hook)
+    _check_thresholds(sae)
+    acts = hook_activations(model, prompt, hook)
+    if acts.shape[-1] != sae.d_in:
+        raise UserError(_width_error(sae, hook, acts.shape[-1]))
+    with torch.no_grad():
+        return sae.encode(acts)
+
+
+def latent_activations(
+    model: TransformerBridge,
+    sae: SparseCoder,
+    prompt: str,
+    latents: Sequence[int] | int,
+    hook: str | None = None,
+) -> tuple[list[str], Tensor]:
+    """The tokens of `prompt` (BOS first) and the activations [pos, L] of `latents` at each
+    (0 where a latent does not fire)."""
+    ids = _ids(latents, "latent")
+    for i in ids:
+        if not 0 <= i < sae.d_sae:
+            raise UserError(f"latent {i} is out of range; this SAE has 0..{sae.d_sae - 1}")
+    code = _codes(model, sae, prompt, hook)
+    wanted = torch.as_tensor(ids, device=code.indices.device)
+    acts = (code.values[:, :, None] * (code.indices[:, :, None] == wanted)).sum(1)
+    return cast(list[str], model.to_str_tokens(prompt)), acts.float().cpu()
+
+
+class LatentHit(NamedTuple):
+    """A latent's strongest activation on a text."""
+
+    latent: int
+    value: float
+    position: int
+    """The token it peaks on (1 = the first token after BOS)."""
+
+
+def rank_latents(
+    model: TransformerBridge, sae: SparseCoder, prompt: str, k: int = 20, hook: str | None = None
+) -> list[LatentHit]:
+    """The k latents with the largest activation on any token of `prompt` after BOS (the
+    first token's residual stream is an outlier that many latents fire on), strongest first."""
+    k = _count(k, "k", 1, sae.d_sae, f"ask for 1 to {sae.d_sae} latents (this SAE's d_sae)")
+    code = _codes(model, sae, prompt, hook)
+    values, indices = code.values[1:].float(), code.indices[1:]
+    if not values.numel():
+        return []
+    best = torch.zeros(sae.d_sae, device=values.device)
+    best.scatter_reduce_(0, indices.reshape(-1), values.reshape(-1), "amax")
+    top = best.topk(min(k, int((best > 0).sum())))
+    hits = []
+    for v, i in zip(top.values.tolist(), top.indices.tolist()):
+        at = ((indices == i) & (values == v)).nonzero()[0, 0]
+        hits.append(LatentHit(int(i), float(v), int(at) + 1))
+    return hits

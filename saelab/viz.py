@@ -58,6 +58,9 @@ def frontier_figure(rows: list[dict[str, Any]]) -> go.Figure:
                 row=1,
                 col=col,
             )
+    fvu = [r["fvu"] for r in rows if r.get("fvu") is not None]
+    # FVU is at least 0: never let autoscale (one point is centred in a ±1 range) go negative.
+    fig.update_yaxes(range=[0, max([*fvu, 0.0]) * 1.15 or 1.0])
     fig.update_yaxes(title_text="FVU (held out)", row=1, col=1)
     fig.update_layout(
         title="SAE architectures side by side",
@@ -190,11 +193,19 @@ def error_split_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def error_split_figure(rows: list[dict[str, Any]]) -> go.Figure:
-    """Linear and nonlinear parts of the error as fractions of the activations' variance,
-    one bar per SAE (rows need name, fvu_linear, fvu_nonlinear; fvu optional)."""
+    """The error ‖e‖² (FVU) and its linear and nonlinear parts ‖e_lin‖², ‖e_nl‖², each as a
+    fraction of the activations' variance, side by side per SAE (rows need name, fvu_linear,
+    fvu_nonlinear; fvu optional). Side by side, not stacked: e = e_lin + e_nl, but the two
+    are not orthogonal on held-out tokens, so their squared norms need not add up to FVU."""
     names = [r["name"] for r in rows]
+    total = (
+        [go.Bar(x=names, y=[r["fvu"] for r in rows], name="total ‖e‖² (FVU)",
+                marker_color=ERROR_COLORS["e_norm"])]
+        if all("fvu" in r for r in rows) else []
+    )  # fmt: skip
     fig = go.Figure(
-        [
+        total
+        + [
             go.Bar(
                 x=names,
                 y=[r["fvu_linear"] for r in rows],
@@ -209,19 +220,9 @@ def error_split_figure(rows: list[dict[str, Any]]) -> go.Figure:
             ),
         ]  # fmt: skip
     )
-    if all("fvu" in r for r in rows):
-        fig.add_trace(
-            go.Scatter(
-                x=names,
-                y=[r["fvu"] for r in rows],
-                mode="markers",
-                name="FVU (total)",
-                marker={"symbol": "diamond", "size": 11, "color": "#222"},
-            )  # fmt: skip
-        )
     fig.update_layout(
-        barmode="stack",
-        title="SAE error: linearly predictable vs nonlinear (fraction of variance)",
+        barmode="group",
+        title="SAE error and its linear and nonlinear parts (not additive)",
         yaxis_title="fraction of variance of x",
         template="plotly_white",
         height=420,
@@ -276,24 +277,46 @@ def _token_text(tok: str, empty: str = "∅") -> str:
     return html.escape(tok.replace("\n", "↵").replace("\t", "⇥"), quote=True) or empty
 
 
+MIN_ALPHA = 0.2
+"""Least highlight opacity of a token the latent fires on, so a weak firing stays visible."""
+
+_TOKEN_CSS = (
+    "<style>.sl-ctx{font-family:ui-monospace,monospace;font-size:0.85rem;line-height:1.9;"
+    "white-space:pre-wrap;word-break:break-word}"
+    ".sl-t{position:relative}"
+    ".sl-t:hover::after{content:attr(data-v);position:absolute;left:0;bottom:1.45em;"
+    "background:#262730;color:#fff;font-size:0.7rem;padding:0 4px;border-radius:3px;"
+    "white-space:nowrap;z-index:10;pointer-events:none}"
+    ".sl-peak{outline:2px solid #1f2937;outline-offset:1px;border-radius:2px}</style>"
+)
+"""Instant tooltips (a CSS ::after from data-v, not the browser's slow title) and the peak
+token's frame, drawn outside the glyphs so that any token, `__` or a space, shows it."""
+
+
+def token_alpha(a: float, top: float) -> float:
+    """Highlight opacity: act / top, at least MIN_ALPHA for any firing token, 0 otherwise."""
+    if a <= 0 or top <= 0:
+        return 0.0
+    return min(max(a / top, MIN_ALPHA), 1.0)
+
+
 def token_html(
     tokens: list[str], acts: list[float], peak: int | None = None, vmax: float | None = None
 ) -> str:
-    """Tokens as one line of HTML spans whose background opacity is act / vmax (vmax: the
-    largest activation given); hovering shows the value. Every token is escaped."""
+    """Tokens as one block of HTML spans whose background opacity is `token_alpha(act, vmax)`
+    (vmax: the largest activation given); hovering shows the value at once. No padding
+    between spans, so a word split into tokens reads as one word. Every token is escaped."""
     top = vmax if vmax and vmax > 0 else max([a for a in acts if a > 0], default=1.0)
     r, g, b = ACT_COLOR
     spans = []
     for i, (tok, a) in enumerate(zip(tokens, acts)):
-        alpha = min(max(a / top, 0.0), 1.0)
-        style = f"background:rgba({r},{g},{b},{alpha:.2f});border-radius:3px;padding:0 1px"
-        if i == peak:
-            style += ";outline:1.5px solid #333"
-        spans.append(f'<span style="{style}" title="{a:.3g}">{_token_text(tok)}</span>')
-    return (
-        '<div style="font-family:ui-monospace,monospace;font-size:0.85rem;line-height:1.9;'
-        'white-space:pre-wrap;word-break:break-word">' + "".join(spans) + "</div>"
-    )
+        alpha = token_alpha(a, top)
+        cls = "sl-t sl-peak" if i == peak else "sl-t"
+        spans.append(
+            f'<span class="{cls}" style="background:rgba({r},{g},{b},{alpha:.2f})" '
+            f'data-v="{a:.3g}">{_token_text(tok)}</span>'
+        )
+    return f'{_TOKEN_CSS}<div class="sl-ctx">{"".join(spans)}</div>'
 
 
 def marked_html(text: str, open_mark: str = "«", close_mark: str = "»") -> str:
@@ -359,6 +382,8 @@ def logit_lens_figure(top: list[tuple[str, float]], bottom: list[tuple[str, floa
                 x=[v for _, v in rows],
                 y=[repr(t)[1:-1] or "∅" for t, _ in rows],
                 orientation="h",
+                text=[f"{v:+.2f}" for _, v in rows],
+                textposition="auto",
                 marker_color=color,
                 showlegend=False,
                 hovertemplate="%{y}: %{x:.3g}<extra></extra>",
@@ -396,7 +421,10 @@ def freq_hist_figure(hists: dict[str, dict[str, Any]]) -> go.Figure:
             )
         )
     fig.add_vline(x=lo - 0.2, line_dash="dot", line_color="#999")
-    fig.add_vline(x=-5, line_dash="dash", line_color="#d62728", opacity=0.5)
+    fig.add_vline(
+        x=-5, line_dash="dash", line_color="#d62728", opacity=0.5,
+        annotation_text="1e-5: rarely firing", annotation_position="top right",
+    )  # fmt: skip
     fig.update_xaxes(
         tickvals=[lo - 0.5, *range(int(lo), 1)],
         ticktext=["never", *(f"1e{v}" for v in range(int(lo), 1))],

@@ -1,6 +1,9 @@
 """Data loading for the Streamlit workbench (app/): the runs under a runs directory, their
 metrics and files, read defensively (half-written or corrupt files become one-line
 `UserError`s), and every path from the browser checked to stay inside the runs directory.
+Also what the app says about a latent: the user's note, else its explanation (`saelab
+explain`), else a label built from the feature index alone; and markdown escaping for every
+user string the app shows.
 
 Nothing here imports streamlit; the app only lays out what these functions return.
 """
@@ -9,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +28,16 @@ from saelab.runs import (
     DARKMATTER,
     DARKMATTER_TOKENS,
     EVAL,
+    EXPLANATIONS,
     INDEX,
     LOG,
+    NOTES,
     SCALING,
     WEIGHTS,
     is_finished,
     read_json,
     read_token_table,
+    write_json,
 )
 
 RUNS_DEPTH = 2
@@ -251,9 +259,13 @@ def freq_hist_from_stats(freq: np.ndarray, n_tokens: int) -> FreqHist:
 
 
 def dead_counts(h: FreqHist) -> dict[str, int]:
+    """Dead (never fired) and "freq < f" counts on the histogram's own sample. Only the
+    thresholds that sample can resolve are counted: on n tokens a latent that fires at all
+    has frequency at least 1/n, so "freq < f" with f ≤ 1/n would only repeat the dead count."""
     out = {"dead": h.never_fired}
     for f in UNDER_USED:
-        out[f"freq < {f:.0e}".replace("e-0", "e-")] = h.below(f)
+        if f * h.n_tokens > 1:
+            out[f"freq < {f:.0e}".replace("e-0", "e-")] = h.below(f)
     return out
 
 
@@ -309,6 +321,16 @@ def scaling_result(root: Path, run: Path) -> tuple[Path, dict[str, Any]] | None:
     return path, read_json(path, "rerun saelab darkmatter --scaling")
 
 
+def ce_contexts(ce: dict[str, Any] | None) -> str:
+    """Which contexts a CE measurement used (its 'n_contexts', 'n_tokens', 'contexts'), so
+    that two ΔCEs on different context sets are never read as one number."""
+    if not ce or not ce.get("n_contexts"):
+        return "contexts not recorded"
+    ids = ce.get("contexts") or []
+    span = f", harvest contexts {min(ids)}–{max(ids)}" if ids else ""
+    return f"{ce['n_contexts']} held-out contexts ({ce.get('n_tokens', 0):,} tokens{span})"
+
+
 def ce_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The three-way CE (clean, each splice, zero-ablation) as table rows."""
     ce = result.get("ce") or {}
@@ -329,3 +351,184 @@ def ce_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _sub(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
+
+
+# ---------------------------------------------------------------------------------------
+# What a latent is about: notes, explanations, index labels
+
+
+@dataclass
+class Explanation:
+    """One line of explanations.jsonl."""
+
+    latent: int
+    explanation: str
+    score: float | None
+    """Detection balanced accuracy in [0, 1]; chance is 0.5."""
+    n_scored: int
+    explainer: str
+
+
+def read_explanations(run: Path) -> dict[int, Explanation]:
+    """explanations.jsonl by latent (a later line replaces an earlier one); {} when absent.
+    A torn last line (a writer stopped mid-line) is ignored; any other bad line is an error."""
+    path = run / EXPLANATIONS
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"{path} cannot be read ({type(e).__name__}); rerun saelab explain"
+        ) from None
+    out: dict[int, Explanation] = {}
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            score = d.get("score")
+            e = Explanation(
+                int(d["latent"]), str(d["explanation"]),
+                None if score is None else float(score), int(d.get("n_scored") or 0),
+                str(d.get("explainer") or ""),
+            )  # fmt: skip
+        except (ValueError, KeyError, TypeError, AttributeError):
+            if n == len(lines) - 1:
+                continue
+            raise UserError(
+                f"{path} line {n + 1} is not an explanation record; delete that line or rerun "
+                "saelab explain"
+            ) from None
+        out[e.latent] = e
+    return out
+
+
+_NOTES_LOCK = threading.Lock()
+
+
+def read_notes(run: Path) -> dict[int, str]:
+    """notes.json as {latent: text}; {} when absent."""
+    path = run / NOTES
+    if not path.is_file():
+        return {}
+    data = read_json(path, f"fix or delete {path}")
+    try:
+        return {int(k): str(v) for k, v in data.items()}
+    except ValueError:
+        raise UserError(f"{path} has a key that is not a latent id; fix or delete it") from None
+
+
+def write_note(run: Path, latent: int, text: str) -> dict[int, str]:
+    """Set (or, with blank text, remove) the note on `latent`, keeping every other note;
+    written atomically. Returns the notes now on disk."""
+    with _NOTES_LOCK:  # Streamlit sessions are threads of one process
+        notes = read_notes(run)
+        if text.strip():
+            notes[int(latent)] = text.strip()
+        else:
+            notes.pop(int(latent), None)
+        write_json(run / NOTES, {str(k): v for k, v in sorted(notes.items())})
+    return notes
+
+
+@dataclass
+class Describer:
+    """What to show beside a latent id: the user's note, else the explanation and its score,
+    else `index_label` (from FeatureIndex: the tokens it fires on, the tokens it promotes)."""
+
+    notes: dict[int, str]
+    explanations: dict[int, Explanation]
+    index_label: Any = None
+    """A function latent → label, or None when the run has no index."""
+
+    def source(self, i: int) -> str:
+        if i in self.notes:
+            return "note"
+        if i in self.explanations:
+            return "explanation"
+        return "index" if self.index_label else "none"
+
+    def __call__(self, i: int) -> str:
+        i = int(i)
+        if i in self.notes:
+            return self.notes[i]
+        if (e := self.explanations.get(i)) is not None:
+            score = "" if e.score is None else f" (score {e.score:.2f})"
+            return e.explanation + score
+        return self.index_label(i) if self.index_label else ""
+
+
+def describer(run: Path, index: Any = None) -> Describer:
+    """Notes and explanations of `run`, and `index`'s LM-free labels (index may be None)."""
+    label = None
+    if index is not None:
+        label = lambda i: index.latent(i).label()  # noqa: E731
+    return Describer(read_notes(run), read_explanations(run), label)
+
+
+_AUTOLINK = re.compile(r"(?<=://)|(?<=@)|(?i:(?<=www)(?=\.))")
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=^&])")
+
+
+def md_escape(text: str, one_line: bool = True) -> str:
+    """`text` as literal markdown: every markdown, HTML and Streamlit directive character
+    (`:red[…]`, `$…$`) backslash-escaped, so `__init__` stays `__init__` and `[a](b)` is no
+    link; newlines become ↵ on one line."""
+    text = str(text)
+    if one_line:
+        text = text.replace("\r", "").replace("\n", "↵")
+    # The markdown renderer turns bare URLs and e-mail addresses in text into links whatever
+    # the escapes; an invisible word joiner inside them keeps them plain text.
+    text = _AUTOLINK.sub("\u2060", text)
+    return _MARKDOWN.sub(r"\\\1", text)
+
+
+def shorten(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# ---------------------------------------------------------------------------------------
+# Steering from the browser
+
+
+def parse_latents(text: str, d_sae: int) -> list[int]:
+    """Latent ids typed as '12, 40 7' (commas or spaces), each once, in the order given."""
+    out: list[int] = []
+    for part in re.split(r"[,\s]+", text.strip()):
+        if not part:
+            continue
+        try:
+            i = int(part)
+        except ValueError:
+            raise UserError(f"{part!r} is not a latent id; type ids such as 12, 40") from None
+        if not 0 <= i < d_sae:
+            raise UserError(f"latent {i} is out of range; this SAE has 0..{d_sae - 1}")
+        if i not in out:
+            out.append(i)
+    return out
+
+
+def prob_shifts(before: dict[str, float], after: dict[str, float], n: int = 10) -> list[dict]:
+    """The n next tokens whose probability moved most (by |after − before|), biggest first;
+    a token missing from one side counts as probability 0 there."""
+    rows = [
+        {"token": t, "before": before.get(t, 0.0), "after": after.get(t, 0.0)}
+        for t in set(before) | set(after)
+    ]
+    for r in rows:
+        r["change"] = r["after"] - r["before"]
+    rows.sort(key=lambda r: (-abs(r["change"]), r["token"]))
+    return rows[:n]
+
+
+def lens_caveat(hook: str) -> str:
+    """What to expect of a logit lens read at `hook`."""
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    where = f"layer {m.group(1)}" if m else hook
+    return (
+        f"Logit lens at {where}: the decoder direction read straight through the final norm "
+        "and unembedding (values are logits per unit of activation). Before the last layers "
+        "the residual stream is not yet in the output basis, so the lens often looks like "
+        "subword noise there; the contexts are the better guide."
+    )

@@ -5,6 +5,7 @@ dir) shown as a message, never a stack trace. Also saelab.workbench and the viz 
 helpers the pages use."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ HOME = Path(__file__).resolve().parent.parent / "app" / "Home.py"
 RUN = "tiny-topk"
 PLAIN = "sweep/plain"  # finished, but no eval.json, darkmatter.json or index
 HALF = "half"  # cfg.json only, training not finished
-PAGES = ["runs", "features", "dead", "darkmatter", "compare", "prompt"]
+PAGES = ["runs", "features", "dead", "darkmatter", "compare", "prompt", "steer"]
 
 
 def build_runs(root: Path, model_harvest, trained_run) -> Path:
@@ -145,7 +146,7 @@ def test_read_json_errors_are_one_line(tmp_path):
 def test_freq_hist_counts():
     ev = {
         "d_sae": 10,
-        "n_tokens": 1000,
+        "n_tokens": 2_000_000,
         "log10_freq_hist": {"edges": [-8, -6, -5, -4, 0], "counts": [1, 2, 3, 1], "never_fired": 3},
     }
     h = wb.freq_hist(ev)
@@ -154,6 +155,9 @@ def test_freq_hist_counts():
     freq = np.array([0, 0, 1e-7, 1e-3, 0.5])
     g = wb.freq_hist_from_stats(freq, 100)
     assert g.never_fired == 2 and sum(g.counts) == 3 and g.below(1e-6) == 3
+    small = wb.freq_hist({**ev, "n_tokens": 40_005})
+    assert small is not None  # 40k tokens resolve 1e-4 only: 1e-5 would repeat the dead count
+    assert wb.dead_counts(small) == {"dead": 3, "freq < 1e-4": 9}
 
 
 def test_dead_series_skips_unparsable_lines(tmp_path):
@@ -204,7 +208,11 @@ def test_feature_browser_widgets_change_the_card(monkeypatch, runs_dir):
     at = focus(app(monkeypatch, runs_dir, "features"), RUN)
     clean(at)
     assert texts(at.subheader).startswith("Latent 0")
-    assert charts(at) == 2 and len(at.html) == 2  # histogram, logit lens; contexts
+    from saelab.feature_index import FeatureIndex
+
+    ix = FeatureIndex.of_run(runs_dir / RUN)
+    groups = {c.group for c in ix.contexts(0, "interval")}
+    assert charts(at) == 2 and len(at.html) == 1 + len(groups)  # top contexts; each interval
     at.number_input[0].set_value(7).run()
     assert "Latent 7" in texts(at.subheader) and at.query_params["latent"] == "7"
     at.button[1].click().run()  # next
@@ -234,6 +242,170 @@ def test_feature_browser_query_and_messages(monkeypatch, runs_dir):
     assert f"saelab index {runs_dir / PLAIN}" in texts(at.info)
 
 
+def _tiny(run: Path):
+    from saelab.models import load_model
+    from saelab.steering import load_sae
+
+    return load_model("tiny"), load_sae(run).eval()
+
+
+def test_feature_page_shows_explanation_note_and_labels(monkeypatch, runs_dir, tmp_path):
+    from saelab.feature_index import FeatureIndex
+
+    root = _copy_run(runs_dir, tmp_path)
+    run = root / RUN
+    card = FeatureIndex.of_run(run).latent(3)
+    near = card.neighbours[0][0]
+    (run / "explanations.jsonl").write_text(
+        json.dumps({"latent": 3, "explanation": "the word __init__ [x](y)", "score": 0.81,
+                    "n_scored": 40, "explainer": "fake"}) + '\n{"latent": 3, "expl'
+    )  # fmt: skip
+    at = app(monkeypatch, root, "features", run=RUN, latent="3")
+    clean(at)
+    md = texts(at.markdown)
+    assert r"**Explanation:** the word \_\_init\_\_ \[x\]\(y\) \(score 0\.81\)" in md
+    assert "detection score 0.81" in texts(at.caption) and "40 examples" in texts(at.caption)
+    nb = at.button(key=f"nb_{near}")
+    want = wb.md_escape(wb.shorten(FeatureIndex.of_run(run).latent(near).label(), 40))
+    assert nb.label.startswith(f"#{near} · {want}")  # the index label of the neighbour
+    at.text_area(key="note_3").input("my note: *commas*").run()
+    at.button(key="save_note_3").click().run()
+    clean(at)
+    assert json.loads((run / "notes.json").read_text()) == {"3": "my note: *commas*"}
+    assert r"**Your note:** my note\: \*commas\*" in texts(at.markdown)
+    at.button(key="steer_this").click().run()  # steer with this latent
+    assert at.title[0].value == "Steer" and at.text_input(key="steer_ids").value == "3"
+    assert "my note" in texts(at.caption)
+
+
+def test_your_text_box_matches_the_sae(monkeypatch, runs_dir):
+    from saelab.steering import hook_activations, rank_latents
+
+    at = app(monkeypatch, runs_dir, "features", run=RUN, latent="2")
+    n_html = len(at.html)
+    model, sae = _tiny(runs_dir / RUN)
+    text = "In the beginning God created the heaven"
+    x = hook_activations(model, text, sae.hook)
+    with torch_no_grad():
+        code = sae.encode(x)
+    dense = np.zeros((x.shape[0], sae.d_sae))
+    np.put_along_axis(dense, code.indices.numpy(), code.values.numpy(), 1)
+    latent = int(dense[1:].sum(0).argmax())  # one that fires on this text
+    best = dense[1:].max(0)  # text search ranks by the largest activation after BOS
+    want = [j for j in np.argsort(-best, kind="stable")[:20] if best[j] > 0]
+    got = rank_latents(model, sae, text, k=20)
+    assert [h.latent for h in got] == want
+    assert [h.value for h in got] == pytest.approx(best[want].tolist(), rel=1e-5)
+    assert [h.position for h in got] == [1 + int(dense[1:, j].argmax()) for j in want]
+    at.number_input[0].set_value(latent).run()
+    at.text_input(key="own_text").input(text).run()
+    clean(at)
+    assert len(at.html) == n_html + 1 or latent != 2
+    body = next(h.proto.body for h in at.html if "Beginning" in h.proto.body
+                or " beginning" in h.proto.body)  # fmt: skip
+    got = [float(v) for v in re.findall(r'data-v="([^"]+)"', body)]
+    np.testing.assert_allclose(got, dense[:, latent], rtol=5e-3, atol=1e-3)  # shown at 3 digits
+    vmax = float(re.search(r"maximum ([\d.e+-]+)", texts(at.caption)).group(1))
+    from saelab.feature_index import FeatureIndex
+
+    card = FeatureIndex.of_run(runs_dir / RUN).latent(latent)
+    assert vmax == pytest.approx(card.max_act, rel=1e-2)  # the latent's own scale
+
+
+def test_whole_context_on_the_page(monkeypatch, runs_dir):
+    from saelab.features import whole_context
+
+    at = app(monkeypatch, runs_dir, "features", run=RUN, latent="2")
+    n_html = len(at.html)
+    at.toggle(key="whole_on").set_value(True).run()
+    clean(at)
+    assert len(at.html) == n_html + 1
+    tokens, acts, peak = whole_context(runs_dir / RUN, at.session_state["_ctx_row"], 2)
+    body = at.html[1].proto.body  # after the top contexts
+    got = [float(v) for v in re.findall(r'data-v="([^"]+)"', body)]
+    assert len(got) == len(tokens) == 32 and body.count('class="sl-t sl-peak"') == 1
+    np.testing.assert_allclose(got, acts, rtol=5e-3, atol=1e-3)
+
+
+def test_interval_groups_on_the_page_add_up(monkeypatch, runs_dir):
+    from saelab.feature_index import FeatureIndex
+
+    ix = FeatureIndex.of_run(runs_dir / RUN)
+    i = int(np.argmax(ix.stats()["n_fires"]))
+    at = app(monkeypatch, runs_dir, "features", run=RUN, latent=str(i))
+    clean(at)
+    lines = [m for m in texts(at.markdown).splitlines() if m.startswith("**Interval")]
+    counts = [int(re.search(r"· ([\d,]+) firings", m).group(1).replace(",", "")) for m in lines]
+    assert len(lines) == len(ix.latent(i).intervals) and sum(counts) == ix.latent(i).n_fires
+
+
+def test_search_escapes_the_query_and_ranks_text_by_activation(monkeypatch, runs_dir):
+    from saelab.steering import rank_latents
+
+    at = app(monkeypatch, runs_dir, "features", run=RUN)
+    at.text_input(key="search_query").input("def __init__ [x](y)").run()
+    clean(at)
+    assert r"def \_\_init\_\_ \[x\]\(y\)" in texts(at.caption)
+    assert "__init__" not in texts(at.caption)
+    at.radio(key="search_kind").set_value("text").run()
+    text = "In the beginning God created the heaven"
+    at.text_input(key="search_query").input(text).run()
+    clean(at)
+    hits = [int(b.key[4:]) for b in at.button if (b.key or "").startswith("hit_")]
+    model, sae = _tiny(runs_dir / RUN)
+    want = rank_latents(model, sae, text, k=20)
+    assert sorted(hits) == sorted(h.latent for h in want) and len(hits) > 3  # 3 columns
+    for h in want:
+        assert at.button(key=f"hit_{h.latent}").label.endswith(f" · {h.value:.3g}")
+
+
+def test_back_steps_through_latents(monkeypatch, runs_dir):
+    at = app(monkeypatch, runs_dir, "features", run=RUN, latent="4")
+    at.button[1].click().run()  # next: 5
+    assert at.query_params["latent"] == "5" and "Latent 5" in texts(at.subheader)
+    at.query_params["latent"] = "4"  # what the browser's Back hands the script
+    at.run()
+    assert "Latent 4" in texts(at.subheader) and at.query_params["latent"] == "4"
+    at.run()  # a plain rerun keeps it
+    assert "Latent 4" in texts(at.subheader)
+
+
+def test_steer_page_generates_as_the_api(monkeypatch, runs_dir):
+    from saelab import steering
+
+    at = app(monkeypatch, runs_dir, "steer", run=RUN)
+    clean(at)
+    assert "Pick one or more latents" in texts(at.info)
+    at.text_input(key="steer_ids").input("3, 7").run()
+    at.number_input(key="steer_strength").set_value(20.0).run()
+    at.number_input(key="steer_seed").set_value(5).run()
+    clean(at)
+    model, sae = _tiny(runs_dir / RUN)
+    prompt = at.text_area(key="steer_prompt").value
+    ivs = [steering.add(sae, [3, 7], 20.0)]
+    base = steering.generate(model, prompt, [], 20, 5, 1.0)
+    steered = steering.generate(model, prompt, ivs, 20, 5, 1.0)
+    assert [c.value for c in at.code] == [prompt + base, prompt + steered]
+    assert base != steered
+    before = steering.next_token_probs(model, prompt, [], k=1)
+    table = at.dataframe[0].value
+    assert len(table) == 12 and table["change"].str.match(r"^[+-]\d").all()
+    assert repr(next(iter(before))) in set(table["token"]) or len(table) == 12
+    at.radio(key="steer_mode").set_value("ablate").run()
+    clean(at)
+    assert at.number_input(key="steer_strength").disabled
+    ablated = steering.generate(model, prompt, [steering.ablate(sae, [3, 7])], 20, 5, 1.0)
+    assert at.code[1].value == prompt + ablated
+    at.text_input(key="steer_ids").input("3, 99999").run()
+    assert "out of range" in texts(at.error)
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()
+
+
 def test_dead_latents_page(monkeypatch, runs_dir):
     at = app(monkeypatch, runs_dir, "dead", run=RUN)
     clean(at)
@@ -256,6 +428,16 @@ def test_dark_matter_page(monkeypatch, runs_dir):
     assert charts(at) == 3  # norms, predicted vs actual, linear/nonlinear split
     assert len(at.html) == 1 and "«" not in at.html[0].proto.body
     assert "clean" in list(at.dataframe[0].value["splice"])
+    dm = json.loads((runs_dir / RUN / "darkmatter.json").read_text())
+    ev = json.loads((runs_dir / RUN / "eval.json").read_text())
+    split = json.loads(at.get("plotly_chart")[2].proto.spec)
+    assert split["layout"]["barmode"] == "group"  # the parts are not additive
+    bars = {t["name"]: t["y"] for t in split["data"]}
+    assert bars["total ‖e‖² (FVU)"][0] == pytest.approx(dm["fvu"])  # then pursuit's
+    assert bars["nonlinear ‖e_nl‖²"][0] == pytest.approx(dm["fvu_nonlinear"])
+    caption = texts(at.caption)
+    assert wb.ce_contexts(dm["ce"]) in caption and wb.ce_contexts(ev["downstream"]) in caption
+    assert wb.ce_contexts(dm["ce"]) != wb.ce_contexts(ev["downstream"])
     at = focus(at, PLAIN)
     assert f"saelab darkmatter {runs_dir / PLAIN}" in texts(at.info)
 
@@ -266,6 +448,12 @@ def test_compare_page(monkeypatch, runs_dir):
     assert charts(at) == 1 and "topk" in texts(at.subheader)
     assert list(at.dataframe[0].value["name"]) == [RUN]
     assert f"saelab eval {runs_dir / PLAIN}" in texts(at.caption)
+    assert "select more runs" in texts(at.info)  # one evaluated run: nothing to compare yet
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    fvu = json.loads((runs_dir / RUN / "eval.json").read_text())["fvu"]
+    assert fig["layout"]["yaxis"]["range"] == [0, pytest.approx(fvu * 1.15)]  # never negative
+    ev = json.loads((runs_dir / RUN / "eval.json").read_text())
+    assert f"{wb.md_escape(RUN)}: {wb.ce_contexts(ev['downstream'])}" in texts(at.caption)
 
 
 def test_prompt_page_runs_the_model(monkeypatch, runs_dir):

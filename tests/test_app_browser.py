@@ -1,11 +1,13 @@
 """The workbench in a real browser: `saelab app` serves the tiny-model runs of test_app.py,
 headless Chromium (Playwright) opens every page, clicks into a feature, searches a token,
+reads an explanation, runs its own text, steps Back through latents, steers a generation,
 and saves a screenshot of each page to $SAELAB_ARTIFACTS (default test-artifacts/screenshots
 at the repository root).
 
 Streamlit renders over a websocket after the page loads, so every step waits for the
 content it expects before looking or taking a screenshot."""
 
+import json
 import os
 import signal
 import socket
@@ -51,8 +53,13 @@ def _wait_healthy(proc: subprocess.Popen, url: str, limit: float = 60.0) -> None
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, model_harvest, trained_run):
-    runs = build_runs(tmp_path_factory.getbasetemp() / "app", model_harvest, trained_run)
+def runs_dir_for_browser(tmp_path_factory, model_harvest, trained_run):
+    return build_runs(tmp_path_factory.getbasetemp() / "app", model_harvest, trained_run)
+
+
+@pytest.fixture(scope="module")
+def server(runs_dir_for_browser):
+    runs = runs_dir_for_browser
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none"}
     proc = subprocess.Popen(
@@ -140,7 +147,7 @@ def test_every_page_in_chromium(page, server):
     pg.get_by_role("heading", name="Latent 1").wait_for()
     settle(pg)
     neighbour = pg.locator('[class*="st-key-nb_"] button').first
-    target = neighbour.inner_text().split("·")[0].strip()
+    target = neighbour.inner_text().split("·")[0].strip().lstrip("#")
     neighbour.click()
     pg.get_by_role("heading", name=f"Latent {target}").wait_for()
     settle(pg)
@@ -156,7 +163,7 @@ def test_every_page_in_chromium(page, server):
     pg.get_by_role("heading", name=f"Latent {latent}").wait_for()
     settle(pg)
     pg.locator(".js-plotly-plot").first.wait_for()
-    assert pg.locator("span[title]").count() > 20  # highlighted context tokens
+    assert pg.locator("span[data-v]").count() > 20  # highlighted context tokens
     shot(pg, "features")
 
     visit(pg, server, f"dead?run={RUN}", "Dead and rarest latents")
@@ -183,3 +190,74 @@ def test_messages_in_chromium(page, server):
     visit(pg, server, f"prompt?run={HALF}", "needs a finished run")
     visit(pg, server, "?run=../../etc", "outside the runs directory")
     shot(pg, "runs-escape-refused")
+
+
+def _tooltip(pg, locator) -> str:
+    """The CSS tooltip (::after) of a hovered token, as the browser computes it."""
+    locator.hover()
+    return pg.evaluate(
+        "el => getComputedStyle(el, '::after').content", locator.element_handle()
+    ).strip('"')
+
+
+def test_feature_page_lab_widgets_in_chromium(page, server, runs_dir_for_browser):
+    pg = page
+    exp = runs_dir_for_browser / RUN / "explanations.jsonl"
+    exp.write_text(
+        json.dumps({"latent": 3, "explanation": "calls def __init__ [here](http://x.y)",
+                    "score": 0.8, "n_scored": 40, "explainer": "hand-written"}) + "\n"
+    )  # fmt: skip
+    try:
+        visit(pg, server, f"features?run={RUN}&latent=3", "Explanation:")
+        body = pg.locator('[data-testid="stMarkdownContainer"]', has_text="Explanation:").first
+        shown = body.inner_text().replace("\u2060", "")  # the joiner that stops autolinks
+        assert "calls def __init__ [here](http://x.y) (score 0.80)" in shown
+        assert body.locator("a").count() == 0  # no live link from the user's text
+        token = pg.locator("span[data-v]").first
+        assert _tooltip(pg, token) == token.get_attribute("data-v")  # instant CSS tooltip
+        shot(pg, "features-explained")
+
+        box = pg.locator(".st-key-own_text input")
+        box.fill("In the beginning God created the heaven")
+        box.press("Enter")
+        pg.get_by_text("colours on the scale of the top contexts").wait_for(timeout=4 * TIMEOUT_MS)
+        settle(pg)
+
+        pg.get_by_role("button", name="next ▶").click()
+        pg.get_by_role("heading", name="Latent 4").wait_for()
+        settle(pg)
+        pg.go_back()  # the browser's Back returns to the previous latent
+        pg.get_by_role("heading", name="Latent 3").wait_for()
+        settle(pg)
+
+        pg.get_by_text("Search latents by token or text").click()
+        query = pg.locator(".st-key-search_query input")
+        query.fill("def __init__")
+        query.press("Enter")
+        pg.get_by_text("def __init__", exact=False).first.wait_for()  # shown as typed
+        settle(pg)
+    finally:
+        exp.unlink()
+
+
+def test_steer_page_in_chromium(page, server, runs_dir_for_browser):
+    from saelab import steering
+    from saelab.models import load_model
+
+    pg = page
+    visit(pg, server, f"steer?run={RUN}", "Pick one or more latents")
+    box = pg.locator(".st-key-steer_ids input")
+    box.fill("3")
+    box.press("Enter")
+    pg.get_by_text("With the intervention").wait_for(timeout=4 * TIMEOUT_MS)  # loads the model
+    settle(pg)
+    codes = pg.locator('[data-testid="stCode"]')
+    model, sae = load_model("tiny"), steering.load_sae(runs_dir_for_browser / RUN).eval()
+    prompt = "In the beginning God created"
+    base = steering.generate(model, prompt, [], 20, 0, 1.0)
+    steered = steering.generate(model, prompt, [steering.add(sae, [3], 8.0)], 20, 0, 1.0)
+    flat = lambda t: " ".join(t.split())  # noqa: E731 - the code block wraps lines
+    assert flat(codes.nth(0).inner_text()) == flat(prompt + base)
+    assert flat(codes.nth(1).inner_text()) == flat(prompt + steered)
+    pg.locator('[data-testid="stDataFrame"]').wait_for()
+    shot(pg, "steer")

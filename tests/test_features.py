@@ -25,7 +25,7 @@ from saelab.store import ActivationStore
 TPC = 15  # tokens per context: n_ctx 16 minus BOS
 CFG = IndexConfig(
     n_tokens=1700,  # ends inside a context: windows there reach rows that were not indexed
-    top_contexts=5, quantile_samples=1, quantile_pool=16, context_before=4, context_after=2,
+    top_contexts=5, intervals=4, interval_samples=2, context_before=4, context_after=2,
     batch_size=256, device="cpu",
 )  # fmt: skip
 
@@ -107,7 +107,8 @@ def _window_acts(dense, c, latent):
 def test_top_contexts_match_brute_force(index, dense):
     acts = dense[: CFG.n_tokens]
     tok = load_tokenizer("tiny")
-    seen_outside = dropped = 0
+    seen_outside = dropped = repeated = 0
+    store = ActivationStore(index.meta["harvest"])
     for i in range(acts.shape[1]):
         cand = np.argsort(-acts[:, i], kind="stable")[: 2 * CFG.top_contexts]
         cand = cand[acts[cand, i] > 0]
@@ -116,7 +117,15 @@ def test_top_contexts_match_brute_force(index, dense):
         for r in cand.tolist():
             if all(r // TPC != s // TPC or abs(r - s) > reach for s in kept):
                 kept.append(r)
-        order = np.array(kept[: CFG.top_contexts], np.int64)
+        texts: list[list[int]] = []  # then those repeating a kept window's text
+        distinct = []
+        for r in kept:
+            ids = store.context(r, 4, 2)[0].tolist()
+            if ids not in texts:
+                texts.append(ids)
+                distinct.append(r)
+        repeated += len(distinct) < len(kept)
+        order = np.array(distinct[: CFG.top_contexts], np.int64)
         dropped += len(kept) < len(cand)
         got = index.contexts(i, "top")
         assert [c.row for c in got] == order.tolist()
@@ -126,27 +135,80 @@ def test_top_contexts_match_brute_force(index, dense):
             assert c.acts[c.peak] == pytest.approx(c.act)
             np.testing.assert_allclose(c.acts, _window_acts(dense, c, i), rtol=1e-4, atol=1e-5)
             ctx, pos = c.row // TPC, 1 + c.row % TPC
-            ids = ActivationStore(index.meta["harvest"]).context(c.row, 4, 2)[0]
+            ids = store.context(c.row, 4, 2)[0]
             assert c.tokens == [tok.decode([t]) for t in ids]
             assert c.peak == min(pos, 4) and len(c.tokens) == min(16, pos + 3) - pos + c.peak
             seen_outside += ctx * TPC + min(pos + 2, TPC) - 1 >= CFG.n_tokens
     assert seen_outside  # some window reached past the indexed rows (re-encoded there)
     assert dropped  # the fixture has overlapping candidates, so de-duplication was exercised
+    assert repeated  # and candidates repeating a text (the tiny corpus repeats sentences)
 
 
-def test_quantile_contexts_are_firing_tokens(index, dense):
+def test_interval_groups_count_every_firing_and_sample_inside(index, dense):
     acts = dense[: CFG.n_tokens]
-    n = 0
+    n_examples = 0
     for i in range(acts.shape[1]):
-        top = {c.row for c in index.contexts(i)}
-        qs = index.contexts(i, "quantile")
-        assert len(qs) <= 3 and [q.rank for q in qs] == list(range(len(qs)))
-        assert [q.act for q in qs] == sorted((q.act for q in qs), reverse=True)
-        for q in qs:
-            assert q.act == pytest.approx(acts[q.row, i], rel=1e-6) and q.act > 0
-            assert q.row not in top and q.acts[q.peak] == pytest.approx(q.act)
-        n += len(qs)
-    assert n > 0
+        card = index.latent(i)
+        fired = acts[:, i][acts[:, i] > 0].astype(np.float64)
+        if not fired.size:
+            assert card.intervals == [] and index.contexts(i, "interval") == []
+            continue
+        assert len(card.intervals) == CFG.intervals
+        assert sum(n for _, _, n in card.intervals) == card.n_fires == fired.size
+        lo, hi = card.intervals[0][0], card.intervals[-1][1]
+        assert lo == pytest.approx(fired.min(), rel=1e-6) and hi == pytest.approx(fired.max())
+        width = (hi - lo) / CFG.intervals
+        g = np.clip(np.floor((fired - lo) / width), 0, CFG.intervals - 1) if width else 0 * fired
+        want = np.bincount(g.astype(int), minlength=CFG.intervals)
+        np.testing.assert_array_equal([n for _, _, n in card.intervals], want)
+        shown = index.contexts(i, "interval")
+        assert [c.rank for c in shown] == list(range(len(shown)))
+        assert [(-c.group, -c.act) for c in shown] == sorted((-c.group, -c.act) for c in shown)
+        for j, (a, b, n) in enumerate(card.intervals):
+            inside = [c for c in shown if c.group == j]
+            assert len(inside) <= CFG.interval_samples and (n == 0) <= (not inside)
+            for c in inside:
+                assert a - 1e-5 <= c.act <= b + 1e-5 and c.act == pytest.approx(acts[c.row, i])
+                assert c.acts[c.peak] == pytest.approx(c.act)
+        every = [tuple(c.tokens) for c in index.contexts(i) + shown]
+        assert len(set(every)) == len(every)  # no window text shown twice for a latent
+        n_examples += len(shown)
+    assert n_examples > acts.shape[1]
+
+
+def test_label_names_the_most_frequent_tokens(index, dense, run):
+    ids = _token_ids(run)
+    tok = load_tokenizer("tiny")
+    fires = dense[: CFG.n_tokens] > 0
+    for i in range(0, fires.shape[1], 5):
+        card = index.latent(i)
+        if not card.n_fires:
+            assert card.label() == "never fired"
+            continue
+        counts = np.bincount(ids[fires[:, i]])
+        want = sorted(np.nonzero(counts)[0].tolist(), key=lambda t: (-counts[t], t))[:5]
+        assert card.top_tokens == [(tok.decode([t]), int(counts[t])) for t in want]
+        label = card.label()
+        assert label.startswith(f"fires on '{want and tok.decode([want[0]])}'")
+        assert f"promotes '{card.logit_top[0][0]}'" in label
+    assert index.labels([3, 3, 1]) == {3: index.latent(3).label(), 1: index.latent(1).label()}
+
+
+def test_whole_context_is_the_harvest_context_with_its_activations(index, dense, run):
+    tok = load_tokenizer("tiny")
+    store = ActivationStore(index.meta["harvest"])
+    for c in index.contexts(7)[:2] + index.contexts(7, "interval")[:1]:
+        tokens, acts, peak = F.whole_context(run, c.row, 7)
+        ctx = c.row // TPC
+        assert tokens == [tok.decode([int(t)]) for t in store.tokens()[ctx]]
+        want = [0.0, *dense[ctx * TPC : (ctx + 1) * TPC, 7]]
+        np.testing.assert_allclose(acts, want, rtol=1e-5, atol=1e-6)
+        assert peak == 1 + c.row % TPC and acts[peak] == pytest.approx(c.act, rel=1e-5)
+        assert tokens[peak - c.peak : peak - c.peak + len(c.tokens)] == c.tokens
+    with pytest.raises(UserError, match="out of range"):
+        F.whole_context(run, 0, 96)
+    with pytest.raises(UserError, match="harvest row"):
+        F.whole_context(run, 10**9, 0)
 
 
 def test_neighbours_match_brute_force(index, run):
@@ -210,7 +272,7 @@ def test_queries_smoke(index):
     for i in range(96):
         index.latent(i)
         index.contexts(i)
-        index.contexts(i, "quantile")
+        index.contexts(i, "interval")
     with pytest.raises(UserError, match="out of range"):
         index.latent(96)
     with pytest.raises(UserError, match="out of range"):

@@ -23,7 +23,7 @@ from saelab.runs import INDEX
 TPC = 15  # tokens per context: n_ctx 16 minus BOS
 D_SAE = 160  # more than one batch file of 128
 CFG = IndexConfig(
-    n_tokens=1700, top_contexts=5, quantile_samples=1, quantile_pool=16, context_before=4,
+    n_tokens=1700, top_contexts=5, interval_samples=1, context_before=4,
     context_after=2, batch_size=256, device="cpu",
 )  # fmt: skip
 SCHEMA = json.loads(NP.SCHEMA.read_text())
@@ -89,7 +89,7 @@ def test_activations_equal_the_index(exported, index):
     for f in _features(exported):
         i = f["feature_index"]
         card = index.latent(i)
-        top, quantile = index.contexts(i, "top"), index.contexts(i, "quantile")
+        top, quantile = index.contexts(i, "top"), index.contexts(i, "interval")
         assert len(f["activations"]) == len(top) + len(quantile)
         for a, c in zip(f["activations"], top + quantile):
             assert a["tokens"] == c.tokens and len(a["values"]) == len(a["tokens"])
@@ -101,9 +101,9 @@ def test_activations_equal_the_index(exported, index):
             assert np.float32(a["bin_max"]) == np.float32(card.max_act)
         for a, c in zip(f["activations"][len(top) :], quantile):
             assert a["bin_min"] <= c.act * (1 + 1e-6) and c.act <= a["bin_max"] * (1 + 1e-6)
-            j = card.hist_edges.index(a["bin_min"])
-            assert a["bin_max"] == card.hist_edges[j + 1]
-            assert a["bin_contains"] == card.hist_counts[j] / card.n_fires
+            lo, hi, n = card.intervals[c.group]
+            assert (a["bin_min"], a["bin_max"]) == (lo, hi)
+            assert a["bin_contains"] == n / card.n_fires
         n_top, n_quantile = n_top + len(top), n_quantile + len(quantile)
     assert n_top > D_SAE and n_quantile > D_SAE  # the fixture has both kinds, for most latents
 

@@ -37,6 +37,11 @@ def main() -> None:
         st.info("None of these runs has eval.json yet.")
         return
     st.caption(f"{len(runs)} runs (choose them on the Runs page); one point per run and mode.")
+    if len({r["name"] for r in rows}) < 2:
+        st.info(
+            "Only one run here has eval.json: select more runs on the Runs page (or evaluate "
+            "them) to compare them."
+        )
     fig = viz.frontier_figure([r for r in rows if r["fvu"] is not None])
     fig.update_layout(width=None)
     st.plotly_chart(fig)
@@ -44,6 +49,12 @@ def main() -> None:
         st.subheader(arch)
         table = common.table([r for r in rows if r["arch"] == arch], FORMATS)
         st.dataframe(table.drop(columns="arch"), hide_index=True)
+    contexts = {r.name: wb.ce_contexts((r.eval or {}).get("downstream")) for r in runs if r.eval}
+    st.caption(
+        "ΔCE from each run's eval.json, on its own held-out contexts (the Dark matter page's "
+        "ΔCE uses saelab darkmatter's): "
+        + "; ".join(f"{wb.md_escape(n)}: {c}" for n, c in contexts.items())
+    )
 
 
 with common.guard():

@@ -40,12 +40,22 @@ def figures(info: wb.RunInfo, dm: dict) -> None:
         )
     left, right = st.columns(2)
     left.plotly_chart(viz.error_split_figure(viz.error_split_rows(dm)))
+    left.caption(
+        "e = e_lin + e_nl, but the two parts are not orthogonal on these held-out tokens, so "
+        "‖e_lin‖² + ‖e_nl‖² need not equal ‖e‖²; the bars stand side by side, not stacked."
+    )
     with right:
         if ce := wb.ce_rows(dm):
-            st.markdown("**Splicing into the model** (CE on held-out contexts)")
+            st.markdown("**Splicing into the model**")
             st.dataframe(
                 pd.DataFrame(ce).style.format({"CE (nats)": "{:.4f}", "ΔCE": "{:+.4f}"}),
                 hide_index=True,
+            )
+            st.caption(
+                f"ΔCE on {wb.ce_contexts(dm.get('ce'))} (saelab darkmatter). The Compare page's "
+                f"ΔCE comes from eval.json, on "
+                f"{wb.ce_contexts((info.eval or {}).get('downstream'))}: a different context "
+                "set, so the two numbers differ."
             )
         elif skipped := (dm.get("ce") or {}).get("skipped"):
             st.caption(f"CE splicing skipped: {skipped}")

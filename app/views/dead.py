@@ -25,7 +25,7 @@ def _hist(info: wb.RunInfo) -> wb.FreqHist | None:
         except UserError as e:
             st.warning(f"{info.name}: {e}")
             return None
-        return wb.freq_hist_from_stats(idx.stats()["freq"], int(idx.meta.get("tokens", 0)))
+        return wb.freq_hist_from_stats(idx.stats()["freq"], int(idx.meta.get("n_tokens", 0)))
     return None
 
 
@@ -42,12 +42,16 @@ def comparison(runs: list[wb.RunInfo]) -> None:
             row = {"run": r.name, "arch": r.arch, "d_sae": h.d_sae}
             row |= {k: v for k, v in wb.dead_counts(h).items()}
             row["dead %"] = 100 * h.never_fired / max(h.d_sae, 1)
-            row["tokens"] = h.n_tokens
+            row["sample (tokens)"] = h.n_tokens
+            row["source"] = "eval.json (held out)" if r.eval else "feature index"
             rows.append(row)
-        st.dataframe(pd.DataFrame(rows).style.format({"dead %": "{:.2f}"}), hide_index=True)
+        table = common.table(rows, {"dead %": "{:.2f}", "sample (tokens)": "{:,}"})
+        st.dataframe(table, hide_index=True)
         st.caption(
-            "Dead: never fired on the held-out tokens. “freq < f” counts them plus the latents "
-            "in the histogram's bins below f (eval.json's binned firing frequencies)."
+            "Every count of a row is on that row's sample. Dead: never fired on it. “freq < f” "
+            "adds the latents in the histogram's bins below f; a column appears only where the "
+            "sample can resolve f (more than 1/f tokens), else it would repeat the dead count. "
+            "A latent firing less than once per sample size looks dead on a small sample."
         )
     series = {r.name: s for r in runs if (s := wb.dead_series(r.path))["tokens"]}
     if series:
@@ -67,17 +71,32 @@ def dead_list(info: wb.RunInfo) -> None:
     idx = common.open_index(info.path)
     freq = idx.stats()["freq"]
     dead = [int(i) for i in (freq == 0).nonzero()[0]]
-    st.write(
-        f"{len(dead):,} of {len(freq):,} latents never fired on the "
-        f"{idx.meta.get('tokens', 0):,} indexed tokens."
-        + ("" if dead else f" The {RAREST} rarest instead:")
+    n = int(idx.meta.get("n_tokens", 0))
+    line = (
+        f"On the index's sample of {n:,} tokens, {len(dead):,} of {len(freq):,} latents "
+        "never fired."
     )
+    h = wb.freq_hist(info.eval) if info.eval else None
+    if h is not None:
+        line += (
+            f" (eval.json counts {h.never_fired:,} dead on its own sample of {h.n_tokens:,} "
+            "held-out tokens: a latent that fires rarely can miss a smaller sample.)"
+        )
+    st.write(line + ("" if dead else f" The {RAREST} rarest instead:"))
+    describe = common.describer(info, idx)
     listed = dead[:MAX_LISTED] or [int(i) for i in np.argsort(freq, kind="stable")[:RAREST]]
     rows = []
     for i in listed:
         card = idx.latent(i)
-        near = ", ".join(f"{j} ({c:.2f})" for j, c in card.neighbours[:5])
-        rows.append({"latent": i, "frequency": freq[i], "decoder neighbours (cosine)": near})
+        near = ", ".join(
+            f"{j} {wb.shorten(describe(j), 24)} ({c:.2f})" for j, c in card.neighbours[:3]
+        )
+        rows.append(
+            {
+                "latent": i, "label": describe(i), "frequency": freq[i],
+                "decoder neighbours (cosine)": near,
+            }
+        )  # fmt: skip
     st.dataframe(pd.DataFrame(rows).style.format({"frequency": "{:.2e}"}), hide_index=True)
     if len(dead) > MAX_LISTED:
         st.caption(f"The first {MAX_LISTED} of {len(dead):,} are listed.")

@@ -1,6 +1,9 @@
 """Feature browser: one latent at a time from the run's feature index (features.sqlite):
-statistics, activation histogram, logit lens, decoder neighbours and highlighted contexts;
-jump by id, by token or text search, or through a neighbour."""
+what it is about (your note, its explanation, or a label from the index), statistics,
+activation histogram, logit lens, decoder neighbours, its activation on your own text, top
+contexts and activation-interval groups; jump by id, by token or text search, or through a
+neighbour. The latent lives in the URL (?latent=N), so the browser's Back steps through the
+latents visited."""
 
 import common
 import streamlit as st
@@ -11,6 +14,8 @@ from saelab.feature_index import FeatureIndex
 
 LATENT = "latent_id"  # session_state: the latent shown; other pages set it, then switch here
 BOX = "_latent_box"
+URL = "_latent_url"  # the ?latent= this page last wrote: a different one came from Back/Forward
+STEER = "steer_latents"  # session_state read by the Steer page
 
 
 def go(i: int) -> None:
@@ -26,13 +31,12 @@ def from_box() -> None:
 
 
 def read_query(d_sae: int) -> None:
-    """?latent=N picks the latent on the first visit to this page."""
-    if st.session_state.get("_latent_query_read"):
-        return
-    st.session_state["_latent_query_read"] = True
+    """?latent=N picks the latent when it differs from what this page last wrote there: on
+    the first visit, and when Back or Forward brought another URL."""
     want = st.query_params.get("latent")
-    if want is None:
+    if want is None or want == st.session_state.get(URL):
         return
+    st.session_state[URL] = want
     try:
         i = int(want)
     except ValueError:
@@ -54,39 +58,129 @@ def navigator(d_sae: int) -> None:
     c3.button("next ▶", on_click=step, args=(1, d_sae), width="stretch")
 
 
-def search(idx: FeatureIndex) -> None:
+@st.cache_data(max_entries=64, show_spinner="Running the model…")
+def rank_text(run: str, modified: float, model_name: str, text: str) -> list[tuple]:
+    from saelab.steering import rank_latents
+
+    coder = common.sae(run, modified)
+    return [tuple(h) for h in rank_latents(common.model(model_name), coder, text, k=20)]
+
+
+@st.cache_data(max_entries=64, show_spinner="Running the model…")
+def text_acts(run: str, modified: float, model_name: str, text: str, latent: int) -> tuple:
+    from saelab.steering import latent_activations
+
+    coder = common.sae(run, modified)
+    tokens, acts = latent_activations(common.model(model_name), coder, text, [latent])
+    return tokens, acts[:, 0].tolist()
+
+
+@st.cache_data(max_entries=32, show_spinner="Reading the whole context…")
+def whole(run: str, modified: float, row: int, latent: int) -> tuple:
+    from saelab.features import whole_context
+
+    return whole_context(run, row, latent)
+
+
+def hit_buttons(hits: list[tuple[int, str]], describe: wb.Describer) -> None:
+    cols = st.columns(3)
+    for n, (j, figure) in enumerate(hits):
+        cols[n % 3].button(
+            f"{common.named(j, describe, 40)} · {figure}",
+            key=f"hit_{j}",
+            on_click=go,
+            args=(j,),
+            width="stretch",
+        )
+
+
+def search(idx: FeatureIndex, info: wb.RunInfo, describe: wb.Describer) -> None:
     with st.expander("Search latents by token or text", expanded=False):
-        c1, c2 = st.columns([1, 4], vertical_alignment="bottom")
+        c1, c2 = st.columns([1, 3], vertical_alignment="bottom")
         how = c1.radio("Search by", ["token", "text"], key="search_kind", horizontal=True)
         query = c2.text_input(
-            "Token" if how == "token" else "Text",
+            "Token (exact)" if how == "token" else "Text (the model runs on it)",
             key="search_query",
             placeholder="e.g. the" if how == "token" else "e.g. In the beginning",
         )
         if not query:
             return
-        hits = idx.search_token(query) if how == "token" else idx.search_text(query)
-        if not hits:
-            st.caption(f"No latent in the index fires on {query!r}.")
+        shown = wb.md_escape(query)
+        if how == "token":
+            hits = idx.search_token(query)
+            if not hits:
+                st.caption(f"No latent in the index fires on the token “{shown}”.")
+                return
+            st.caption(
+                f"Latents that best detect the token “{shown}”: latent · label · F1 · firings "
+                "on it (F1 is 1 for a latent that fires exactly on this token; click to open)"
+            )
+            hit_buttons([(h.latent, f"F1 {h.f1:.2f} · {h.count}×") for h in hits], describe)
+            return
+        loaded = common.model_and_sae(info)
+        if loaded is None:
+            return
+        found = rank_text(str(info.path), common.mtime(info.path / wb.WEIGHTS), info.cfg["model"],
+                          query)  # fmt: skip
+        if not found:
+            st.caption(f"No latent fires on “{shown}”.")
             return
         st.caption(
-            f"Latents that best detect {query!r}: latent · F1 · firings on it "
-            "(F1 is 1 for a latent that fires exactly on this token; click to open)"
+            f"Latents with the largest activation on any token of “{shown}” (the model runs "
+            "on the text): latent · label · max activation (click to open)"
         )
-        cols = st.columns(5)
-        for n, h in enumerate(hits):
-            cols[n % 5].button(
-                f"#{h.latent} · {h.f1:.2f} · {h.count}×",
-                key=f"hit_{h.latent}",
-                on_click=go,
-                args=(h.latent,),
-                width="stretch",
-            )
+        hit_buttons([(j, f"{v:.3g}") for j, v, _ in found], describe)
 
 
-def card(idx: FeatureIndex, i: int) -> None:
+def about(i: int, info: wb.RunInfo, describe: wb.Describer) -> None:
+    """The label line, the explanation's provenance, the note editor and the steer link."""
+    label, source = describe(i), describe.source(i)
+    if label:
+        name = {"note": "Your note", "explanation": "Explanation", "index": "From the index"}
+        st.markdown(f"**{name[source]}:** {wb.md_escape(label, one_line=False)}")
+    if (e := describe.explanations.get(i)) is not None:
+        score = (
+            "not scored"
+            if e.score is None
+            else f"detection score {e.score:.2f} (balanced accuracy on {e.n_scored} examples; "
+            "chance is 0.50)"
+        )
+        st.caption(f"Explanation by {wb.md_escape(e.explainer or 'an explainer')}: {score}")
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    with c1.expander("Your note on this latent" + (" (saved)" if i in describe.notes else "")):
+        text = st.text_area("Note", describe.notes.get(i, ""), key=f"note_{i}", height=80)
+        if st.button("Save note", key=f"save_note_{i}"):
+            wb.write_note(info.path, i, text)
+            st.rerun()
+        st.caption(f"Kept in {wb.NOTES} in the run folder; an empty note removes it.")
+    if c2.button("Steer with this latent", key="steer_this", width="stretch"):
+        st.session_state[STEER] = [i]
+        st.switch_page("views/steer.py")
+
+
+def own_text(info: wb.RunInfo, i: int, vmax: float) -> None:
+    text = st.text_input(
+        "Your text: the model runs on it and each token shows this latent's activation",
+        key="own_text",
+        placeholder="type any text",
+    )
+    if not text:
+        return
+    if common.model_and_sae(info) is None:
+        return
+    modified = common.mtime(info.path / wb.WEIGHTS)
+    tokens, acts = text_acts(str(info.path), modified, info.cfg["model"], text, i)
+    st.html(viz.token_html(tokens, acts, vmax=vmax))
+    st.caption(
+        f"Largest here {max(acts, default=0):.3g}; colours on the scale of the top contexts "
+        f"(this latent's indexed maximum {vmax:.3g})."
+    )
+
+
+def card(idx: FeatureIndex, i: int, info: wb.RunInfo, describe: wb.Describer) -> None:
     c = idx.latent(i)
     st.subheader(f"Latent {i}")
+    about(i, info, describe)
     m = st.columns(4)
     m[0].metric("firing frequency", f"{c.freq:.2%}")
     m[1].metric("tokens fired on", f"{c.n_fires:,}")
@@ -99,34 +193,70 @@ def card(idx: FeatureIndex, i: int) -> None:
         left.plotly_chart(viz.activation_hist_figure(c.hist_edges, c.hist_counts, c.n_zero))
     if c.logit_top or c.logit_bottom:
         right.plotly_chart(viz.logit_lens_figure(c.logit_top, c.logit_bottom))
+        right.caption(wb.lens_caveat(str(idx.meta.get("hook", ""))))
     elif note := idx.meta.get("logit_lens_note"):
-        right.caption(f"No logit lens: {note}")
+        right.caption(f"No logit lens: {wb.md_escape(note)}")
     if c.neighbours:
-        st.markdown("**Decoder neighbours** (latent · cosine; click to open)")
-        cols = st.columns(5)
-        for n, (j, cos) in enumerate(c.neighbours[:10]):
-            cols[n % 5].button(
-                f"{j} · {cos:.2f}", key=f"nb_{j}", on_click=go, args=(j,), width="stretch"
+        st.markdown("**Decoder neighbours** (latent · label · cosine; click to open)")
+        cols = st.columns(3)
+        for n, (j, cos) in enumerate(c.neighbours[:9]):
+            cols[n % 3].button(
+                f"{common.named(j, describe, 40)} · {cos:.2f}",
+                key=f"nb_{j}",
+                on_click=go,
+                args=(j,),
+                width="stretch",
             )
-    contexts(idx, i, c.max_act)
+    own_text(info, i, c.max_act)
+    contexts(idx, i, c, info)
 
 
-def contexts(idx: FeatureIndex, i: int, vmax: float) -> None:
-    top, quantile = st.tabs(["Top activations", "Across the range (quantile samples)"])
-    for tab, kind in ((top, "top"), (quantile, "quantile")):
-        with tab:
-            found = idx.contexts(i, kind)
-            if not found:
-                st.caption("No contexts stored.")
-                continue
-            rows = [
-                (
-                    f"activation {c.act:.3g} · harvest row {c.row}",
-                    viz.token_html(c.tokens, c.acts, c.peak, vmax),
-                )
-                for c in found
-            ]
-            st.html(viz.labelled_html(rows))
+def _row(x, vmax: float) -> tuple[str, str]:
+    label = f"activation {x.act:.3g} · harvest row {x.row}"
+    return label, viz.token_html(x.tokens, x.acts, x.peak, vmax)
+
+
+def contexts(idx: FeatureIndex, i: int, c, info: wb.RunInfo) -> None:
+    top, groups = st.tabs(["Top activations", "Across the range (activation intervals)"])
+    vmax = c.max_act
+    with top:
+        found = idx.contexts(i, "top")
+        if not found:
+            st.caption("No contexts stored.")
+        else:
+            st.html(viz.labelled_html([_row(x, vmax) for x in found]))
+            expand(found, i, info, vmax)
+    with groups:
+        examples = idx.contexts(i, "interval")
+        if not c.intervals:
+            st.caption("No firings, so no intervals.")
+        for g in reversed(range(len(c.intervals))):
+            lo, hi, n = c.intervals[g]
+            share = n / max(c.n_fires, 1)
+            inside = [x for x in examples if x.group == g]
+            st.markdown(
+                f"**Interval {g + 1} · activation {lo:.3g}–{hi:.3g}** · {n:,} firings "
+                f"({share:.1%})" + ("" if inside or not n else " · no distinct example kept")
+            )
+            if inside:
+                st.html(viz.labelled_html([_row(x, vmax) for x in inside]))
+
+
+def expand(found: list, i: int, info: wb.RunInfo, vmax: float) -> None:
+    """One chosen top context, shown whole (the harvest holds every context's tokens)."""
+    with st.expander("Show a whole context"):
+        n = st.selectbox(
+            "Context",
+            range(len(found)),
+            format_func=lambda r: f"#{r + 1}: activation {found[r].act:.3g}",
+            key="whole_ctx",
+        )
+        if n is None or not st.toggle("show it", key="whole_on"):
+            return
+        x = found[n]
+        st.session_state["_ctx_row"] = x.row
+        tokens, acts, peak = whole(str(info.path), common.mtime(info.path / wb.WEIGHTS), x.row, i)
+        st.html(viz.token_html(tokens, acts, peak, vmax))
 
 
 def main() -> None:
@@ -148,12 +278,14 @@ def main() -> None:
         f"{meta.get('n_tokens', 0):,} indexed tokens of {meta.get('model')} at {meta.get('hook')}"
     )
     d_sae = int(meta["d_sae"])
+    describe = common.describer(info, idx)
     read_query(d_sae)
     navigator(d_sae)
-    search(idx)
+    search(idx, info, describe)
     i = st.session_state[LATENT]
     st.query_params["latent"] = str(i)
-    card(idx, i)
+    st.session_state[URL] = str(i)
+    card(idx, i, info, describe)
 
 
 with common.guard():

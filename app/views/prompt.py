@@ -6,23 +6,10 @@ import pandas as pd
 import streamlit as st
 
 from saelab import viz
+from saelab import workbench as wb
 from saelab.runs import SYNTHETIC
 
 DEFAULT_PROMPT = "In the beginning God created the heaven and the earth."
-
-
-@st.cache_resource(max_entries=2, show_spinner="Loading the model…")
-def model(name: str):
-    from saelab.models import load_model
-
-    return load_model(name)
-
-
-@st.cache_resource(max_entries=4, show_spinner=False)
-def sae(path: str, modified: float):
-    from saelab.steering import load_sae
-
-    return load_sae(path).eval()
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -30,8 +17,8 @@ def fire(run: str, modified: float, model_name: str, prompt: str) -> list[tuple]
     """Every firing latent at every token, strongest first."""
     from saelab.steering import top_latents
 
-    coder = sae(run, modified)
-    rows = top_latents(model(model_name), coder, prompt, k=coder.d_sae)
+    coder = common.sae(run, modified)
+    rows = top_latents(common.model(model_name), coder, prompt, k=coder.d_sae)
     return [tuple(r) for r in rows]
 
 
@@ -52,12 +39,18 @@ def main() -> None:
         return
     weights = info.path / "sae.safetensors"
     rows = fire(str(info.path), common.mtime(weights), name, prompt)
+    describe = common.describer(info, common.open_index(info.path) if info.has_index else None)
+
+    def named(i: int) -> str:
+        label = describe(i)
+        return f"{i} ({wb.shorten(label, 32)})" if label else str(i)
+
     table = pd.DataFrame(
         {
             "position": [r[0] for r in rows],
             "token": [repr(r[1])[1:-1] for r in rows],
             "latents (activation)": [
-                "  ".join(f"{i}: {v:.2f}" for i, v in zip(r[2][:k], r[3][:k])) for r in rows
+                "  ".join(f"{named(i)}: {v:.2f}" for i, v in zip(r[2][:k], r[3][:k])) for r in rows
             ],
         }
     )
@@ -71,7 +64,7 @@ def main() -> None:
     pick = st.selectbox(
         "Highlight a latent",
         order,
-        format_func=lambda i: f"{i} (in the top {k} at {counts[i]} tokens)",
+        format_func=lambda i: f"{named(i)}: in the top {k} at {counts[i]} tokens",
         key="prompt_latent",
     )
     acts = [dict(zip(r[2], r[3])).get(pick, 0.0) for r in rows]
@@ -82,7 +75,8 @@ def main() -> None:
     st.dataframe(table, hide_index=True, height=min(35 * (len(table) + 1) + 3, 640))
     st.caption(
         "Activations at the SAE's hook, in the SAE's units; the highlight shows every token "
-        "the latent fires on. Steer or ablate latents from a notebook with saelab.steering."
+        "the latent fires on. Steer with latents on the Steer page (or from a notebook with "
+        "saelab.steering)."
     )
 
 
