@@ -433,7 +433,7 @@ class ExplainConfig:
     """Top-activating contexts shown to the explainer (the even ranks 0, 2, …)."""
 
     n_detect: Positive = 10
-    """Held-out positive contexts scored per latent (the other top ranks, then the quantile
+    """Held-out positive contexts scored per latent (the other top ranks, then the interval
     contexts), and as many negatives (windows where the latent is silent)."""
 
     max_new_tokens: Annotated[int, Check(ge=1, le=256)] = 16

@@ -9,7 +9,7 @@ a described one.
 
 Detection score, after Bills et al. 2023 ("Language models can explain neurons in language
 models") and EleutherAI's delphi (Paulo et al., arXiv 2410.13928): held-out positives, the
-odd-ranked top contexts and the quantile contexts (never shown to the explainer), and as many
+odd-ranked top contexts and the interval examples (never shown to the explainer), and as many
 negatives, random windows of the same shape from the indexed rows on none of whose tokens the
 SAE fires the latent, are given to the explainer with the explanation, which returns a margin
 per text (saelab.explainers: its log-likelihood gain from reading the explanation first, or
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -48,7 +47,15 @@ import numpy as np
 from saelab.config import ExplainConfig
 from saelab.errors import UserError
 from saelab.feature_index import Context, FeatureIndex, LatentCard
-from saelab.runs import EXPLANATIONS, SYNTHETIC, atomic_write, finished_cfg, writer_lock
+from saelab.runs import (
+    EXPLANATIONS,
+    SYNTHETIC,
+    append_lines,
+    cut_torn_line,
+    finished_cfg,
+    read_explanations,
+    writer_lock,
+)
 
 if TYPE_CHECKING:
     from saelab.explainers import Chat, Explainer
@@ -75,24 +82,6 @@ _SYSTEM = "You explain what a feature of a language model responds to, in a few 
 
 # ---------------------------------------------------------------------------------------
 # Reading the file, and which latents to do
-
-
-def read_explanations(run: str | Path) -> dict[int, dict[str, Any]]:
-    """Latent → its latest line in the run's explanations.jsonl ({} when there is none). Torn
-    or foreign lines are skipped; imports no torch."""
-    path = Path(run) / EXPLANATIONS
-    out: dict[int, dict[str, Any]] = {}
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return out
-    for line in text.splitlines():
-        try:
-            d = json.loads(line)
-            out[int(d["latent"])] = d
-        except (ValueError, KeyError, TypeError):
-            continue
-    return out
 
 
 def parse_latents(spec: str, d_sae: int) -> list[int]:
@@ -270,12 +259,12 @@ class _Texts:
 
 
 def split_contexts(
-    top: list[Context], quantile: list[Context], n_show: int
+    top: list[Context], intervals: list[Context], n_show: int
 ) -> tuple[list[Context], list[Context]]:
     """(shown to the explainer, held out to score it): the even top ranks below 2·n_show are
-    shown; the other top ranks, then the quantile contexts, are held out."""
+    shown; the other top ranks, then the interval examples, are held out."""
     shown = top[0 : 2 * n_show : 2]
-    return shown, [c for k, c in enumerate(top) if k % 2 or k >= 2 * n_show] + quantile
+    return shown, [c for k, c in enumerate(top) if k % 2 or k >= 2 * n_show] + intervals
 
 
 def explain_latent(
@@ -283,7 +272,7 @@ def explain_latent(
     texts: _Texts | None,
 ) -> dict[str, Any]:  # fmt: skip
     top = ix.contexts(i, "top")
-    shown, held = split_contexts(top, ix.contexts(i, "quantile"), cfg.n_show)
+    shown, held = split_contexts(top, ix.contexts(i, "interval"), cfg.n_show)
     line: dict[str, Any] = {"latent": i, "label": label(ix.latent(i), top)}
     line |= {"explainer": explainer.name if explainer else "none", "n_shown": len(shown)}
     if explainer is None or texts is None or not shown:
@@ -297,21 +286,6 @@ def explain_latent(
     margins, graded = explainer.detect(explanation, pos + neg)
     result = detection_score(margins[: len(pos)], margins[len(pos) :], graded)
     return {**line, **result, "n_scored": len(pos) + len(neg), "n_pos": len(pos)}
-
-
-def _trim_torn(path: Path) -> None:
-    """Drop a last line cut by a kill, so the next append starts a line of its own."""
-    if path.is_file():
-        text = path.read_text()
-        if text and not text.endswith("\n"):
-            atomic_write(path, text[: text.rfind("\n") + 1])
-
-
-def _append(path: Path, line: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(line) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def explain_run(cfg: ExplainConfig, progress: bool = True) -> Path:
@@ -348,9 +322,9 @@ def explain_run(cfg: ExplainConfig, progress: bool = True) -> Path:
             from saelab.runs import open_run
 
             texts = _Texts(open_run(run, cfg.device), ix, todo, cfg)
-        _trim_torn(path)
+        cut_torn_line(path)
         for i in tqdm(todo, desc="explain", unit="latent", disable=not progress):
-            _append(path, explain_latent(i, ix, cfg, explainer, texts))
+            append_lines(path, json.dumps(explain_latent(i, ix, cfg, explainer, texts)) + "\n")
     return path
 
 

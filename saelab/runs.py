@@ -333,6 +333,78 @@ def prepare_run_dir(out: Path, plan: dict[str, Any]) -> dict[str, Any] | None:
     return old
 
 
+# ---------------------------------------------------------------------------------------
+# Append-only JSON lines (the harvest's shard log and checksum record, explanations.jsonl):
+# a line counts only with its newline, so a crash mid-append leaves a torn last line that
+# readers skip and the next writer cuts off.
+
+
+def append_lines(file: Path, text: str, fsync: bool = True) -> None:
+    """Append ``text`` (whole lines); a torn line left at the end gets its newline first, so
+    it spoils only itself."""
+    fd = os.open(file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            text = "\n" + text
+        os.write(fd, text.encode())
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def complete_lines(file: Path) -> list[bytes]:
+    """The complete lines of an append-only file ([] when it is absent)."""
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        return []
+    return data.split(b"\n")[:-1]
+
+
+def cut_torn_line(file: Path) -> None:
+    """Writers call this before appending: drop a last line a crash cut short."""
+    if not file.is_file():
+        return
+    data = file.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        with open(file, "r+b") as f:
+            f.truncate(keep)
+            os.fsync(f.fileno())
+
+
+def read_records(file: Path, what: str, fix: str) -> list[dict[str, Any]]:
+    """The JSON objects on the complete lines of ``file``; any other complete line is a
+    UserError naming it, ``what`` a line should be and the ``fix``."""
+    records = []
+    for n, line in enumerate(complete_lines(file), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            entry = None
+        if not isinstance(entry, dict):
+            raise UserError(f"line {n} of {file} is not {what}; {fix}")
+        records.append(entry)
+    return records
+
+
+def read_explanations(run: str | Path) -> dict[int, dict[str, Any]]:
+    """`saelab explain`'s records by latent (a later line replaces an earlier one); {} when
+    there are none. A torn last line is skipped."""
+    fix = "delete that line or rerun saelab explain"
+    out = {}
+    for d in read_records(Path(run) / EXPLANATIONS, "an explanation record", fix):
+        if not isinstance(d.get("latent"), int) or not isinstance(d.get("explanation"), str):
+            raise UserError(f"{Path(run) / EXPLANATIONS} has a record without a latent id and "
+                            f"an explanation: {fix}")  # fmt: skip
+        out[d["latent"]] = d
+    return out
+
+
 def trim_log(path: Path, step: int) -> None:
     """Keep only log lines up to the checkpoint, so a resume never duplicates them."""
     if not path.exists():

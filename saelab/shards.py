@@ -54,7 +54,13 @@ import numpy as np
 import torch
 
 from saelab.errors import UserError
-from saelab.runs import atomic_write
+from saelab.runs import (
+    append_lines,
+    atomic_write,
+    complete_lines,
+    cut_torn_line,
+    read_records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -252,59 +258,18 @@ def header(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if k != "shards"}
 
 
-def _append(file: Path, text: str, fsync: bool) -> None:
-    """Append ``text`` (whole lines); a torn line left at the end gets its newline first, so
-    it spoils only itself."""
-    fd = os.open(file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            text = "\n" + text
-        os.write(fd, text.encode())
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _lines(file: Path) -> list[bytes]:
-    """The complete lines of an append-only file: a last line without its newline is torn."""
-    try:
-        data = file.read_bytes()
-    except FileNotFoundError:
-        return []
-    return data.split(b"\n")[:-1]
-
-
 def cut_torn_tail(path: Path) -> None:
     """Writers call this before appending to the log: drop a line a crash cut short."""
-    file = path / LOG
-    if not file.is_file():
-        return
-    data = file.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep != len(data):
-        log.info("cutting a torn last line (%d bytes) off %s", len(data) - keep, file)
-        with open(file, "r+b") as f:
-            f.truncate(keep)
-            os.fsync(f.fileno())
+    cut_torn_line(path / LOG)
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
     """The shards the log lists, in order; a torn last line is ignored."""
-    shards = []
-    for n, line in enumerate(_lines(path / LOG), 1):
-        try:
-            entry = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            entry = None
-        if not isinstance(entry, dict):
-            raise UserError(
-                f"line {n} of {path / LOG} is not a shard entry; delete it and later lines and "
-                "re-run `saelab harvest` with the same settings to redo those shards"
-            )
-        shards.append(entry)
-    return shards
+    fix = (
+        "delete it and later lines and re-run `saelab harvest` with the same settings to redo "
+        "those shards"
+    )
+    return read_records(path / LOG, "a shard entry", fix)
 
 
 def write_shard(
@@ -334,7 +299,7 @@ def write_shard(
     }
     if not (out / META).is_file():
         write_meta(out, {**meta, "format": FORMAT, "complete": False, "n_tokens": 0})
-    _append(out / LOG, json.dumps(entry) + "\n", fsync=True)
+    append_lines(out / LOG, json.dumps(entry) + "\n", fsync=True)
     meta["shards"].append(entry)
     meta["n_tokens"] = c1 * per
     if c1 == meta["n_contexts"]:
@@ -409,7 +374,7 @@ def read_checked(path: Path) -> dict[str, tuple[str, int, int]]:
     """The readers' record of confirmed hashes: relative file -> (sha256, size, mtime_ns).
     It is only a cache: unreadable lines are skipped, and later lines win."""
     record = {}
-    for line in _lines(path / CHECKED):
+    for line in complete_lines(path / CHECKED):
         try:
             e = json.loads(line)
             record[str(e["file"])] = (str(e["sha256"]), int(e["size"]), int(e["mtime_ns"]))
@@ -423,7 +388,7 @@ def append_checked(path: Path, entries: list[tuple[str, str, int, int]]) -> None
     not writable. Not fsynced: a record lost in a crash only costs one more hash."""
     keys = ("file", "sha256", "size", "mtime_ns")
     text = "".join(json.dumps(dict(zip(keys, e))) + "\n" for e in entries)
-    _append(path / CHECKED, text, fsync=False)
+    append_lines(path / CHECKED, text, fsync=False)
 
 
 def check_header(file: Path, rows: int, d_in: int, dtype: np.dtype) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from saelab import runs
 from saelab.compare import eval_rows
 from saelab.errors import UserError
 from saelab.runs import (
@@ -370,37 +371,20 @@ class Explanation:
 
 
 def read_explanations(run: Path) -> dict[int, Explanation]:
-    """explanations.jsonl by latent (a later line replaces an earlier one); {} when absent.
-    A torn last line (a writer stopped mid-line) is ignored; any other bad line is an error."""
-    path = run / EXPLANATIONS
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(
-            f"{path} cannot be read ({type(e).__name__}); rerun saelab explain"
-        ) from None
-    out: dict[int, Explanation] = {}
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
+    """explanations.jsonl by latent (`saelab.runs.read_explanations`); {} when absent."""
+    out = {}
+    for i, d in runs.read_explanations(run).items():
+        score = d.get("score")
         try:
-            d = json.loads(line)
-            score = d.get("score")
-            e = Explanation(
-                int(d["latent"]), str(d["explanation"]),
-                None if score is None else float(score), int(d.get("n_scored") or 0),
-                str(d.get("explainer") or ""),
+            out[i] = Explanation(
+                i, d["explanation"], None if score is None else float(score),
+                int(d.get("n_scored") or 0), str(d.get("explainer") or ""),
             )  # fmt: skip
-        except (ValueError, KeyError, TypeError, AttributeError):
-            if n == len(lines) - 1:
-                continue
+        except (TypeError, ValueError):
             raise UserError(
-                f"{path} line {n + 1} is not an explanation record; delete that line or rerun "
-                "saelab explain"
+                f"{run / EXPLANATIONS} has a bad score for latent {i}; delete that line or "
+                "rerun saelab explain"
             ) from None
-        out[e.latent] = e
     return out
 
 

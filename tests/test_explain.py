@@ -24,7 +24,7 @@ from saelab.runs import EXPLANATIONS, open_run
 TPC = 15
 KEY = "sk-test-7c1d9e0b-secret"
 INDEX_CFG = IndexConfig(
-    top_contexts=6, quantile_samples=1, quantile_pool=16, context_before=4, context_after=2,
+    top_contexts=6, intervals=4, interval_samples=1, context_before=4, context_after=2,
     batch_size=256, device="cpu", logit_lens=False,
 )  # fmt: skip
 
@@ -68,7 +68,7 @@ def test_parse_latents():
 
 def test_marked_wraps_runs_at_or_above_half_the_peak():
     toks = [" the", " big", " red", " dog", " ran"]
-    ctx = Context(0, "top", 0, 4.0, 0, toks, [0.0, 2.0, 4.0, 1.0, 2.5], 2)
+    ctx = Context(0, "top", 0, -1, 4.0, 0, toks, [0.0, 2.0, 4.0, 1.0, 2.5], 2)
     assert E.marked(ctx) == " the <<big red>> dog <<ran>>"
 
 
@@ -249,7 +249,7 @@ def test_endpoint_explainer_end_to_end(fresh, server, monkeypatch, logprobs):
     for i, margins, texts in zip(ids, groups, asked):
         d, m = lines[i], np.array(margins)
         # The positives come first: the held-out contexts' windows, in rank order.
-        held = E.split_contexts(ix.contexts(i), ix.contexts(i, "quantile"), 2)[1]
+        held = E.split_contexts(ix.contexts(i), ix.contexts(i, "interval"), 2)[1]
         want = [_window(c) for c in held[: d["n_pos"]]]
         assert texts[: d["n_pos"]] == want and not set(texts[d["n_pos"] :]) & set(want)
         s = E.detection_score(m[: d["n_pos"]], m[d["n_pos"] :], graded=logprobs)
@@ -272,13 +272,13 @@ def test_held_out_texts_never_shown_and_negatives_silent(fresh):
                 code = sae.encode(store.read(int(rows[0]), int(rows[-1]) + 1))
             fires = bool(((code.indices == i) & (code.values > 0)).any())
             assert texts.fired[w, j] == fires
-        top, quantile = ix.contexts(i), ix.contexts(i, "quantile")
+        top, intervals = ix.contexts(i), ix.contexts(i, "interval")
         for n_show in (1, 2, 10):
-            shown, held = E.split_contexts(top, quantile, n_show)
+            shown, held = E.split_contexts(top, intervals, n_show)
             assert len(shown) == min(n_show, (len(top) + 1) // 2)
             assert [c.act for c in shown] == sorted((c.act for c in shown), reverse=True)
             assert {c.row for c in shown}.isdisjoint(c.row for c in held)
-            assert len(shown) + len(held) == len(top) + len(quantile)
+            assert len(shown) + len(held) == len(top) + len(intervals)
         for c in top:  # a context's text is its window, BOS (position 0) dropped
             assert texts.text(c.row).strip() == _window(c)
 

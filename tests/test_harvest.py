@@ -138,7 +138,7 @@ class _Crash(BaseException):
 def test_crash_at_every_write_resumes_identically(tmp_path, reference, monkeypatch):
     want = snapshot(reference)
     real_replace = os.replace
-    real_append = shards._append
+    real_append = shards.append_lines
     # tokens, meta, then per shard: its files (renamed) and its log line, then the final meta
     n_writes = 2 + 3 * (len(HOOKS) + 1) + 1
     for crash_at in range(1, n_writes + 1):
@@ -158,11 +158,11 @@ def test_crash_at_every_write_resumes_identically(tmp_path, reference, monkeypat
 
         out = tmp_path / str(crash_at)
         monkeypatch.setattr(H.os, "replace", replace)
-        monkeypatch.setattr(shards, "_append", append)
+        monkeypatch.setattr(shards, "append_lines", append)
         with pytest.raises(_Crash):
             H.harvest(cfg_for(out), progress=False)
         monkeypatch.setattr(H.os, "replace", real_replace)
-        monkeypatch.setattr(shards, "_append", real_append)
+        monkeypatch.setattr(shards, "append_lines", real_append)
         H.harvest(cfg_for(out), progress=False)
         assert snapshot(out / "h") == want, f"crash before write {crash_at}"
     assert len(calls) == n_writes, "the last write is the final meta.json"
