@@ -253,7 +253,7 @@ def test_figures_are_written(synth, monkeypatch, html_figure):
     # The split: linear and nonlinear FVU of the SAE and of gradient pursuit.
     bars = {t["name"]: t for t in html_figure(figures / "darkmatter_split.html")["data"]}
     gp = res["pursuit"]
-    for name, key in [("linear", "fvu_linear"), ("nonlinear", "fvu_nonlinear"), ("FVU", "fvu")]:
+    for name, key in [("linear", "fvu_linear"), ("nonlinear", "fvu_nonlinear"), ("total", "fvu")]:
         (t,) = [t for n, t in bars.items() if n.startswith(name)]
         assert list(t["x"]) == ["SAE", "gradient pursuit"]
         assert list(t["y"]) == pytest.approx([res[key], gp[key]])
@@ -276,7 +276,7 @@ def test_scaling_matrix(synth, monkeypatch, html_figure):
         np.testing.assert_allclose(np.asarray(t["z"], dtype=float), want)
     bars = html_figure(out / "scaling_split.html")["data"]
     assert [list(t["x"]) for t in bars] == [res["names"]] * 3
-    for t, key in zip(bars, ("fvu_linear", "fvu_nonlinear", "fvu")):
+    for t, key in zip(bars, ("fvu", "fvu_linear", "fvu_nonlinear")):  # total first
         assert list(t["y"]) == pytest.approx([r[key] for r in res["runs"]])
 
 
