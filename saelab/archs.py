@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from saelab import kernels
+from saelab.kernels.eager import ragged_rows
 
 if TYPE_CHECKING:
     from saelab.sae import SparseCoder
@@ -55,12 +56,59 @@ class SparseCode(NamedTuple):
     """[B, K] int64 latent ids."""
 
 
+class RaggedCode(NamedTuple):
+    """A batch of codes whose per-token count varies, in CSR form: token b's latents are
+    indices[offsets[b]:offsets[b + 1]], firing at the same slice of values.
+
+    The batch-level rules (feature and mutual choice, thresholds) and adaptive pursuit
+    produce it: a few tokens take many latents, and padding every row to the longest would
+    multiply the decode and backward work by max/mean count.
+    """
+
+    values: Tensor
+    """[nnz] activations (a zero decodes to nothing and passes no gradient)."""
+
+    indices: Tensor
+    """[nnz] int64 latent ids."""
+
+    offsets: Tensor
+    """[B + 1] int64 row starts into values/indices; offsets[0] = 0, offsets[B] = nnz."""
+
+
+Code = SparseCode | RaggedCode
+"""Either code form; the decoder and every consumer accept both (`to_padded` converts)."""
+
+
 class Encoding(NamedTuple):
-    code: SparseCode
+    code: Code
     """The code the reconstruction uses."""
 
     aux: SparseCode | None
     """Training only: the auxiliary-loss candidates (None when there are none)."""
+
+
+def to_padded(code: Code) -> SparseCode:
+    """A padded [B, max count] code (at least one column) of either form; zeros pad."""
+    if isinstance(code, SparseCode):
+        return code
+    values, indices, offsets = code
+    B = offsets.numel() - 1
+    width = max(int(offsets.diff().max()) if B else 0, 1)
+    rows = ragged_rows(offsets, indices.numel())
+    slot = torch.arange(rows.numel(), device=rows.device) - offsets[rows]
+    out_i = torch.zeros(B, width, dtype=torch.int64, device=indices.device)
+    out_v = torch.zeros(B, width, dtype=values.dtype, device=values.device)
+    out_i[rows, slot] = indices
+    out_v[rows, slot] = values
+    return SparseCode(out_v, out_i)
+
+
+def from_padded(code: SparseCode) -> RaggedCode:
+    """The CSR form of a padded code, dropping zero slots (padding or ReLU-clipped)."""
+    keep = code.values != 0
+    offsets = torch.zeros(keep.shape[0] + 1, dtype=torch.int64, device=keep.device)
+    torch.cumsum(keep.sum(1), 0, out=offsets[1:])
+    return RaggedCode(code.values[keep], code.indices[keep], offsets)
 
 
 class EncodeArgs(NamedTuple):
@@ -120,22 +168,34 @@ def _encode_with(sae: SparseCoder, x: Tensor, args: EncodeArgs, select) -> Encod
     )
 
 
+def _encode_ragged(sae: SparseCoder, x: Tensor, args: EncodeArgs, select) -> Encoding:
+    values, indices, offsets, aux_values, aux_indices = kernels.ragged_encode(
+        x, sae.W_enc, sae.b_enc, sae.b_dec, select, args.aux_mask, args.k_aux
+    )
+    aux = SparseCode(aux_values, aux_indices) if aux_indices.shape[1] else None
+    return Encoding(RaggedCode(values, indices, offsets), aux)
+
+
+def mask_to_ragged(
+    z: Tensor, rows: Tensor, cols: Tensor, relu: bool = True, row_sorted: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Entries (rows[i], cols[i]) of ReLU(z) (of z itself without `relu`) as a CSR code
+    (values, indices, offsets), each row's entries in their given order. `row_sorted`:
+    rows is already non-decreasing (torch.nonzero's order), so no sort is needed."""
+    B = z.shape[0]
+    if not row_sorted:
+        order = torch.argsort(rows, stable=True)
+        rows, cols = rows[order], cols[order]
+    offsets = torch.zeros(B + 1, dtype=torch.int64, device=z.device)
+    torch.cumsum(torch.bincount(rows, minlength=B), 0, out=offsets[1:])
+    picked = z[rows, cols]
+    return picked.relu() if relu else picked, cols, offsets
+
+
 def mask_to_code(z: Tensor, rows: Tensor, cols: Tensor, relu: bool = True) -> tuple[Tensor, Tensor]:
     """Entries (rows[i], cols[i]) of ReLU(z) (of z itself without `relu`) as a padded
     per-token code [B, max count]."""
-    B = z.shape[0]
-    order = torch.argsort(rows, stable=True)
-    rows, cols = rows[order], cols[order]
-    counts = torch.bincount(rows, minlength=B)
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(rows.numel(), device=z.device) - starts[rows]
-    indices = torch.zeros(B, width, dtype=torch.int64, device=z.device)
-    values = torch.zeros(B, width, dtype=z.dtype, device=z.device)
-    indices[rows, slot] = cols
-    picked = z[rows, cols]
-    values[rows, slot] = picked.relu() if relu else picked
-    return values, indices
+    return tuple(to_padded(RaggedCode(*mask_to_ragged(z, rows, cols, relu))))  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,9 +225,9 @@ def gradient_topk(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     return _encode_with(sae, x, args, select)
 
 
-def _thresholded(z: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+def _thresholded(z: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     rows, cols = torch.nonzero(z > theta, as_tuple=True)
-    return mask_to_code(z, rows, cols)
+    return mask_to_ragged(z, rows, cols, row_sorted=True)
 
 
 def _ema_(buf: Tensor, new: Tensor) -> None:
@@ -179,18 +239,18 @@ def _ema_(buf: Tensor, new: Tensor) -> None:
 
 def feature_choice(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     if not args.training:
-        return _encode_with(sae, x, args, lambda z: _thresholded(z, sae.threshold.clamp_min(0)))
+        return _encode_ragged(sae, x, args, lambda z: _thresholded(z, sae.threshold.clamp_min(0)))
     B = x.shape[0]
     m = feature_choice_m(sae.k, B, sae.d_sae)
 
-    def select(z: Tensor) -> tuple[Tensor, Tensor]:
+    def select(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         top, rows = kernels.column_topk(z, m)  # [m, n]: each latent's m tokens
         with torch.no_grad():
             _ema_(sae.threshold, top.min(0).values.relu())
         cols = torch.arange(z.shape[1], device=z.device).expand(m, -1)
-        return mask_to_code(z, rows.reshape(-1), cols.reshape(-1))
+        return mask_to_ragged(z, rows.reshape(-1), cols.reshape(-1))
 
-    return _encode_with(sae, x, args, select)
+    return _encode_ragged(sae, x, args, select)
 
 
 def feature_choice_m(k: int, batch: int, d_sae: int) -> int:
@@ -199,25 +259,25 @@ def feature_choice_m(k: int, batch: int, d_sae: int) -> int:
 
 def mutual_choice(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     if not args.training:
-        return _encode_with(sae, x, args, lambda z: _thresholded(z, sae.threshold.clamp_min(0)))
+        return _encode_ragged(sae, x, args, lambda z: _thresholded(z, sae.threshold.clamp_min(0)))
 
-    def select(z: Tensor) -> tuple[Tensor, Tensor]:
+    def select(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         top, rows, cols = kernels.global_topk(z, sae.k * z.shape[0])
         with torch.no_grad():
             _ema_(sae.threshold, top.min().relu().reshape(1))
-        return mask_to_code(z, rows, cols)
+        return mask_to_ragged(z, rows, cols)
 
-    return _encode_with(sae, x, args, select)
+    return _encode_ragged(sae, x, args, select)
 
 
 def jumprelu(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     # No ReLU and no clamp: SAELens's JumpReLU passes z wherever z > θ, so a negative θ
     # (which SAELens allows) lets negative values through there too.
-    def select(z: Tensor) -> tuple[Tensor, Tensor]:
+    def select(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         rows, cols = torch.nonzero(z > sae.threshold, as_tuple=True)
-        return mask_to_code(z, rows, cols, relu=False)
+        return mask_to_ragged(z, rows, cols, relu=False, row_sorted=True)
 
-    return _encode_with(sae, x, args, select)
+    return _encode_ragged(sae, x, args, select)
 
 
 def matching_pursuit(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:

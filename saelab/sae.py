@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from saelab import kernels
-from saelab.archs import ARCHS, EncodeArgs, Encoding, SparseCode
+from saelab.archs import ARCHS, Code, EncodeArgs, Encoding, RaggedCode, SparseCode, to_padded
 from saelab.errors import UserError
 from saelab.runs import CFG, WEIGHTS, atomic_write, write_json
 
@@ -77,7 +77,9 @@ class SparseCoder(nn.Module):
     def encode_scaled(self, x: Tensor, args: EncodeArgs | None = None) -> Encoding:
         return self.spec.encode(self, x, args or EncodeArgs())
 
-    def decode_scaled(self, code: SparseCode) -> Tensor:
+    def decode_scaled(self, code: Code) -> Tensor:
+        if isinstance(code, RaggedCode):
+            return kernels.ragged_decode(*code, self.W_dec, self.b_dec)
         return kernels.decode(code.values, code.indices, self.W_dec, self.b_dec)
 
     def pre_acts(self, x: Tensor) -> Tensor:
@@ -90,14 +92,15 @@ class SparseCoder(nn.Module):
         """Inference-mode code of raw activations [..., d_in] (flattened to [N, d_in]).
 
         grad: ∂CE/∂x for gradient_topk (without it, plain TopK); options: EncodeArgs fields
-        such as mp_tol for adaptive matching pursuit.
+        such as mp_tol for adaptive matching pursuit. A rule whose per-token count varies
+        comes back padded to the batch's longest row (`encode_scaled` keeps it ragged).
         """
         x = x.reshape(-1, self.d_in).to(self.W_dec.dtype) * self.input_scale
         if grad is not None:
             grad = grad.reshape(-1, self.d_in)
-        return self.encode_scaled(x, EncodeArgs(grad=grad, **options)).code
+        return to_padded(self.encode_scaled(x, EncodeArgs(grad=grad, **options)).code)
 
-    def decode(self, code: SparseCode) -> Tensor:
+    def decode(self, code: Code) -> Tensor:
         return self.decode_scaled(code) / self.input_scale
 
     def forward(self, x: Tensor, grad: Tensor | None = None) -> Tensor:

@@ -286,7 +286,7 @@ def _train_step(
     m.opt.step()
     sae.normalize_decoder()
     with torch.no_grad():
-        values, indices = enc.code
+        values, indices = enc.code.values, enc.code.indices  # [B, K] or ragged [nnz]
         counts = torch.bincount(indices[values > 0], minlength=sae.d_sae)
         m.since_fired += x.shape[0]
         m.since_fired[counts > 0] = 0

@@ -10,11 +10,13 @@ from saelab.archs import (
     feature_choice_m,
     mask_to_code,
     mp_select,
+    to_padded,
 )
 from saelab.sae import SparseCoder
 
 
 def dense(code, n):
+    code = to_padded(code)
     return torch.zeros(code.values.shape[0], n).scatter_add(1, code.indices, code.values)
 
 
