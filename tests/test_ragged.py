@@ -119,18 +119,23 @@ def test_ragged_path_matches_padded_path(aux):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_ragged_scatter_fallback_matches_csr_product():
-    # bf16 on CPU (and any dtype off CPU without Triton) takes the chunked index_add path.
+def test_ragged_scatter_paths_match_dense_product():
+    # The CPU COO product (fp64 and bf16) and the chunked index_add used off CPU, against
+    # the dense Sᵀ·rows; row 0 names latent 3 twice, which must add up.
     g = torch.Generator().manual_seed(0)
-    code = csr([[(3, 1.0), (0, 2.0), (3, -1.0)], [], [(1, 5.0)], [(0, 0.5), (2, 1.5)]])
-    rows = torch.randn(4, 6, generator=g)
-    ref = eager._scatter_csr(code.offsets, code.indices, code.values, rows.double(), 5)
+    code = csr([[(3, 1.0), (0, 2.0), (3, -1.5)], [], [(1, 5.0)], [(0, 0.5), (2, 1.5)]])
+    rows = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    bag = eager.ragged_rows(code.offsets, 6)
     dense = torch.zeros(4, 5, dtype=torch.float64).index_put_(
-        (eager.ragged_rows(code.offsets, 6), code.indices), code.values.double(), accumulate=True
+        (bag, code.indices), code.values.double(), accumulate=True
     )
-    torch.testing.assert_close(ref, dense.T @ rows.double())
+    ref = dense.T @ rows
+    got = eager._scatter_csr(code.offsets, code.indices, code.values, rows, 5)
+    torch.testing.assert_close(got, ref)
     got = eager._scatter_csr(code.offsets, code.indices, code.values, rows.bfloat16(), 5)
     torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=2e-2)
+    got = eager._index_add_rows(code.indices, code.values.double(), rows, bag, 5)
+    torch.testing.assert_close(got, ref)
 
 
 def test_empty_rows_and_empty_code_decode_to_the_bias():
