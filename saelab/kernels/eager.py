@@ -199,7 +199,9 @@ def global_topk(
     Each row's top-c candidates (c = 4·K/B) go into one global top-K, which is far cheaper
     than a top-K over all B·n entries: its threshold, the K-th largest candidate, is found
     among 4K values instead of B·n. It is exact unless some row had all c of its
-    candidates selected (it might hold more winners); then the full top-K runs instead.
+    candidates selected (it might hold more winners). Such rows then enter whole beside the
+    other rows' candidates (whose unselected ones already bound the rest of their row) in a
+    second top-K; only past B/8 such rows does the full top-K over B·n run instead.
     """
     B, n = z.shape
     c = min(n, 4 * max(1, K // B))
@@ -207,10 +209,29 @@ def global_topk(
         cand, cols = row_topk(z, c)
         top, flat = torch.topk(cand.reshape(-1), K, sorted=False)
         rows = torch.div(flat, c, rounding_mode="floor")
-        if not bool((torch.bincount(rows, minlength=B) >= c).any()):
+        full = torch.bincount(rows, minlength=B) >= c
+        n_full = int(full.sum())
+        if n_full == 0:
             return top, rows, cols.reshape(-1)[flat]
+        if n_full <= B // 8:
+            return _global_topk_refine(z, K, cand, cols, full)
     top, flat = torch.topk(z.reshape(-1), K, sorted=False)
     return top, torch.div(flat, n, rounding_mode="floor"), flat % n
+
+
+def _global_topk_refine(
+    z: Tensor, K: int, cand: Tensor, cols: Tensor, full: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """global_topk's second pass: the top K of the `full` rows' entries and the others'
+    candidates (cand, cols [B, c])."""
+    n, c = z.shape[1], cand.shape[1]
+    part, whole = (~full).nonzero().squeeze(1), full.nonzero().squeeze(1)
+    values = torch.cat([cand[part].reshape(-1), z[whole].reshape(-1)])
+    rows = torch.cat([part.repeat_interleave(c), whole.repeat_interleave(n)])
+    all_cols = torch.arange(n, device=z.device).repeat(whole.numel())
+    col = torch.cat([cols[part].reshape(-1), all_cols])
+    top, sel = torch.topk(values, K, sorted=False)
+    return top, rows[sel], col[sel]
 
 
 # ---------------------------------------------------------------------------------------
