@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from saelab import kernels
-from saelab.archs import ARCHS, EncodeArgs, Encoding, SparseCode
+from saelab.archs import ARCHS, Code, EncodeArgs, Encoding, RaggedCode, SparseCode, to_padded
 from saelab.errors import UserError
 from saelab.runs import CFG, WEIGHTS, atomic_write, write_json
 
@@ -86,10 +86,14 @@ class SparseCoder(nn.Module):
     def encode_scaled(self, x: Tensor, args: EncodeArgs | None = None) -> Encoding:
         return self.spec.encode(self, x, args or EncodeArgs())
 
-    def decode_scaled(self, code: SparseCode) -> Tensor:
+    def decode_scaled(self, code: Code) -> Tensor:
         """x̂ in the parameters' dtype: the gather in compute_dtype, b_dec added after."""
         c = self.compute
-        out = kernels.decode(c(code.values), code.indices, c(self.W_dec), None)
+        if isinstance(code, RaggedCode):
+            v, idx, offsets = code
+            out = kernels.ragged_decode(c(v), idx, offsets, c(self.W_dec), None)
+        else:
+            out = kernels.decode(c(code.values), code.indices, c(self.W_dec), None)
         return out.to(self.b_dec.dtype) + self.b_dec
 
     def compute(self, t: Tensor) -> Tensor:
@@ -106,14 +110,15 @@ class SparseCoder(nn.Module):
         """Inference-mode code of raw activations [..., d_in] (flattened to [N, d_in]).
 
         grad: ∂CE/∂x for gradient_topk (without it, plain TopK); options: EncodeArgs fields
-        such as mp_tol for adaptive matching pursuit.
+        such as mp_tol for adaptive matching pursuit. A rule whose per-token count varies
+        comes back padded to the batch's longest row (`encode_scaled` keeps it ragged).
         """
         x = x.reshape(-1, self.d_in).to(self.W_dec.dtype) * self.input_scale
         if grad is not None:
             grad = grad.reshape(-1, self.d_in)
-        return self.encode_scaled(x, EncodeArgs(grad=grad, **options)).code
+        return to_padded(self.encode_scaled(x, EncodeArgs(grad=grad, **options)).code)
 
-    def decode(self, code: SparseCode) -> Tensor:
+    def decode(self, code: Code) -> Tensor:
         return self.decode_scaled(code) / self.input_scale
 
     def forward(self, x: Tensor, grad: Tensor | None = None) -> Tensor:

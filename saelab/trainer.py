@@ -328,7 +328,7 @@ def _train_step(
     m.opt.step()
     sae.normalize_decoder()
     with torch.no_grad():
-        values, indices = enc.code
+        values, indices = enc.code.values, enc.code.indices  # [B, K] or ragged [nnz]
         fired = values > 0
         # index_add_ rather than bincount, which reads its input's max on the host.
         counts = torch.zeros(sae.d_sae, dtype=torch.int64, device=indices.device)

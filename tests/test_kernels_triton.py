@@ -238,7 +238,7 @@ def test_global_topk_is_exact(skew):
 
 @pytest.mark.parametrize("arch", ["feature_choice", "mutual_choice", "gradient_topk"])
 def test_batch_rules_match_eager(arch):
-    from saelab.archs import EncodeArgs
+    from saelab.archs import EncodeArgs, to_padded
     from saelab.sae import SparseCoder
 
     torch.manual_seed(0)
@@ -251,7 +251,7 @@ def test_batch_rules_match_eager(arch):
         s = SparseCoder(24, 96, 4, arch, device=DEVICE)
         with torch.no_grad():
             s.b_enc.normal_(0, 0.1)
-        code = s.encode_scaled(x, EncodeArgs(training=True, grad=grad)).code
+        code = to_padded(s.encode_scaled(x, EncodeArgs(training=True, grad=grad)).code)
         dense = torch.zeros(32, 96, device=DEVICE).scatter_add(1, code.indices, code.values)
         s.decode_scaled(code).pow(2).sum().backward()
         codes.append(dense.detach())
@@ -369,3 +369,76 @@ def test_triton_train_step_never_syncs(dead, monkeypatch):
         stats = _train_step(m, x, None, cfg)
     assert d.seen == [], d.seen
     assert (float(stats["aux"]) > 0) == dead
+
+
+# ---- ragged (CSR) codes ------------------------------------------------------------------
+
+
+def _ragged_selection(B, n, device, seed=3):
+    """Fixed (rows, cols): per-token counts from 0 to 9, distinct latents within a row."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 10, (B,), generator=g)
+    counts[1] = 0  # an empty row
+    rows = torch.arange(B).repeat_interleave(counts)
+    cols = torch.cat([torch.randperm(n, generator=g)[: int(c)] for c in counts])
+    order = torch.randperm(rows.numel(), generator=g)  # unsorted, as a selector returns them
+    return rows[order].to(device), cols[order].to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k_aux", [0, 4])
+def test_ragged_encode_matches_eager(dtype, k_aux):
+    from saelab.archs import mask_to_ragged
+
+    B, d, n = 24, 40, 64
+    x, W, b_enc, b_dec = make(B, d, n, dtype, DEVICE)
+    rows, cols = _ragged_selection(B, n, DEVICE)
+    mask = (torch.arange(n, device=DEVICE) % 3 == 0) if k_aux else None
+
+    def select(z):
+        return mask_to_ragged(z, rows, cols)
+
+    leaves = [t.clone().requires_grad_() for t in (x, W, b_enc, b_dec)]
+    v, i, off, av, ai = kernels.ragged_encode(*leaves, select, mask, k_aux)
+    refs = [t.float().clone().requires_grad_() for t in (x, W, b_enc, b_dec)]
+    rv, ri, roff, rav, rai = eager.ragged_encode(*refs, select, mask, k_aux)
+    assert torch.equal(i, ri) and torch.equal(off, roff) and torch.equal(ai, rai)
+    assert off[1] == off[2], "row 1 is empty"
+    close(v, rv, dtype)
+    close(av, rav, dtype)
+    g = torch.Generator().manual_seed(1)
+    gv = torch.randn(v.shape, generator=g).to(DEVICE, dtype)
+    ga = torch.randn(av.shape, generator=g).to(DEVICE, dtype)
+    ((v * gv).sum() + (av * ga).sum()).backward()
+    ((rv * gv.float()).sum() + (rav * ga.float()).sum()).backward()
+    for name, a, r in zip(("x", "W_enc", "b_enc", "b_dec"), leaves, refs):
+        assert a.grad is not None and a.grad.dtype == dtype, name
+        assert r.grad is not None and r.grad.abs().sum() > 0, name
+        close(a.grad, r.grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ragged_decode_matches_eager(dtype):
+    B, d, n = 24, 40, 64
+    g = torch.Generator().manual_seed(2)
+    W = (torch.randn(n, d, generator=g) / d**0.5).to(DEVICE, dtype)
+    b = (torch.randn(d, generator=g) * 0.1).to(DEVICE, dtype)
+    rows, cols = _ragged_selection(B, n, DEVICE)
+    order = torch.argsort(rows, stable=True)
+    idx = cols[order]
+    off = torch.zeros(B + 1, dtype=torch.int64, device=DEVICE)
+    torch.cumsum(torch.bincount(rows, minlength=B), 0, out=off[1:])
+    vals = torch.rand(idx.numel(), generator=g).to(DEVICE, dtype)
+    leaves = [t.clone().requires_grad_() for t in (vals, W, b)]
+    out = kernels.ragged_decode(leaves[0], idx, off, leaves[1], leaves[2])
+    refs = [t.float().clone().requires_grad_() for t in (vals, W, b)]
+    ref = eager.ragged_decode(refs[0], idx, off, refs[1], refs[2])
+    assert out.dtype == dtype
+    close(out, ref, dtype)
+    close(out[1], b, dtype)  # the empty row decodes to the bias
+    gout = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
+    (out * gout).sum().backward()
+    (ref * gout.float()).sum().backward()
+    for a, r in zip(leaves, refs):
+        assert a.grad is not None and r.grad is not None and r.grad.abs().sum() > 0
+        close(a.grad, r.grad, dtype)

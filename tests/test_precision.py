@@ -235,9 +235,14 @@ def test_every_rule_trains_in_bf16_like_in_fp32(arch):
         m = member(arch, precision=precision, fused=True)
         x, g = batch()
         cfg = TrainConfig(precision=precision)  # type: ignore[arg-type]
-        for _ in range(3):
-            stats = _train_step(m, x, g if arch == "gradient_topk" else None, cfg)
+        with DtypeRecorder() as rec:
+            for _ in range(3):
+                stats = _train_step(m, x, g if arch == "gradient_topk" else None, cfg)
         fvu[precision] = float(stats["fvu"])
+        if precision == "fp32":
+            assert all(torch.bfloat16 not in d for d in rec.dtypes.values())
+        elif arch != "matching_pursuit":  # its pursuit and values solve stay in fp32
+            assert rec.dtypes["addmm"] == {torch.bfloat16}, "the encoder GEMM"
         assert all(p.dtype == torch.float32 for p in m.sae.state_dict().values())
     assert 0 < fvu["bf16"] == pytest.approx(fvu["fp32"], rel=5e-2)
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from saelab.kernels import eager
-from saelab.kernels.eager import Selector
+from saelab.kernels.eager import RaggedSelector, Selector
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,14 @@ def _impl(t: Tensor) -> ModuleType:
     if BACKEND == "triton" and _triton is not None and (t.is_cuda or _triton_on_cpu):
         return _triton
     return eager
+
+
+def _ragged_impl(t: Tensor) -> ModuleType:
+    if _impl(t) is eager:
+        return eager
+    from saelab.kernels import triton_ragged
+
+    return triton_ragged
 
 
 def topk_encode(
@@ -132,3 +140,24 @@ def matmul_precision(precision: str) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def ragged_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    select: RaggedSelector,
+    aux_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Encoder with a selector returning a CSR code: (values, indices, offsets, aux_values,
+    aux_indices); see eager.ragged_encode."""
+    return _ragged_impl(x).ragged_encode(x, W_enc, b_enc, b_dec, select, aux_mask, k_aux)
+
+
+def ragged_decode(
+    values: Tensor, indices: Tensor, offsets: Tensor, W_dec: Tensor, b_dec: Tensor | None
+) -> Tensor:
+    """x̂ = Σ_i a_i d_i (+ b_dec) of a CSR code; see eager.ragged_decode."""
+    return _ragged_impl(W_dec).ragged_decode(values, indices, offsets, W_dec, b_dec)

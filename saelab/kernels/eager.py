@@ -225,7 +225,9 @@ def global_topk(
     Each row's top-c candidates (c = 4·K/B) go into one global top-K, which is far cheaper
     than a top-K over all B·n entries: its threshold, the K-th largest candidate, is found
     among 4K values instead of B·n. It is exact unless some row had all c of its
-    candidates selected (it might hold more winners); then the full top-K runs instead.
+    candidates selected (it might hold more winners). Such rows then enter whole beside the
+    other rows' candidates (whose unselected ones already bound the rest of their row) in a
+    second top-K; only past B/8 such rows does the full top-K over B·n run instead.
     """
     B, n = z.shape
     c = min(n, 4 * max(1, K // B))
@@ -233,7 +235,190 @@ def global_topk(
         cand, cols = row_topk(z, c)
         top, flat = torch.topk(cand.reshape(-1), K, sorted=False)
         rows = torch.div(flat, c, rounding_mode="floor")
-        if not bool((torch.bincount(rows, minlength=B) >= c).any()):
+        full = torch.bincount(rows, minlength=B) >= c
+        n_full = int(full.sum())
+        if n_full == 0:
             return top, rows, cols.reshape(-1)[flat]
+        if n_full <= B // 8:
+            return _global_topk_refine(z, K, cand, cols, full)
     top, flat = torch.topk(z.reshape(-1), K, sorted=False)
     return top, torch.div(flat, n, rounding_mode="floor"), flat % n
+
+
+def _global_topk_refine(
+    z: Tensor, K: int, cand: Tensor, cols: Tensor, full: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """global_topk's second pass: the top K of the `full` rows' entries and the others'
+    candidates (cand, cols [B, c])."""
+    n, c = z.shape[1], cand.shape[1]
+    part, whole = (~full).nonzero().squeeze(1), full.nonzero().squeeze(1)
+    values = torch.cat([cand[part].reshape(-1), z[whole].reshape(-1)])
+    rows = torch.cat([part.repeat_interleave(c), whole.repeat_interleave(n)])
+    all_cols = torch.arange(n, device=z.device).repeat(whole.numel())
+    col = torch.cat([cols[part].reshape(-1), all_cols])
+    top, sel = torch.topk(values, K, sorted=False)
+    return top, rows[sel], col[sel]
+
+
+# ---------------------------------------------------------------------------------------
+# Ragged (CSR) codes: a per-token count that varies (feature and mutual choice, thresholds,
+# adaptive pursuit). values/indices are [nnz], offsets [B + 1]; no row is padded, so the
+# decode and backward work is the number of selected entries, not B × the longest row.
+
+RaggedSelector = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+"""Maps pre-activations z [B, n] to a CSR code (values [nnz], indices [nnz], offsets [B+1])."""
+
+
+def ragged_rows(offsets: Tensor, nnz: int) -> Tensor:
+    """[nnz] the row of each entry of a CSR matrix with row starts `offsets` [B + 1]."""
+    rows = torch.arange(offsets.numel() - 1, device=offsets.device)
+    return torch.repeat_interleave(rows, offsets.diff(), output_size=nnz)
+
+
+def _scatter_csr(
+    offsets: Tensor, indices: Tensor, weights: Tensor, rows: Tensor, n_out: int
+) -> Tensor:
+    """Sᵀ·rows [n_out, D] for the CSR S [B, n_out] (row starts offsets, entries indices and
+    weights [nnz]): _scatter_rows for a ragged code."""
+    w = weights.to(rows.dtype)
+    bag = ragged_rows(offsets, indices.numel())
+    if rows.device.type == "cpu":
+        # Sᵀ as an uncoalesced COO matrix (latent, token): its product needs no sort, where
+        # a CSR S.t() @ rows first converts Sᵀ to CSR, sorting all nnz entries (3× slower
+        # at d_sae 4096, nnz 131k); it also covers bf16, which MKL's CSR product does not.
+        St = torch.sparse_coo_tensor(
+            torch.stack([indices, bag]), w, (n_out, rows.shape[0]), check_invariants=False
+        )
+        return torch.sparse.mm(St, rows)
+    return _index_add_rows(indices, w, rows, bag, n_out)
+
+
+def _index_add_rows(indices: Tensor, w: Tensor, rows: Tensor, bag: Tensor, n_out: int) -> Tensor:
+    """out[indices[p]] += w[p] · rows[bag[p]], B entries at a time: [B, D] of scratch at
+    most, never an [nnz, D] copy of the rows."""
+    out = torch.zeros(n_out, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    step = max(rows.shape[0], 1)
+    for p in range(0, indices.numel(), step):
+        sl = slice(p, p + step)
+        out.index_add_(0, indices[sl], w[sl, None] * rows.index_select(0, bag[sl]))
+    return out
+
+
+def _row_dots_csr(offsets: Tensor, indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+    """out[p] = table[indices[p]] · rows[row of p], [nnz]: _row_dots for a ragged code."""
+    bag = ragged_rows(offsets, indices.numel())
+    op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
+    if op is not None:
+        return op(rows, table, indices, offsets[:-1], bag, 0, -1)
+    return (table[indices] * rows[bag]).sum(-1)
+
+
+def _bag_sum(offsets: Tensor, indices: Tensor, weights: Tensor, table: Tensor) -> Tensor:
+    """out[b] = Σ_{p in row b} weights[p] · table[indices[p]], [B, D]; empty rows are 0."""
+    return F.embedding_bag(
+        indices,
+        table,
+        offsets,
+        mode="sum",
+        per_sample_weights=weights.to(table.dtype),
+        include_last_offset=True,
+    )
+
+
+def ragged_cat(
+    offsets: Tensor, values: Tensor, indices: Tensor, pad_values: Tensor, pad_indices: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Row-wise concatenation of a CSR code and a padded [B, K] one, as one CSR code."""
+    B, K = pad_indices.shape
+    nnz = indices.numel()
+    steps = torch.arange(B + 1, device=offsets.device) * K
+    out_off = offsets + steps
+    pos = torch.arange(nnz, device=offsets.device) + steps[ragged_rows(offsets, nnz)]
+    pad_pos = (offsets[1:] + steps[:-1])[:, None] + torch.arange(K, device=offsets.device)
+    out_v = values.new_empty(nnz + B * K)
+    out_i = indices.new_empty(nnz + B * K)
+    out_v[pos], out_v[pad_pos.reshape(-1)] = values, pad_values.reshape(-1).to(values.dtype)
+    out_i[pos], out_i[pad_pos.reshape(-1)] = indices, pad_indices.reshape(-1)
+    return out_v, out_i, out_off
+
+
+class RaggedEncode(torch.autograd.Function):
+    """SparseEncode for a selector that returns a CSR code.
+
+    Returns (values, indices, offsets, aux_values, aux_indices): the code [nnz] with its row
+    starts [B + 1], and the padded AuxK candidates [B, k_aux] (k_aux per token: fixed). The
+    backward is SparseEncode's on the concatenated code, so it touches only the nnz + B·k_aux
+    selected entries.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, select, aux_mask, k_aux):  # type: ignore[override]
+        x_c = x - b_dec
+        z = torch.addmm(b_enc, x_c, W_enc.T)
+        values, indices, offsets = select(z)
+        if aux_mask is not None and k_aux > 0 and bool(aux_mask.any()):
+            aux_values, aux_indices = _masked_topk(z, k_aux, aux_mask)
+        else:
+            aux_values = z.new_zeros(z.shape[0], 0)
+            aux_indices = indices.new_zeros(z.shape[0], 0)
+        ctx.save_for_backward(x_c, W_enc, values, indices, offsets, aux_values, aux_indices)
+        ctx.mark_non_differentiable(indices, offsets, aux_indices)
+        return values, indices, offsets, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _gi, _go, grad_aux, _gai):  # type: ignore[override]
+        x_c, W_enc, values, indices, offsets, aux_values, aux_indices = ctx.saved_tensors
+        g = grad_values * (values > 0)
+        idx, off = indices, offsets
+        if aux_indices.numel() and grad_aux is not None:
+            g, idx, off = ragged_cat(off, g, idx, grad_aux * (aux_values > 0), aux_indices)
+        n = W_enc.shape[0]
+        grad_W_enc = _scatter_csr(off, idx, g, x_c, n) if ctx.needs_input_grad[1] else None
+        grad_b_enc = (
+            torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, idx, g)
+            if ctx.needs_input_grad[2]
+            else None
+        )
+        grad_x_c = _bag_sum(off, idx, g, W_enc)
+        grad_x = grad_x_c if ctx.needs_input_grad[0] else None
+        grad_b_dec = -grad_x_c.sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None
+
+
+def ragged_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    select: RaggedSelector,
+    aux_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return RaggedEncode.apply(x, W_enc, b_enc, b_dec, select, aux_mask, k_aux)  # type: ignore[return-value]
+
+
+class RaggedDecode(torch.autograd.Function):
+    """x̂[b] = Σ_{p in row b} values[p] · W_dec[indices[p]]; Decode for a CSR code."""
+
+    @staticmethod
+    def forward(ctx, values, indices, offsets, W_dec):  # type: ignore[override]
+        ctx.save_for_backward(values, indices, offsets, W_dec)
+        return _bag_sum(offsets, indices, values, W_dec)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        values, indices, offsets, W_dec = ctx.saved_tensors
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_values = _row_dots_csr(offsets, indices, W_dec, grad).to(values.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_W = _scatter_csr(offsets, indices, values, grad, W_dec.shape[0])
+        return grad_values, None, None, grad_W
+
+
+def ragged_decode(
+    values: Tensor, indices: Tensor, offsets: Tensor, W_dec: Tensor, b_dec: Tensor | None
+) -> Tensor:
+    """x̂ = Σ_i a_i d_i (+ b_dec) of a CSR code."""
+    out = RaggedDecode.apply(values, indices, offsets, W_dec)
+    return out if b_dec is None else out + b_dec
