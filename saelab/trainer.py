@@ -29,75 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from saelab import __version__, kernels
 from saelab.archs import ARCHS, TRAINABLE, ArchSpec, EncodeArgs, Encoding, feature_choice_m
+from saelab.checkpoint import load_checkpoint, save_checkpoint
 from saelab.config import DEFAULT_HOOK, HarvestConfig, SAEConfig, TrainConfig
 from saelab.errors import UserError
 from saelab.fields import to_dict
 from saelab.models import resolve_device
-from saelab.runs import CHECKPOINT, LOG, atomic_write, prepare_run_dir, trim_log, writer_lock
+from saelab.runs import CHECKPOINT, LOG, prepare_run_dir, trim_log, writer_lock
 from saelab.sae import SparseCoder
 from saelab.sources import ActivationSource, LiveSource, StoreSource
 from saelab.store import ActivationStore
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints: one safetensors file, scalars in its metadata, written atomically.
-
-
-def save_checkpoint(
-    path: Path,
-    sae: SparseCoder,
-    opt: torch.optim.Optimizer,
-    step: int,
-    counters: dict[str, torch.Tensor],
-) -> None:
-    """Weights, optimizer state and the trainer's per-latent counters at `step`."""
-    tensors = {f"sae.{k}": v.detach().cpu() for k, v in sae.state_dict().items()}
-    names = {id(p): n for n, p in sae.named_parameters()}
-    for p, s in opt.state.items():
-        for key, v in s.items():
-            tensors[f"opt.{names[id(p)]}.{key}"] = torch.as_tensor(v).detach().cpu().clone()
-    tensors.update({f"state.{k}": v.detach().cpu() for k, v in counters.items()})
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"step": str(step)}))
-
-
-def load_checkpoint(
-    path: Path, sae: SparseCoder, opt: torch.optim.Optimizer, device: torch.device
-) -> tuple[int, dict[str, torch.Tensor]]:
-    """Restore weights and optimizer state in place; return (step, counters)."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            step = int((f.metadata() or {})["step"])
-        tensors = load_file(str(path), device=str(device))
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
-        raise UserError(
-            f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to restart the run"
-        ) from None
-    sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
-    for name, p in sae.named_parameters():
-        s = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"opt.{name}.")}
-        if s:
-            opt.state[p] = {k: v.to(_state_device(opt, p, k)) for k, v in s.items()}
-    return step, {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
-
-
-def _state_device(opt: torch.optim.Optimizer, p: torch.Tensor, key: str) -> torch.device:
-    """Where `opt` keeps state `key` of parameter p: with p, except Adam's `step` counter,
-    which stays on the CPU unless the update runs fused or capturable on p's device (the
-    fused CUDA kernel reads it there)."""
-    if key != "step":
-        return p.device
-    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-    on_device = group.get("fused") or group.get("capturable")
-    return p.device if on_device else torch.device("cpu")
 
 
 Range = tuple[int, int]

@@ -18,18 +18,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from saelab import kernels
 from saelab.archs import TRAINABLE
+from saelab.checkpoint import load_checkpoint, save_checkpoint
 from saelab.config import TrainConfig
 from saelab.errors import UserError
 from saelab.kernels import eager
 from saelab.sae import SparseCoder
-from saelab.trainer import (
-    Member,
-    _check_finite,
-    _log_step,
-    _train_step,
-    load_checkpoint,
-    save_checkpoint,
-)
+from saelab.trainer import Member, _check_finite, _log_step, _train_step
 
 aten = torch.ops.aten
 SYNCING = {

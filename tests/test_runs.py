@@ -116,7 +116,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch, 
     rerun (space freed) resumes to the end."""
     import safetensors.torch
 
-    from saelab import trainer
+    from saelab import checkpoint
 
     h = synthetic_harvest(tmp_path / "h", n_tokens=8000)
     argv = ["train", "--harvest", str(h), "--out", str(tmp_path / "r"), "--sae.d_sae", "64"]
@@ -135,9 +135,9 @@ def test_a_full_disk_at_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch, 
     def full(*a, **k):
         raise safetensors.SafetensorError("I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(trainer, "save_file", full)
+    monkeypatch.setattr(checkpoint, "save_file", full)
     assert main([*argv, "-q"]) == 2
     err = [ln for ln in capsys.readouterr().err.split("\n") if "error" in ln]
     assert len(err) == 1 and "No space left on device" in err[0]
-    monkeypatch.setattr(trainer, "save_file", real)
+    monkeypatch.setattr(checkpoint, "save_file", real)
     assert main([*argv, "-q"]) == 0
