@@ -20,7 +20,8 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python}
+# The project's venv (make setup) when there is one, else the python on PATH.
+if [ -x .venv/bin/python ]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYTHON:-python}; fi
 SMOKE=0
 [ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
 DIR=${GPU_CHECK_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/saelab-gpu-check.XXXXXX")}
@@ -37,7 +38,7 @@ row() { # check, PASS/FAIL/INFO, detail
 if [ $SMOKE = 1 ]; then
     DEV=cpu D_IN=32 D_SAE=256 K=4 BATCH=128 PREC=bf16
     KERNELS=(--device cpu --shapes 32,256,4 --batch 256 --iters 2 --precision fp32,bf16)
-    LIVE=(--device cpu --model tiny --n_tokens 4096 --d_sae 256 --k 4 --batch_size 256)
+    LIVE=(--device cpu --model tiny --hook blocks.1.hook_resid_post --n_tokens 4096 --d_sae 256 --k 4 --batch_size 256)
 else
     DEV=cuda D_IN=2304 D_SAE=65536 K=64 BATCH=${GPU_CHECK_BATCH:-1024} PREC=bf16
     KERNELS=(--iters 10)
