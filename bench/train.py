@@ -22,6 +22,7 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,24 +35,28 @@ from saelab.trainer import train
 EVAL_TOKENS = 100_000 // 127 * 127 + 127
 
 
-def harvest_dir(tokens: int, d_in: int) -> Path:
+def harvest_dir(tokens: int, d_in: int, grads: bool = False) -> Path:
+    """The synthetic harvest of these benchmarks (with stand-in gradients for gradient_topk
+    when `grads`), written once."""
     root = Path(os.environ.get("SAELAB_BENCH_DIR", "/tmp/saelab-bench"))
-    path = root / f"synthetic-d{d_in}-{tokens}"
+    path = root / f"synthetic-{'grads-' if grads else ''}d{d_in}-{tokens}"
     if (
         not (path / "meta.json").exists()
         or not json.loads((path / "meta.json").read_text())["complete"]
     ):
         shutil.rmtree(path, ignore_errors=True)
         t = time.perf_counter()
-        write_harvest(path, SyntheticData(d_in=d_in), tokens + EVAL_TOKENS, dtype="float16")
+        data = SyntheticData(d_in=d_in)
+        write_harvest(path, data, tokens + EVAL_TOKENS, dtype="float16", grads=grads)
         print(f"wrote synthetic harvest {path} in {time.perf_counter() - t:.0f} s")
     return path
 
 
 def run(
-    path: Path, name: str, tokens: int, args: argparse.Namespace, **overrides
-) -> tuple[float, float]:
-    """Train and evaluate one SAE; prints a line and returns (loop tokens/s, held-out FVU)."""
+    path: Path, name: str, tokens: int, args: argparse.Namespace, arch: str = "topk", **overrides
+) -> dict[str, float]:
+    """Train and evaluate one SAE; prints a line and returns its figures: loop tokens/s
+    (`tok_s`), tokens/s with setup (`tok_s_setup`), held-out `fvu`, `l0` and `dead`."""
     out = Path(os.environ.get("SAELAB_BENCH_DIR", "/tmp/saelab-bench")) / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(
@@ -59,7 +64,7 @@ def run(
         out=str(out),
         n_tokens=tokens,
         batch_size=args.batch,
-        sae=SAEConfig("topk", args.d_sae, args.k),
+        sae=SAEConfig(arch, args.d_sae, args.k),  # type: ignore[arg-type]
         eval_tokens=EVAL_TOKENS,
         threads=args.threads,
         checkpoint_every=0,
@@ -77,7 +82,13 @@ def run(
         f"{tokens / elapsed:9,.0f} tok/s (incl. setup)  held-out FVU {res['fvu']:.3f}  "
         f"L0 {res['l0']:.1f}  dead {res['dead_frac']:.1%}"
     )
-    return steady, res["fvu"]
+    return {
+        "tok_s": steady,
+        "tok_s_setup": tokens / elapsed,
+        "fvu": res["fvu"],
+        "l0": res["l0"],
+        "dead": res["dead_frac"],
+    }
 
 
 def precisions(path: Path, args: argparse.Namespace) -> None:
@@ -87,9 +98,9 @@ def precisions(path: Path, args: argparse.Namespace) -> None:
     fvu: dict[str, list[float]] = {p: [] for p in names}
     for seed in range(args.seeds):
         for p in names:
-            r, f = run(path, f"{p} seed {seed}", args.tokens, args, precision=p, seed=seed)
-            rate[p].append(r)
-            fvu[p].append(f)
+            r = run(path, f"{p} seed {seed}", args.tokens, args, precision=p, seed=seed)
+            rate[p].append(r["tok_s"])
+            fvu[p].append(r["fvu"])
 
     def ms(xs: list[float]) -> str:
         return f"{statistics.mean(xs):.4g} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2g}"
@@ -103,10 +114,16 @@ def precisions(path: Path, args: argparse.Namespace) -> None:
         )
 
 
-def parse_args(doc: str, extra: bool = False) -> argparse.Namespace:
-    """The shared flags of the training benchmarks; sets torch's threads."""
+def parse_args(
+    doc: str,
+    extra: bool = False,
+    tokens: int = 2_000_000,
+    more: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The shared flags of the training benchmarks (`more` adds a script's own); sets torch's
+    threads."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=2_000_000)
+    p.add_argument("--tokens", type=int, default=tokens)
     p.add_argument("--d_in", type=int, default=512)
     p.add_argument("--d_sae", type=int, default=4096)
     p.add_argument("--k", type=int, default=32)
@@ -119,6 +136,8 @@ def parse_args(doc: str, extra: bool = False) -> argparse.Namespace:
             "--precision", default="", help="comma-separated precisions to compare, e.g. fp32,bf16"
         )
         p.add_argument("--seeds", type=int, default=1, help="seeds per precision (--precision)")
+    if more is not None:
+        more(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(
