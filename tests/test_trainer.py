@@ -258,19 +258,25 @@ def test_wandb_offline_logging(train_syn, tmp_path, monkeypatch):
     assert files and files[0].stat().st_size > 0
 
 
-@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
-def test_cli_damaged_shard_is_named(tmp_path, capsys, synthetic_harvest, damage):
+def _damaged_harvest(tmp_path, synthetic_harvest, truncate: bool, xor: int) -> Path:
+    """A small harvest whose shard_00001.npy is cut in half, or has one byte XORed."""
     h = synthetic_harvest(
         tmp_path / "h", d_in=8, n_features=16, k_true=2, n_tokens=3000,
         tokens_per_context=15, shard_contexts=16,
     )  # fmt: skip
     shard = sorted((h / "acts" / "synthetic").glob("shard_*.npy"))[1]
     data = bytearray(shard.read_bytes())
-    if damage == "truncate":
+    if truncate:
         shard.write_bytes(bytes(data[: len(data) // 2]))
     else:
-        data[-100] ^= 0xFF
+        data[-100] ^= xor
         shard.write_bytes(bytes(data))
+    return h
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
+def test_cli_damaged_shard_is_named(tmp_path, capsys, synthetic_harvest, damage):
+    h = _damaged_harvest(tmp_path, synthetic_harvest, truncate=damage == "truncate", xor=0xFF)
     rc = main(
         [
             "train",
@@ -297,14 +303,8 @@ def test_cli_damaged_shard_is_named(tmp_path, capsys, synthetic_harvest, damage)
 @pytest.mark.parametrize("verify", ["first-read", "full", "off"])
 def test_train_follows_the_verify_policy(tmp_path, synthetic_harvest, verify):
     """A flipped byte in a shard stops training under first-read and full; off trusts it."""
-    h = synthetic_harvest(
-        tmp_path / "h", d_in=8, n_features=16, k_true=2, n_tokens=3000,
-        tokens_per_context=15, shard_contexts=16,
-    )  # fmt: skip
-    shard = sorted((h / "acts" / "synthetic").glob("shard_*.npy"))[1]
-    data = bytearray(shard.read_bytes())
-    data[-100] ^= 0x01  # the lowest mantissa bit of one value: still finite
-    shard.write_bytes(bytes(data))
+    # The lowest mantissa bit of one value: the value stays finite.
+    h = _damaged_harvest(tmp_path, synthetic_harvest, truncate=False, xor=0x01)
     cfg = TrainConfig(
         harvest=str(h), out=str(tmp_path / "r"), sae=SAEConfig(d_sae=32, k=2),
         batch_size=128, eval_tokens=300, verify=verify,
