@@ -155,3 +155,45 @@ def html_figure():
         return {"data": decode(parts[1]), "layout": parts[2]}
 
     return read
+
+
+# ---------------------------------------------------------------------------------------
+# Several processes, as torchrun starts them
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, fn: Any, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    try:
+        fn(*args)
+    finally:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def run_ranks():
+    """Factory: run(fn, world, *args) runs the module-level function fn(*args) in `world`
+    spawned processes with torchrun's environment (gloo on CPU), so `saelab.distributed.init`
+    joins them; it raises if any process fails. fn reports by writing files."""
+    import torch.multiprocessing as mp
+
+    def run(fn: Any, world: int, *args: Any) -> None:
+        mp.start_processes(
+            _rank_main, args=(world, _free_port(), fn, args), nprocs=world, start_method="spawn"
+        )
+
+    return run
