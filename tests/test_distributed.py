@@ -22,7 +22,15 @@ def _collectives(out):
         else:
             assert (out / "first").exists()
     torch.save(
-        {"t": t, "g": g, "b": b, "s": s.detach(), "xg": x.grad, "sent": d.sent, "shard": d.shard(8)},
+        {
+            "t": t,
+            "g": g,
+            "b": b,
+            "s": s.detach(),
+            "xg": x.grad,
+            "sent": d.sent,
+            "shard": d.shard(8),
+        },
         out / f"rank{d.rank}.pt",
     )
 
