@@ -61,7 +61,7 @@ class Dist:
             return t
         self._count("all_gather", t)
         out = torch.empty((self.world * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-        tdist.all_gather_into_tensor(out, t.contiguous())
+        _gather_into(out, t.contiguous())
         return out
 
     def broadcast_(self, t: Tensor, src: int = 0) -> Tensor:
@@ -95,6 +95,9 @@ class _SumForIdenticalLoss(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         return grad, None
 
+
+# all_gather_single is torch 2.13's name for all_gather_into_tensor (deprecated there).
+_gather_into = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor
 
 SINGLE = Dist()
 """The one process of a run without torchrun."""
