@@ -1,16 +1,20 @@
 """Record a model's activations (and optionally loss gradients) to resumable shards on disk.
 
 The files are `saelab.shards`'s format (see there): shard files first, then the log line
-that lists them, so a killed harvest resumes after its last listed shard and ends
-byte-identical to an uninterrupted one. A rerun of a finished harvest re-hashes every listed
-file before it reports the harvest ready, and refuses with the repair hint (`shards.REPAIR`)
-if one is bad.
+that lists them, so a killed harvest resumes by making the shards its log does not list and
+ends byte-identical to an uninterrupted one. A rerun of a finished harvest re-hashes every
+listed file before it reports the harvest ready, and refuses with the repair hint
+(`shards.REPAIR`) if one is bad.
 
 The model runs in ``model_dtype`` (part of the harvest's identity). The corpus is tokenized as
 the forwards need it (`saelab.corpus.iter_contexts`), each shard's windows written to
-tokens.npy before the shard is logged; a resume re-tokenizes the listed prefix and refuses if
-it no longer matches tokens.npy (the corpus changed). `harvest_array` writes activations a
-user already has as a harvest through the same writers.
+tokens.npy before the shard is logged; a resume re-tokenizes the contexts of listed shards and
+refuses if they no longer match tokens.npy (the corpus changed). `harvest_array` writes
+activations a user already has as a harvest through the same writers.
+
+Under ``torchrun --nproc_per_node=N`` the N processes share one harvest (see `harvest`): rank
+r makes every N-th missing shard, rank 0 writes every other file, and the folder is the same
+bytes as one process's.
 
 Gradients (``grads``) are ``dL/dx`` at each hooked activation ``x``, where ``L`` is the sum of
 the next-token cross-entropies over the context; they need the full forward and a backward.
@@ -739,9 +743,7 @@ def harvest_array(
         _remove_temps(path)
         per = n_ctx - 1
         listed = {s["index"] for s in meta["shards"]}
-        for index in range(math.ceil(n_contexts / sc)):
-            if index in listed:
-                continue
+        for index in (i for i in range(math.ceil(n_contexts / sc)) if i not in listed):
             c0, c1 = index * sc, min((index + 1) * sc, n_contexts)
             block = src(c0 * per, c1 * per).to(STORE_DTYPES[dtype])
             write_shard(path, meta, index, c0, c1, {f"acts/{hook}": block})

@@ -321,10 +321,16 @@ def log_shards(out: Path, meta: dict[str, Any], entries: list[dict[str, Any]]) -
     if not (out / META).is_file():
         write_meta(out, {**meta, "format": FORMAT, "complete": False, "n_tokens": 0})
     append_lines(out / LOG, "".join(json.dumps(e) + "\n" for e in entries), fsync=True)
-    meta["shards"] = sorted(meta["shards"] + entries, key=lambda e: e["index"])
-    meta["n_tokens"] = n_tokens(meta["shards"])
-    if covers(meta["shards"], meta["n_contexts"]):
-        finish(out, meta)
+    shards = meta["shards"]
+    before = shards[-1]["index"] if shards else -1
+    shards.extend(entries)
+    if entries[0]["index"] < before:  # a gap filled: rare, and near-sorted lists sort in O(n)
+        shards.sort(key=lambda e: e["index"])
+    meta["n_tokens"] += n_tokens(entries)
+    # O(1) per shard until the count says everything may be listed (a harvest has ~10^4 shards)
+    if meta["n_tokens"] >= meta["n_contexts"] * meta["tokens_per_context"]:
+        if covers(shards, meta["n_contexts"]):
+            finish(out, meta)
 
 
 def covers(shards: list[dict[str, Any]], n_contexts: int | None) -> bool:
@@ -361,6 +367,7 @@ def convert_v1(path: Path, meta: dict[str, Any]) -> None:
     A crash in between leaves meta.json as it was, and the next run converts again."""
     atomic_write(path / LOG, "".join(json.dumps(s) + "\n" for s in meta["shards"]))
     meta["format"] = FORMAT
+    meta["n_tokens"] = n_tokens(meta["shards"])  # what the log lists, whatever the old header said
     write_meta(path, meta)
 
 
