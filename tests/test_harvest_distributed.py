@@ -157,20 +157,36 @@ def _argv(out: Path, **kw) -> list[str]:
     return argv + [x for k, v in cfg.items() for x in (f"--{k}", str(v))]
 
 
-def test_a_refusal_on_any_rank_exits_2_on_every_rank(tmp_path, run_ranks):
+def test_a_refusal_on_any_rank_exits_2_on_every_rank(tmp_path, run_ranks, reference):
     locked, bad = tmp_path / "locked", tmp_path / "bad"
-    runs = [_argv(locked), _argv(bad, corpus=str(tmp_path / "none.txt"))]
+    damaged = tmp_path / "damaged"  # finished; rank 1 verifies shards 1 and 3
+    shutil.copytree(reference, damaged)
+    shard = damaged / shard_path("acts", HOOKS[1], 1)
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x40
+    shard.write_bytes(bytes(data))
+    before = snapshot(damaged)
+    runs = [
+        _argv(locked),
+        _argv(bad, corpus=str(tmp_path / "none.txt")),
+        _argv(bad, device="cuda:0"),
+        _argv(damaged),
+    ]
     with writer_lock(locked, "harvest"):  # another harvest is writing the folder
         run_ranks(_cli_rank, 2, tmp_path, runs)
         assert [p.name for p in locked.iterdir()] == [".lock"]
     (codes0, errs0), (codes1, errs1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert codes0 == codes1 == [2, 2]
+    assert codes0 == codes1 == [2] * len(runs)
     # Only rank 0 takes the lock; rank 1 learns that rank 0 stopped instead of waiting for it.
     assert "is being written by another saelab process" in errs0[0]
     assert "another rank of this harvest stopped" in errs1[0]
+    # Shard 1 is rank 1's to verify: rank 0 stops because rank 1 did.
+    assert "shard_00001.npy is corrupted" in errs1[3]
+    assert "another rank of this harvest stopped" in errs0[3]
     for errs in (errs0, errs1):
-        assert "does not exist" in errs[1] and "Traceback" not in "".join(errs)
-    assert not bad.exists()
+        assert "does not exist" in errs[1] and "puts every process on one GPU" in errs[2]
+        assert "Traceback" not in "".join(errs)
+    assert not bad.exists() and snapshot(damaged) == before
 
 
 def _free_port() -> int:
