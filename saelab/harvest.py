@@ -490,6 +490,10 @@ def harvest(cfg: HarvestConfig, progress: bool = True, dist: Dist | None = None)
         return _harvest(cfg, out, ranks, stack, progress)
 
 
+def _read_meta(out: Path) -> dict[str, Any] | None:
+    return read_meta(out) if (out / META).is_file() else None
+
+
 def _harvest(
     cfg: HarvestConfig, out: Path, ranks: _Ranks, stack: ExitStack, progress: bool
 ) -> Path:
@@ -500,14 +504,14 @@ def _harvest(
         if not main:
             return None
         stack.enter_context(writer_lock(out, "harvest"))
-        meta = read_meta(out) if (out / META).is_file() else None
+        meta = _read_meta(out)
         if meta is not None:
             _check_same(out, meta, ident)
         return meta
 
     meta = ranks.step(lock_and_check)
-    if not main:  # only once rank 0 holds the lock: no other writer changes it any more
-        meta = read_meta(out) if (out / META).is_file() else None
+    if ranks.dist.active:  # the others read only once rank 0 holds the lock (no writer then)
+        meta = ranks.step(lambda: meta if main else _read_meta(out))
     if meta is not None and _finished(meta):
         ranks.step(lambda: _verify_complete(out, meta, ranks.dist))
         if main:
