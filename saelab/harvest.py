@@ -647,7 +647,7 @@ def _write(
 def _collect(pending: Future | None, ranks: _Ranks, out: Path, meta: dict) -> None:
     """Wait for this rank's shard in flight. With several ranks, every rank sends its shard's
     index and checksums (or that it failed) to all; rank 0 logs the shards (rank order is
-    index order within a round), then every rank raises if one failed."""
+    index order within a round) before any failed one, then every rank raises if one failed."""
     entry, err = None, None
     if pending is not None:
         try:
@@ -659,10 +659,13 @@ def _collect(pending: Future | None, ranks: _Ranks, out: Path, meta: dict) -> No
             raise err
         return
     rows = ranks.dist.all_gather(_encode(entry, err, meta).to(ranks.device)).cpu()
-    entries = [_decode(row, meta) for row in rows if row[0] == 1]
+    status = rows[:, 0].tolist()
+    # Shards up to the first failed one only: the log stays a prefix, which readers need.
+    cut = status.index(2) if 2 in status else len(status)
+    entries = [_decode(row, meta) for row in rows[:cut] if row[0] == 1]
     if ranks.dist.main and entries:
         log_shards(out, meta, entries)
-    if bool((rows[:, 0] == 2).any()):
+    if cut < len(status):
         raise err or UserError(
             "another rank of this harvest stopped with the error it printed; fix that and run "
             "the same command again (it resumes)"

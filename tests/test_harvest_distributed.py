@@ -19,6 +19,7 @@ from torch.multiprocessing import ProcessExitedException
 import saelab.harvest as H
 from saelab.cli import main
 from saelab.config import HarvestConfig
+from saelab.errors import UserError
 from saelab.runs import writer_lock
 from saelab.shards import LOG, read_meta, shard_path
 
@@ -140,7 +141,17 @@ def test_resume_makes_only_the_shards_the_log_lacks(tmp_path, reference, monkeyp
 
 
 def _cli_rank(report: Path, runs: list[list[str]]) -> None:
-    """Run each argv through `main` on this rank; record the exit codes and stderr."""
+    """Run each argv through `main` on this rank; record the exit codes and stderr. Rank 0
+    refuses to write shard 2 of a folder named "overflow" (as on an fp16 overflow)."""
+    if os.environ["RANK"] == "0":
+        real = H.write_shard_files
+
+        def refuse(out, meta, index, *args):
+            if out.name == "overflow" and index == 2:
+                raise UserError("shard 2 holds non-finite values")
+            return real(out, meta, index, *args)
+
+        H.write_shard_files = refuse
     codes, errs = [], []
     for argv in runs:
         err = io.StringIO()
@@ -171,6 +182,7 @@ def test_a_refusal_on_any_rank_exits_2_on_every_rank(tmp_path, run_ranks, refere
         _argv(bad, corpus=str(tmp_path / "none.txt")),
         _argv(bad, device="cuda:0"),
         _argv(damaged),
+        _argv(tmp_path / "overflow"),  # rank 1 makes shard 3 while rank 0 fails on shard 2
     ]
     with writer_lock(locked, "harvest"):  # another harvest is writing the folder
         run_ranks(_cli_rank, 2, tmp_path, runs)
@@ -183,6 +195,9 @@ def test_a_refusal_on_any_rank_exits_2_on_every_rank(tmp_path, run_ranks, refere
     # Shard 1 is rank 1's to verify: rank 0 stops because rank 1 did.
     assert "shard_00001.npy is corrupted" in errs1[3]
     assert "another rank of this harvest stopped" in errs0[3]
+    assert "non-finite" in errs0[4] and "another rank of this harvest stopped" in errs1[4]
+    meta = read_meta(tmp_path / "overflow")  # shard 3 is not logged: the log stays a prefix
+    assert [s["index"] for s in meta["shards"]] == [0, 1] and not meta["complete"]
     for errs in (errs0, errs1):
         assert "does not exist" in errs[1] and "puts every process on one GPU" in errs[2]
         assert "Traceback" not in "".join(errs)
