@@ -28,9 +28,9 @@ index, context and token range and the sha256 of each of its files. One process 
 log lists it: its files are written under a temporary name and renamed first. A line cut
 short by a crash (no trailing newline, or not JSON) is ignored by readers and cut off by the
 next writer, so the cost of a shard's metadata is one short append, flat in the number of
-shards. Lines may come in any index order while a harvest runs (a resume fills gaps after
-later shards); `finish` rewrites the log in index order, so a finished log is always the same
-bytes. `read_meta` merges header and log into the view readers use: ``meta["shards"]`` (in
+shards. A harvest's writer leaves a log that lists a prefix of the shards; a resume of a log
+with gaps (a line deleted by hand) appends the missing shards after later ones, and `finish`
+rewrites the log in index order, so a finished log is always the same bytes. `read_meta` merges header and log into the view readers use: ``meta["shards"]`` (in
 index order), ``n_tokens`` (tokens in listed shards) and ``complete``. Harvests of format 1
 keep that list inside meta.json (rewritten after every shard); they still read, and a resume
 converts them.
