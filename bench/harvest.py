@@ -27,6 +27,7 @@ import torch
 import saelab.harvest as H
 from saelab import shards
 from saelab.config import DEFAULT_HOOK, DEFAULT_MODEL, HarvestConfig
+from saelab.distributed import SINGLE
 from saelab.models import resolve_device
 from saelab.runs import atomic_write
 
@@ -45,8 +46,9 @@ def throughput(args: argparse.Namespace) -> None:
             model=args.model, hooks=[args.hook], n_tokens=args.n_tokens, n_ctx=args.n_ctx,
             batch_size=args.batch_size, dtype=args.dtype, out=f"{tmp}/bench",
         )  # fmt: skip
-        ident = H._identity(cfg, H.n_contexts_for(cfg), resolve_device(cfg.device))
-        model, meta, feed, stop = H._prepare(cfg, Path(tmp) / "bench", None, ident)
+        device = resolve_device(cfg.device)
+        ident = H._identity(cfg, H.n_contexts_for(cfg), device)
+        model, meta, feed, stop = H._prepare(cfg, Path(tmp) / "bench", None, ident, device)
         tokens = feed.take(meta["n_contexts"])
         tokens_t = torch.from_numpy(tokens).long().to(model.cfg.device)
         bs = meta["batch_size"]
@@ -71,11 +73,12 @@ def throughput(args: argparse.Namespace) -> None:
 def harvest_once(model, meta: dict, tokens: np.ndarray, stop: int | None, out: Path) -> float:
     out.mkdir(parents=True)
     n = len(tokens)
-    feed = H._Feed(iter([tokens]), tokens.shape[1], n, n)
+    feed = H._Feed(lambda: iter([tokens]), tokens.shape[1], n, n)
     t0 = time.perf_counter()
     file = shards.TokensFile(out, n, tokens.shape[1], create=True)
     shards.write_meta(out, meta)
-    H._run_shards(model, meta, feed, file, stop, out, progress=False)
+    ranks = H._Ranks(SINGLE, torch.device(model.cfg.device))
+    H._run_shards(model, meta, feed, 0, file, stop, out, ranks, progress=False)
     file.close()
     return time.perf_counter() - t0
 
@@ -101,7 +104,7 @@ def _meta(n_shards: int) -> dict:
 
 def metadata(n_shards: int) -> None:
     spent = {"seconds": 0.0}
-    real_append, real_meta = shards._append, shards.write_meta
+    real_append, real_meta = shards.append_lines, shards.write_meta
 
     def timed(fn):
         def run(*args, **kw):
@@ -111,7 +114,7 @@ def metadata(n_shards: int) -> None:
 
         return run
 
-    shards._append, shards.write_meta = timed(real_append), timed(real_meta)
+    shards.append_lines, shards.write_meta = timed(real_append), timed(real_meta)
     try:
         with tempfile.TemporaryDirectory(prefix="saelab-bench-") as tmp:
             out = Path(tmp)
@@ -129,7 +132,7 @@ def metadata(n_shards: int) -> None:
             header = (out / shards.META).stat().st_size
             old_bytes, old_seconds = _format1_rewrite(out, meta)
     finally:
-        shards._append, shards.write_meta = real_append, real_meta
+        shards.append_lines, shards.write_meta = real_append, real_meta
     print(
         f"{n_shards:>6} shards: log + meta {per_shard * 1e3:7.2f} ms/shard, "
         f"{log_bytes:6.0f} B/shard (+ a {header} B header twice); format 1 at this size: "

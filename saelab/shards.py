@@ -23,17 +23,22 @@ meta.json holds the identity of the harvest (model, model_dtype, hooks, d_in, dt
 corpus, seed, grads, n_contexts, shard_contexts, batch_size); once the harvest is finished it
 is replaced by the same header with ``complete``, ``n_tokens`` and ``tokens_sha256`` (the
 sha256 of tokens.npy). Each finished shard appends one JSON line to shards.jsonl, fsynced: its
-index, context and token range and the sha256 of each of its files. A shard exists only once
-the log lists it: its files are written under a temporary name and renamed first. A line cut
+index, context and token range and the sha256 of each of its files. One process writes the log
+(`log_shards`; under torchrun, rank 0 for every rank's shards). A shard exists only once the
+log lists it: its files are written under a temporary name and renamed first. A line cut
 short by a crash (no trailing newline, or not JSON) is ignored by readers and cut off by the
 next writer, so the cost of a shard's metadata is one short append, flat in the number of
-shards. `read_meta` merges header and log into the view readers use: ``meta["shards"]``,
-``n_tokens`` (tokens in listed shards) and ``complete``. Harvests of format 1 keep that list
-inside meta.json (rewritten after every shard); they still read, and a resume converts them.
+shards. A harvest's writer leaves a log that lists a prefix of the shards; a resume of a log
+with gaps (a line deleted by hand) appends the missing shards after later ones, and `finish`
+rewrites the log in index order, so a finished log is always the same bytes. `read_meta` merges header and log into the view readers use: ``meta["shards"]`` (in
+index order), ``n_tokens`` (tokens in listed shards) and ``complete``. Harvests of format 1
+keep that list inside meta.json (rewritten after every shard); they still read, and a resume
+converts them.
 
-A rerun of the same config resumes after the last listed shard; because every shard is
+A rerun of the same config makes the shards the log does not list; because every shard is
 computed from a fixed set of batches (a resume keeps the batch_size and shard_contexts it
-started with), the result is byte-identical to an uninterrupted run, whenever it was killed.
+started with), the result is byte-identical to an uninterrupted run, whenever it was killed
+and however many processes made it.
 All hooks of one harvest must have the same width (d_in); ``[batch, pos, head, d_head]`` hooks
 are stored with their heads concatenated.
 """
@@ -275,8 +280,15 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 def write_shard(
     out: Path, meta: dict[str, Any], index: int, c0: int, c1: int, bufs: dict[str, torch.Tensor]
 ) -> None:
-    """Runs on the writer thread: shard files first, then the log line that lists them (and
-    the header before the first shard if there is none yet, the final header after the last)."""
+    """A shard's files, then the log line that lists them (one process writing alone)."""
+    log_shards(out, meta, [write_shard_files(out, meta, index, c0, c1, bufs)])
+
+
+def write_shard_files(
+    out: Path, meta: dict[str, Any], index: int, c0: int, c1: int, bufs: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Write a shard's files (``bufs``: "kind/hook" -> rows) and return its log entry. Any
+    rank may call this; only the log's writer (`log_shards`) makes the shard exist."""
     files = {}
     for key, buf in bufs.items():
         kind, hook = key.split("/", 1)
@@ -288,8 +300,12 @@ def write_shard(
             )
         rel = shard_path(kind, hook, index)
         files[rel] = save_npy(out / rel, to_numpy(buf))
-    per = meta["tokens_per_context"]
-    entry = {
+    return shard_entry(index, c0, c1, meta["tokens_per_context"], files)
+
+
+def shard_entry(index: int, c0: int, c1: int, per: int, files: dict[str, str]) -> dict[str, Any]:
+    """A shard's log entry; ``files`` maps each file (`shard_path`) to its sha256."""
+    return {
         "index": index,
         "context_start": c0,
         "context_stop": c1,
@@ -297,20 +313,51 @@ def write_shard(
         "token_stop": c1 * per,
         "files": files,
     }
+
+
+def log_shards(out: Path, meta: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+    """Append finished shards to the log, in one fsynced write (the header first if there is
+    none yet, the final header once every shard is listed). The one writer of the log."""
     if not (out / META).is_file():
         write_meta(out, {**meta, "format": FORMAT, "complete": False, "n_tokens": 0})
-    append_lines(out / LOG, json.dumps(entry) + "\n", fsync=True)
-    meta["shards"].append(entry)
-    meta["n_tokens"] = c1 * per
-    if c1 == meta["n_contexts"]:
-        finish(out, meta)
+    append_lines(out / LOG, "".join(json.dumps(e) + "\n" for e in entries), fsync=True)
+    shards = meta["shards"]
+    before = shards[-1]["index"] if shards else -1
+    shards.extend(entries)
+    if entries[0]["index"] < before:  # a gap filled: rare, and near-sorted lists sort in O(n)
+        shards.sort(key=lambda e: e["index"])
+    meta["n_tokens"] += n_tokens(entries)
+    # O(1) per shard until the count says everything may be listed (a harvest has ~10^4 shards)
+    if meta["n_tokens"] >= meta["n_contexts"] * meta["tokens_per_context"]:
+        if covers(shards, meta["n_contexts"]):
+            finish(out, meta)
+
+
+def covers(shards: list[dict[str, Any]], n_contexts: int | None) -> bool:
+    """Whether ``shards`` (in index order) list every context once, from 0 to n_contexts."""
+    at = 0
+    for s in shards:
+        if s["context_start"] != at:
+            return False
+        at = s["context_stop"]
+    return bool(shards) and at == n_contexts
+
+
+def n_tokens(shards: list[dict[str, Any]]) -> int:
+    return sum(s["token_stop"] - s["token_start"] for s in shards)
 
 
 def finish(out: Path, meta: dict[str, Any]) -> None:
     """The final header, once the log lists every shard: complete, with the tokens' sha256
-    (hashed here unless the writer knows it)."""
+    (hashed here unless the writer knows it). Shards made by several processes, or after a
+    resume that filled gaps, may have been logged out of order: the log is rewritten in
+    index order first (atomically), so every finished log is the same bytes."""
     if not meta.get("tokens_sha256"):
         meta["tokens_sha256"] = sha256_file(out / TOKENS)
+    logged = read_log(out)
+    if [e["index"] for e in logged] != sorted(e["index"] for e in logged):
+        logged.sort(key=lambda e: e["index"])
+        atomic_write(out / LOG, "".join(json.dumps(e) + "\n" for e in logged))
     meta["complete"] = True
     write_meta(out, meta)
 
@@ -320,6 +367,7 @@ def convert_v1(path: Path, meta: dict[str, Any]) -> None:
     A crash in between leaves meta.json as it was, and the next run converts again."""
     atomic_write(path / LOG, "".join(json.dumps(s) + "\n" for s in meta["shards"]))
     meta["format"] = FORMAT
+    meta["n_tokens"] = n_tokens(meta["shards"])  # what the log lists, whatever the old header said
     write_meta(path, meta)
 
 
@@ -362,10 +410,10 @@ def read_meta(path: Path) -> dict[str, Any]:
             f"{', '.join(NP_DTYPES)}); re-run `saelab harvest`"
         )
     if meta["format"] != 1:
-        shards = meta["shards"] = read_log(path)
-        meta["n_tokens"] = shards[-1]["token_stop"] if shards else 0
-        covered = bool(shards) and shards[-1]["context_stop"] == meta.get("n_contexts")
-        meta["complete"] = bool(meta.get("complete")) and covered
+        # Several ranks' shards, or a resume that filled gaps, may be logged out of order.
+        shards = meta["shards"] = sorted(read_log(path), key=lambda e: e["index"])
+        meta["n_tokens"] = n_tokens(shards)
+        meta["complete"] = bool(meta.get("complete")) and covers(shards, meta.get("n_contexts"))
     meta.setdefault("tokens_sha256", "")
     return meta
 
