@@ -25,18 +25,30 @@ def _member(out: Path) -> trainer.Member:
         "k_aux": K_AUX,
         "aux_loss": "auxk",
     }
-    median = _batches(1)[0].median(0).values
-    return trainer._make_member(out, plan, None, 1.0, median, CFG, torch.device("cpu"))
+    return trainer._make_member(out, plan, None, 1.0, _median(), CFG, torch.device("cpu"))
 
 
-def _batches(n: int) -> list[torch.Tensor]:
-    """Tie-free data: a few strong directions plus noise, so some latents die."""
+def _raw(n: int) -> list[torch.Tensor]:
+    """A few strong directions plus noise, so some latents die."""
     g = torch.Generator().manual_seed(1)
     basis = torch.randn(6, D_IN, generator=g)
     return [
         torch.randn(B, 6, generator=g).relu() @ basis + 0.1 * torch.randn(B, D_IN, generator=g)
         for _ in range(n)
     ]
+
+
+def _median() -> torch.Tensor:
+    return _raw(1)[0].median(0).values
+
+
+def _batches(n: int) -> list[torch.Tensor]:
+    """Tie-free data but for ties at zero: the first rows sit at b_dec's start, so in the
+    first step every latent's z is exactly 0 there (b_enc = 0) and any k of them may win."""
+    out = _raw(n)
+    for x in out:
+        x[:4] = _median()
+    return out
 
 
 def _state(m: trainer.Member) -> dict[str, torch.Tensor]:
