@@ -35,7 +35,8 @@ residual update needs the winning atom's row), so it costs k rounds instead of o
 
 Checkpoints are the single-process file (`saelab.checkpoint`), so a run resumes at any
 number of ranks: rank 0 gathers the full SAE, Adam state and counters on the CPU and writes
-them; every rank reads the file and keeps its rows.
+them (NOTE: all in host memory at once, ~137 GB at d_sae 1M × d_in 4096, as safetensors
+writes one dict; the way out is a streamed writer); every rank reads only its own rows.
 """
 
 from __future__ import annotations
@@ -235,24 +236,13 @@ def save_checkpoint(path: Path, m: Member, dist: Dist) -> None:
 
 
 def load_checkpoint(path: Path, m: Member, dist: Dist) -> int:
-    """Restore this rank's share of m from a (single-process) checkpoint; returns its step.
-
-    NOTE: each rank reads the whole file into a full CPU SAE and Adam state and keeps its
-    rows, which at d_sae 1M × d_in 4096 takes ~100 GB of host memory per rank. The way out
-    is row-sliced reads (safetensors' get_slice) in `saelab.checkpoint`.
-    """
-    cpu = torch.device("cpu")
-    full_sae = _coder(m.sae, m.sae.d_sae * dist.world, cpu)
-    full_opt = _optimizer_like(m.opt, full_sae)
-    step, counters = checkpoint.load_checkpoint(path, full_sae, full_opt, cpu)
-    full = _member(m, full_sae, full_opt, counters)
-    local = shard_member(full, dist, m.sae.W_dec.device)
-    with torch.no_grad():
-        for p, q in zip(m.sae.parameters(), local.sae.parameters()):
-            p.copy_(q)
-    _set_state(m.opt, m.sae, _named_state(local))
-    m.since_fired.copy_(local.since_fired)
-    m.freq.copy_(local.freq)
+    """Restore this rank's share of m from a (single-process) checkpoint, reading only its
+    own latents' rows; returns the step."""
+    rows = dist.shard(m.sae.d_sae * dist.world)
+    device = m.sae.W_dec.device
+    step, counters = checkpoint.load_checkpoint(path, m.sae, m.opt, device, rows, ROW_SHARDED)
+    m.since_fired.copy_(counters["since_fired"])
+    m.freq.copy_(counters["freq"])
     m.step = step
     return step
 
