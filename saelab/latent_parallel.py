@@ -1,17 +1,23 @@
 """Latent-parallel TopK training: a dictionary too big for one device, split by latents.
+Rules: topk and gradient_topk (g-SAE, arXiv 2411.10397).
 
 With N ranks, rank r holds rows [r·n/N, (r+1)·n/N) of W_enc, b_enc and W_dec (and those
 latents' Adam state and counters); b_dec is replicated. Every rank sees the SAME full
 batch (ALGORITHMS.md §9; the TopK recipe of Gao et al. 2024, arXiv 2406.04093). A step:
 
-1. each rank encodes with its shard (`kernels.topk_encode`): top-k candidates [B, k], plus
-   the AuxK candidates among its dead latents;
-2. all-gathers the candidates' values and keeps the global top-k per row. Only values
-   travel: a candidate's place in the gathered row names its rank and slot, so the owner
+1. each rank encodes with its shard (the rule itself, `SparseCoder.encode_scaled`): top-k
+   candidates [B, k], plus the AuxK candidates among its dead latents;
+2. all-gathers the candidates' keys (topk: the value; gradient_topk: its boosted score
+   value·(1 + β|d_i·ĝ|), recomputed for the k candidates, ĝ's RMS being over the batch
+   every rank holds whole) and keeps the global top-k per row. Only keys travel: a
+   candidate's place in the gathered row names its rank and slot, so the owner
    knows which of its own latents won. Ties cannot change the step: a zero value (ReLU-
    clipped) decodes to nothing, passes no gradient and does not count as firing, whichever
-   zero wins; two equal positive pre-activations need two latents with identical encoder
-   rows and biases, which float training does not produce;
+   zero wins; two equal positive fp32 pre-activations need two latents with identical
+   encoder rows and biases, which training does not produce. (In bf16, with its 8-bit
+   mantissa, equal values do occur: either latent is then a valid top-k, and which one wins
+   may differ from one process's choice, as it already does between torch.topk and the
+   Triton kernel, neither of which specifies its tie order);
 3. decodes the winners it owns (its other slots zeroed) into a partial x̂;
 4. sums the partial x̂ with one all-reduce whose backward is the identity
    (`Dist.sum_identical_loss`: every rank then computes the same loss), and adds b_dec on
@@ -25,13 +31,12 @@ The logged stats (fvu, aux, l0, dead_frac) are global. Per step a rank sends B·
 candidate values, 2·B·d_in of partial reconstructions and d_in of b_dec gradient, against
 the ~2·d_sae·d_in of a data-parallel gradient all-reduce.
 
-Other rules would follow the same plan (only topk is implemented; `check` refuses others):
-gradient_topk is the same merge on the boosted score (ĝ's RMS is over the batch every rank
-holds, so it needs nothing more); mutual choice keeps the global top-k·B of all-gathered
-per-rank candidates; feature choice needs no merge at all, as a latent's top-m tokens are
-local to its owner, and only x̂ is all-reduced; matching pursuit takes the argmax over the
-union of the ranks' best atoms at every one of its k steps, a collective per step (and its
-residual update needs the winning atom's row), so it costs k rounds instead of one.
+Other rules would follow the same plan (`check` refuses them for now): mutual choice keeps
+the global top-k·B of all-gathered per-rank candidates; feature choice needs no merge at
+all, as a latent's top-m tokens are local to its owner, and only x̂ is all-reduced;
+matching pursuit takes the argmax over the union of the ranks' best atoms at every one of
+its k steps, a collective per step (and its residual update needs the winning atom's row),
+so it costs k rounds instead of one.
 
 Checkpoints are the single-process file (`saelab.checkpoint`), so a run resumes at any
 number of ranks: rank 0 gathers the full SAE, Adam state and counters on the CPU and writes
@@ -49,6 +54,7 @@ import torch
 from torch import Tensor
 
 from saelab import checkpoint, kernels
+from saelab.archs import EncodeArgs, SparseCode
 from saelab.config import TrainConfig
 from saelab.distributed import Dist
 from saelab.errors import UserError
@@ -58,7 +64,7 @@ from saelab.sae import SparseCoder
 if TYPE_CHECKING:  # the trainer will import this module to run it
     from saelab.trainer import Member
 
-SUPPORTED = ("topk",)
+SUPPORTED = ("topk", "gradient_topk")
 """The rules latent-parallel training implements."""
 
 ROW_SHARDED = ("W_enc", "b_enc", "W_dec")
@@ -98,13 +104,11 @@ def check(arch: str, d_sae: int, k: int, world: int, aux_loss: str = "auxk") -> 
 
 
 def _coder(like: SparseCoder, d_sae: int, device: torch.device) -> SparseCoder:
-    """An SAE with `like`'s settings and d_sae latents (values to be overwritten). Built
-    under a forked RNG: its random init must not advance the ranks' generators apart."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        sae = SparseCoder(
-            like.d_in, d_sae, like.k, like.arch, like.input_scale, device, beta=like.beta
-        )
+    """An SAE with `like`'s settings and d_sae latents, its values unset (to be copied in).
+    Built on the meta device: no random init to pay for, and no RNG advanced."""
+    sae = SparseCoder(
+        like.d_in, d_sae, like.k, like.arch, like.input_scale, "meta", beta=like.beta
+    ).to_empty(device=device)
     sae.compute_dtype = like.compute_dtype
     return sae
 
@@ -235,6 +239,18 @@ def save_checkpoint(path: Path, m: Member, dist: Dist) -> None:
     dist.barrier()
 
 
+def dead_latents(m: Member, cfg: TrainConfig, dist: Dist) -> int:
+    """Latents of the whole SAE that have not fired for cfg.dead_tokens tokens. Collective."""
+    return int(dist.all_reduce_((m.since_fired >= cfg.dead_tokens).sum()))
+
+
+def weights_finite(m: Member, dist: Dist) -> bool:
+    """Whether every rank's weights are finite; the same answer on every rank, so all stop
+    together. Collective."""
+    bad = torch.stack([(~torch.isfinite(p)).sum() for p in m.sae.parameters()]).sum()
+    return int(dist.all_reduce_(bad)) == 0
+
+
 def load_checkpoint(path: Path, m: Member, dist: Dist) -> int:
     """Restore this rank's share of m from a (single-process) checkpoint, reading only its
     own latents' rows; returns the step."""
@@ -251,11 +267,11 @@ def load_checkpoint(path: Path, m: Member, dist: Dist) -> int:
 # One step
 
 
-def _merge(values: Tensor, k: int, dist: Dist) -> tuple[Tensor, Tensor]:
-    """(the global top-k values per row [B, k'], which of this rank's slots won [B, K]) from
-    every rank's candidates [B, K]; k' = min(k, N·K)."""
-    B, K = values.shape
-    every = dist.all_gather(values.detach())  # [N·B, K], rank-major
+def _merge(key: Tensor, k: int, dist: Dist) -> tuple[Tensor, Tensor]:
+    """(the global top-k keys per row [B, k'], which of this rank's slots won [B, K]) from
+    every rank's candidates' keys [B, K]; k' = min(k, N·K)."""
+    B, K = key.shape
+    every = dist.all_gather(key)  # [N·B, K], rank-major
     every = every.view(dist.world, B, K).permute(1, 0, 2).reshape(B, dist.world * K)
     top, pos = torch.topk(every, min(k, every.shape[1]), dim=1, sorted=False)
     won = torch.zeros_like(every, dtype=torch.bool).scatter_(1, pos, True)
@@ -282,25 +298,26 @@ def _pad(values: Tensor, indices: Tensor, width: int) -> tuple[Tensor, Tensor]:
     )
 
 
-def train_step(m: Member, x: Tensor, cfg: TrainConfig, dist: Dist) -> dict[str, Tensor]:
+def train_step(
+    m: Member, x: Tensor, cfg: TrainConfig, dist: Dist, grad: Tensor | None = None
+) -> dict[str, Tensor]:
     """One optimizer step of this rank's share of m on the full batch x [B, d_in] (scaled,
-    the same on every rank): `trainer._train_step`'s maths, split by latents. Collective."""
+    the same on every rank; grad: gradient_topk's ∂CE/∂x, likewise):
+    `trainer._train_step`'s maths, split by latents. Collective."""
     sae, k_aux = m.sae, m.plan["k_aux"]
     dead = m.since_fired >= cfg.dead_tokens
     n_dead = dist.all_reduce_(dead.sum())
     # The single-process kernel skips AuxK only where it can read the mask for free.
     use_aux = k_aux > 0 and not (host_reads_are_free(x) and int(n_dead) == 0)
-    c = sae.compute
     with kernels.matmul_precision(cfg.precision):
-        values, indices, aux_v, aux_i = kernels.topk_encode(
-            c(x), c(sae.W_enc), c(sae.b_enc), c(sae.b_dec), sae.k,
-            dead if use_aux else None, k_aux if use_aux else 0,
-        )  # fmt: skip
-        top, mine = _merge(values, sae.k, dist)
+        enc = sae.encode_scaled(x, EncodeArgs(True, dead, k_aux if use_aux else 0, grad))
+        assert isinstance(enc.code, SparseCode)  # the rules `check` admits
+        values, indices = enc.code
+        top, mine = _merge(_merge_key(sae, values, indices, x, grad), sae.k, dist)
         b_dec = sae.b_dec if dist.main else sae.b_dec.detach()
         x_hat = dist.sum_identical_loss(_partial(sae, values, indices, mine)) + b_dec
         fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-        aux = _auxk(m, aux_v, aux_i, x, x_hat, n_dead, cfg, dist) if use_aux else None
+        aux = _auxk(m, enc.aux, x, x_hat, n_dead, cfg, dist) if use_aux else None
         m.opt.zero_grad(set_to_none=True)
         (fvu if aux is None else fvu + aux).backward()
     if sae.b_dec.grad is not None:
@@ -313,15 +330,32 @@ def train_step(m: Member, x: Tensor, cfg: TrainConfig, dist: Dist) -> dict[str, 
     return {
         "fvu": fvu.detach(),
         "aux": aux_value,
+        # a winner fires iff its key is positive (gradient_topk's boost is ≥ 1)
         "l0": (top > 0).sum(dtype=torch.float64) / x.shape[0],
         "dead_frac": n_dead.to(torch.float64) / (sae.d_sae * dist.world),
     }
 
 
+@torch.no_grad()
+def _merge_key(
+    sae: SparseCoder, values: Tensor, indices: Tensor, x: Tensor, grad: Tensor | None
+) -> Tensor:
+    """What the rule ranked the candidates [B, k] by: their values for topk; for
+    gradient_topk its score value·(1 + β|d_i·ĝ|) (`archs.gradient_topk`), recomputed for the
+    candidates alone. ĝ's RMS is over the batch, which every rank holds whole."""
+    if sae.arch != "gradient_topk" or grad is None:
+        return values.detach()
+    g = grad.to(x.dtype)
+    g_hat = sae.compute(g / g.pow(2).mean().sqrt().clamp_min(1e-12))
+    W_dec = sae.compute(sae.W_dec.detach())
+    # one candidate slot at a time: [B, d_in] of scratch, never [B, k, d_in]
+    dots = torch.stack([(W_dec[indices[:, j]] * g_hat).sum(1) for j in range(indices.shape[1])], 1)
+    return values.detach() * dots.abs_().mul_(sae.beta).add_(1)
+
+
 def _auxk(
     m: Member,
-    values: Tensor,
-    indices: Tensor,
+    code: SparseCode | None,
     x: Tensor,
     x_hat: Tensor,
     n_dead: Tensor,
@@ -329,10 +363,14 @@ def _auxk(
     dist: Dist,
 ) -> Tensor:
     """AuxK (`trainer._aux_loss`): the residual reconstructed by the global top-k_aux of the
-    dead latents, from this rank's candidates among its own dead latents."""
+    dead latents, from this rank's candidates among its own dead latents (`code`; None when
+    it has none, which the CPU kernel reports without padding)."""
     k_aux = m.plan["k_aux"]
-    values, indices = _pad(values, indices, min(k_aux, m.sae.d_sae))
-    _, mine = _merge(values, k_aux, dist)
+    if code is None:
+        none = torch.zeros(x.shape[0], 0, dtype=torch.int64, device=x.device)
+        code = SparseCode(m.sae.compute(none.to(x.dtype)), none)
+    values, indices = _pad(*code, min(k_aux, m.sae.d_sae))
+    _, mine = _merge(values.detach(), k_aux, dist)
     e = (x - x_hat).detach()
     e_hat = dist.sum_identical_loss(_partial(m.sae, values, indices, mine))
     loss = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()

@@ -17,10 +17,10 @@ CFG = TrainConfig(dead_tokens=B, lr_warmup_steps=0)
 """dead_tokens = one batch: latents that miss a step are dead, so AuxK works every step."""
 
 
-def _member(out: Path) -> trainer.Member:
+def _member(out: Path, arch: str = "topk") -> trainer.Member:
     """A member as the trainer builds it (seeded init, b_dec at the data's median)."""
     plan = {
-        "train": {"sae": vars(SAEConfig("topk", D_SAE, K))},
+        "train": {"sae": vars(SAEConfig(arch, D_SAE, K))},
         "lr": 3e-3,
         "k_aux": K_AUX,
         "aux_loss": "auxk",
@@ -51,6 +51,12 @@ def _batches(n: int) -> list[torch.Tensor]:
     return out
 
 
+def _grads(n: int, arch: str) -> list[torch.Tensor | None]:
+    """gradient_topk's ∂CE/∂x stand-ins (None for topk)."""
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(B, D_IN, generator=g) if arch == "gradient_topk" else None] * n
+
+
 def _state(m: trainer.Member) -> dict[str, torch.Tensor]:
     """Everything a member carries, by name: weights, Adam state, counters."""
     out = {f"sae.{n}": p.detach().clone() for n, p in m.sae.named_parameters()}
@@ -61,38 +67,41 @@ def _state(m: trainer.Member) -> dict[str, torch.Tensor]:
     return out
 
 
-def _reference(out: Path, steps: int) -> tuple[trainer.Member, list[dict]]:
-    m = _member(out)
-    stats = [trainer._train_step(m, x, None, CFG) for x in _batches(steps)]
-    return m, stats
+def _reference(out: Path, steps: int, arch: str = "topk") -> tuple[trainer.Member, list[dict]]:
+    m = _member(out, arch)
+    data = zip(_batches(steps), _grads(steps, arch))
+    return m, [trainer._train_step(m, x, g, CFG) for x, g in data]
 
 
-def _train_two_ranks(out: Path) -> None:
+def _train_two_ranks(out: Path, arch: str) -> None:
     d = distributed.init()
-    m = latent_parallel.shard_member(_member(out / f"r{d.rank}"), d)
-    stats = [latent_parallel.train_step(m, x, CFG, d) for x in _batches(STEPS)]
+    m = latent_parallel.shard_member(_member(out / f"r{d.rank}", arch), d)
+    data = zip(_batches(STEPS), _grads(STEPS, arch))
+    stats = [latent_parallel.train_step(m, x, CFG, d, g) for x, g in data]
     latent_parallel.save_checkpoint(out / "ckpt.safetensors", m, d)
+    dead = latent_parallel.dead_latents(m, CFG, d)
     full = latent_parallel.gather_member(m, d)
     if full is not None:
-        torch.save({"state": _state(full), "stats": stats, "sent": d.sent}, out / "lp.pt")
+        torch.save({"state": _state(full), "stats": stats, "dead": dead}, out / "lp.pt")
 
 
-def test_two_ranks_train_as_one_process(tmp_path, run_ranks):
-    run_ranks(_train_two_ranks, 2, tmp_path)
+@pytest.mark.parametrize("arch", ["topk", "gradient_topk"])
+def test_two_ranks_train_as_one_process(tmp_path, run_ranks, arch):
+    run_ranks(_train_two_ranks, 2, tmp_path, arch)
     got = torch.load(tmp_path / "lp.pt")
-    ref, ref_stats = _reference(tmp_path / "ref", STEPS)
+    ref, ref_stats = _reference(tmp_path / "ref", STEPS, arch)
     want = _state(ref)
     assert got["state"].keys() == want.keys()
     for name, w in want.items():
         # fp32 sums in another order (partial x̂ per rank); seen: ≤ 6e-8 after 5 steps
         torch.testing.assert_close(got["state"][name], w, rtol=1e-5, atol=1e-6, msg=name)
-    assert (want["state.since_fired"] >= B).any(), "the test needs dead latents"
+    assert got["dead"] == int((want["state.since_fired"] >= B).sum()) > 0
     assert all(r["aux"] > 0 for r in ref_stats[1:]), "AuxK must work from step 1"
     for s, r in zip(got["stats"], ref_stats):
         for key in ("fvu", "aux", "l0", "dead_frac"):
             torch.testing.assert_close(s[key], r[key], rtol=1e-5, atol=1e-6, msg=key)
     # The 2-rank checkpoint is a single-process one: it resumes in one process as is.
-    one = _member(tmp_path / "one")
+    one = _member(tmp_path / "one", arch)
     step, counters = checkpoint.load_checkpoint(
         tmp_path / "ckpt.safetensors", one.sae, one.opt, torch.device("cpu")
     )
@@ -110,7 +119,12 @@ def _resume_two_ranks(out: Path) -> None:
     local = _state(m)
     latent_parallel.save_checkpoint(out / "two.safetensors", m, d)
     full = latent_parallel.gather_member(m, d)
-    torch.save({"step": step, "local": local}, out / f"local{d.rank}.pt")
+    finite = [latent_parallel.weights_finite(m, d)]
+    if d.rank == 1:
+        with torch.no_grad():
+            m.sae.W_dec[0, 0] = float("inf")
+    finite.append(latent_parallel.weights_finite(m, d))  # one rank's inf stops every rank
+    torch.save({"step": step, "local": local, "finite": finite}, out / f"local{d.rank}.pt")
     if full is not None:
         torch.save(_state(full), out / "gathered.pt")
 
@@ -125,7 +139,7 @@ def test_one_process_checkpoint_shards_and_gathers_back_exactly(tmp_path, run_ra
     half = D_SAE // 2
     for r in range(2):
         got = torch.load(tmp_path / f"local{r}.pt")
-        assert got["step"] == 2
+        assert got["step"] == 2 and got["finite"] == [True, False]
         for name, v in got["local"].items():
             rows = name.split(".")[1] in latent_parallel.ROW_SHARDED or name.startswith("state")
             w = want[name][r * half : (r + 1) * half] if rows and v.dim() else want[name]
@@ -159,7 +173,7 @@ def test_refuses_what_it_cannot_split():
         latent_parallel.check("topk", 64, 4, 3)
     with pytest.raises(UserError, match="does not split evenly"):
         latent_parallel.shard(_member(Path("unused")).sae, Dist(0, 3))
-    with pytest.raises(UserError, match="supports topk, not mutual_choice"):
+    with pytest.raises(UserError, match="supports topk, gradient_topk, not mutual_choice"):
         latent_parallel.check("mutual_choice", 64, 4, 2)
     with pytest.raises(UserError, match="not zipf"):
         latent_parallel.check("topk", 64, 4, 2, aux_loss="zipf")
