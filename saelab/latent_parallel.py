@@ -369,7 +369,8 @@ def _auxk(
     if code is None:
         none = torch.zeros(x.shape[0], 0, dtype=torch.int64, device=x.device)
         code = SparseCode(m.sae.compute(none.to(x.dtype)), none)
-    values, indices = _pad(*code, min(k_aux, m.sae.d_sae))
+    width = min(k_aux, m.sae.d_sae) if dist.active else code.values.shape[1]
+    values, indices = _pad(*code, width)
     _, mine = _merge(values.detach(), k_aux, dist)
     e = (x - x_hat).detach()
     e_hat = dist.sum_identical_loss(_partial(m.sae, values, indices, mine))
