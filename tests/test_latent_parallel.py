@@ -85,6 +85,7 @@ def _train_two_ranks(out: Path, arch: str) -> None:
     full = latent_parallel.gather_member(m, d)
     if full is not None:
         torch.save({"state": _state(full), "stats": stats, "dead": dead}, out / "lp.pt")
+    d.barrier()  # no rank tears gloo down while another is still in a collective
 
 
 @pytest.mark.parametrize("arch", ["topk", "gradient_topk"])
@@ -129,6 +130,7 @@ def _resume_two_ranks(out: Path) -> None:
     torch.save({"step": step, "local": local, "finite": finite}, out / f"local{d.rank}.pt")
     if full is not None:
         torch.save(_state(full), out / "gathered.pt")
+    d.barrier()
 
 
 def test_one_process_checkpoint_shards_and_gathers_back_exactly(tmp_path, run_ranks):
