@@ -6,11 +6,12 @@ on a GPU (fused Adam) continues where it stopped.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from saelab.errors import UserError
 from saelab.runs import atomic_write
@@ -36,13 +37,23 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, sae: SparseCoder, opt: torch.optim.Optimizer, device: torch.device
+    path: Path,
+    sae: SparseCoder,
+    opt: torch.optim.Optimizer,
+    device: torch.device,
+    rows: tuple[int, int] | None = None,
+    sharded: Collection[str] = (),
 ) -> tuple[int, dict[str, torch.Tensor]]:
-    """Restore weights and optimizer state in place; return (step, counters)."""
+    """Restore weights and optimizer state in place; return (step, counters).
+
+    rows = (lo, hi): read only latents [lo, hi) of the parameters named in `sharded` (and of
+    their Adam state and the per-latent counters), as one latent-parallel rank holds them;
+    the rest of those tensors never enters memory.
+    """
     try:
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt", device=str(device)) as f:
             step = int((f.metadata() or {})["step"])
-        tensors = load_file(str(path), device=str(device))
+            tensors = {k: _read(f, k, rows, sharded) for k in f.keys()}  # noqa: SIM118
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
         raise UserError(
             f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to restart the run"
@@ -53,6 +64,15 @@ def load_checkpoint(
         if s:
             opt.state[p] = {k: v.to(_state_device(opt, p, k)) for k, v in s.items()}
     return step, {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
+
+
+def _read(f, key: str, rows: tuple[int, int] | None, sharded: Collection[str]) -> torch.Tensor:
+    """Tensor `key` of an open checkpoint, only rows [lo, hi) if it is split by latent."""
+    kind, name = key.split(".")[:2]
+    per_latent = kind == "state" or (kind in ("sae", "opt") and name in sharded)
+    if rows is None or not per_latent or not f.get_slice(key).get_shape():
+        return f.get_tensor(key)
+    return f.get_slice(key)[rows[0] : rows[1]]
 
 
 def _state_device(opt: torch.optim.Optimizer, p: torch.Tensor, key: str) -> torch.device:
