@@ -399,6 +399,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"saelab {ns.command}: interrupted; run the same command to resume\n")
         return 130
+    finally:
+        if "torch" in sys.modules:  # only a command that ran torch can have joined a group
+            from saelab import distributed
+
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

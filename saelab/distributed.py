@@ -123,6 +123,14 @@ def init(device: torch.device | None = None) -> Dist:
     return Dist(tdist.get_rank(), tdist.get_world_size())
 
 
+def shutdown() -> None:
+    """Leave the process group, if this process joined one (before the interpreter exits:
+    a group left to the interpreter's teardown can abort the process after its work is
+    done)."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def local_device(device: torch.device) -> torch.device:
     """A CUDA device named without an index means this process's own GPU (LOCAL_RANK)."""
     if device.type == "cuda" and device.index is None and launched():

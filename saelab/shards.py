@@ -30,8 +30,8 @@ short by a crash (no trailing newline, or not JSON) is ignored by readers and cu
 next writer, so the cost of a shard's metadata is one short append, flat in the number of
 shards. A harvest's writer leaves a log that lists a prefix of the shards; a resume of a log
 with gaps (a line deleted by hand) appends the missing shards after later ones, and `finish`
-rewrites the log in index order, so a finished log is always the same bytes. `read_meta` merges header and log into the view readers use: ``meta["shards"]`` (in
-index order), ``n_tokens`` (tokens in listed shards) and ``complete``. Harvests of format 1
+rewrites the log in index order, so a finished log is always the same bytes. `read_meta`
+merges header and log into the view readers use: ``meta["shards"]`` (in index order), ``n_tokens`` (tokens in listed shards) and ``complete``. Harvests of format 1
 keep that list inside meta.json (rewritten after every shard); they still read, and a resume
 converts them.
 

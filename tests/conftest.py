@@ -3,6 +3,7 @@ and factories for the harvests and tiny trained runs that many tests start from.
 
 import os
 import random
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -175,13 +176,22 @@ def _rank_main(rank: int, world: int, port: int, fn: Any, args: tuple) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     torch.set_num_threads(1)
+    import torch.distributed as tdist
+
     try:
         fn(*args)
-    finally:
-        import torch.distributed as tdist
-
+    except BaseException:
         if tdist.is_initialized():
             tdist.destroy_process_group()
+        raise
+    if tdist.is_initialized():
+        tdist.barrier()  # no rank tears gloo down while another still talks to it
+        tdist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # gloo's threads can abort a process in the interpreter's teardown, after its work is
+    # done and reported; a successful rank leaves without that teardown.
+    os._exit(0)
 
 
 @pytest.fixture(scope="session")
