@@ -31,9 +31,10 @@ next writer, so the cost of a shard's metadata is one short append, flat in the 
 shards. A harvest's writer leaves a log that lists a prefix of the shards; a resume of a log
 with gaps (a line deleted by hand) appends the missing shards after later ones, and `finish`
 rewrites the log in index order, so a finished log is always the same bytes. `read_meta`
-merges header and log into the view readers use: ``meta["shards"]`` (in index order), ``n_tokens`` (tokens in listed shards) and ``complete``. Harvests of format 1
-keep that list inside meta.json (rewritten after every shard); they still read, and a resume
-converts them.
+merges header and log into the view readers use: ``meta["shards"]`` (in index order),
+``n_tokens`` (tokens in listed shards) and ``complete``. Harvests of format 1 keep that
+list inside meta.json (rewritten after every shard); they still read, and a resume converts
+them.
 
 A rerun of the same config makes the shards the log does not list; because every shard is
 computed from a fixed set of batches (a resume keeps the batch_size and shard_contexts it
