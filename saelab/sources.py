@@ -207,34 +207,34 @@ class _Planned:
         return _Stream(self._stream(mine, seed, start_row, grads))
 
     def _buffers(
-        self, seed: int, epoch: int, skip: int, grads: bool, mine: PartOfBatches
+        self, seed: int, epoch: int, skip: int, grads: bool
     ) -> Iterator[list[torch.Tensor]]:
-        """The epoch's permuted buffers from row ``skip`` on (earlier buffers never filled),
-        only ``mine``'s rows of each."""
+        """The epoch's permuted buffers from row ``skip`` on (earlier buffers never filled)."""
         n, size = self.n_tokens, self.rows_per_buffer
         for b in range(skip // size, math.ceil(n / size)):
             a, z = b * size, min((b + 1) * size, n)
             perm = _perm(seed, epoch, b, z - a, self.device)[max(skip - a, 0) :]
-            keep = mine.take(len(perm))
-            perm = perm if keep is None else perm[torch.from_numpy(keep).to(perm.device)]
             yield [t[perm] for t in self._fill(a, z, grads)]
 
     def _stream(
         self, mine: PartOfBatches, seed: int, start_row: int, grads: bool
     ) -> Iterator[Batch]:
+        # Whole batches are cut, then sliced: every process then fills each buffer at the
+        # same batch, which a live source's shared forwards (collectives) need; cutting only
+        # a process's rows would have the first ones finish a batch a buffer earlier.
         epoch, skip = divmod(start_row, self.n_tokens)
-        batch_size = mine.local
+        batch_size, lo = mine.batch_size, mine.lo
         parts: list[list[torch.Tensor]] = []
         have = 0
         while True:
-            for buf in self._buffers(seed, epoch, skip, grads, mine):
+            for buf in self._buffers(seed, epoch, skip, grads):
                 at, rows = 0, buf[0].shape[0]
                 while at < rows:
                     take = min(batch_size - have, rows - at)
                     parts.append([t[at : at + take] for t in buf])
                     have, at = have + take, at + take
                     if have == batch_size:
-                        out = [torch.cat(ts).float() for ts in zip(*parts)]
+                        out = [torch.cat(ts)[lo : lo + mine.local].float() for ts in zip(*parts)]
                         yield out[0] if len(out) == 1 else (out[0], out[1])
                         parts, have = [], 0
             epoch, skip = epoch + 1, 0
