@@ -291,14 +291,7 @@ def _train_step(
         x_hat = sae.decode_scaled(enc.code)
         fit = _aux_fit(m, enc, x, x_hat, weights) if enc.aux is not None else None
         counts = _fired_counts(enc.code, sae.d_sae)
-        if dist.active:
-            fvu, aux, fvu_all, aux_all, counts = global_losses(
-                x, x_hat, fit, counts, sae.b_dec.detach(), dist
-            )
-        else:
-            fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-            aux = None if fit is None else _fvu_of_fit(*fit)
-            fvu_all, aux_all = fvu.detach(), None if aux is None else aux.detach()
+        fvu, aux, fvu_all, aux_all, counts = _losses(m, x, x_hat, fit, counts, dist)
         scale = _aux_scale(m, n_aux, cfg)
         m.opt.zero_grad(set_to_none=True)
         (fvu if aux is None else fvu + aux * scale).backward()
@@ -326,8 +319,25 @@ def _train_step(
     }
 
 
-def _fvu_of_fit(e: torch.Tensor, e_hat: torch.Tensor) -> torch.Tensor:
-    return (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+def _losses(
+    m: Member,
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    fit: tuple[torch.Tensor, torch.Tensor] | None,
+    counts: torch.Tensor,
+    dist: Dist,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(fvu, aux, fvu to log, aux to log, firing counts): the FVU and the auxiliary fit's
+    FVU (unscaled), whose backward gives this process's gradient; what is logged and counted
+    is the global batch's (`saelab.data_parallel.global_losses`)."""
+    if dist.active:
+        return global_losses(x, x_hat, fit, counts, m.sae.b_dec.detach(), dist)
+    fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    if fit is None:
+        return fvu, None, fvu.detach(), None, counts
+    e, e_hat = fit
+    aux = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    return fvu, aux, fvu.detach(), aux.detach(), counts
 
 
 # ---------------------------------------------------------------------------------------
@@ -673,15 +683,20 @@ def _run(
                             tok_s=f"{rate:,.0f}",
                         )
                 if cfg.checkpoint_every and m.step % cfg.checkpoint_every == 0:
-                    _check_finite(m)
-                    source.confirm_pending()
-                    if dist.main:
-                        save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
+                    _checkpoint(m, source, dist)
             step += 1
             bar.update(1)
     finally:
         bar.close()
         stream.close()
+
+
+def _checkpoint(m: Member, source: ActivationSource, dist: Dist) -> None:
+    """Check (on every process) and write (on rank 0) a checkpoint of m."""
+    _check_finite(m)
+    source.confirm_pending()
+    if dist.main:
+        save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
 
 
 class _DeviceFeed:

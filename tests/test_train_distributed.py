@@ -49,6 +49,10 @@ def _cfg(harvest: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+SHORT = dict(sweep=[SAEConfig("mutual_choice", 64, 4), SAEConfig("feature_choice", 64, 4)])
+"""The resume tests' sweep: the rules with thresholds and collectives of their own."""
+
+
 def _members(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob("cfg.json"))
 
@@ -148,7 +152,7 @@ def _kill_and_resume(harvest: Path, root: Path) -> None:
     """At 2 ranks: an uninterrupted run; a run killed after its checkpoint at step 10 and
     resumed; the 1-rank checkpoint in root/r1 resumed; and a run killed for 2 → 1."""
     _rank()
-    short = dict(sweep=[SAEConfig("mutual_choice", 64, 4), SAEConfig("feature_choice", 64, 4)])
+    short = SHORT
     train(_cfg(harvest, root / "r2full", **short), progress=False)
     for out, resume in (("r2cut", True), ("r2half", False)):
         real = _dying_at(12)
@@ -187,7 +191,7 @@ def test_two_ranks_equal_one_for_every_rule(harvest, tmp_path, run_ranks):
 
 
 def test_kill_and_resume_across_world_sizes(harvest, tmp_path, run_ranks):
-    short = dict(sweep=[SAEConfig("mutual_choice", 64, 4), SAEConfig("feature_choice", 64, 4)])
+    short = SHORT
     # A 1-rank run killed after its checkpoint at step 10, which 2 ranks then finish.
     real = _dying_at(12)
     try:
@@ -232,9 +236,10 @@ def test_torchrun_cli_trains_data_parallel(harvest, tmp_path):
             "--eval_tokens", "310", "--sae.d_sae", "64", "--sae.k", "4", "--device", "cpu",
             "--log_every", "2", "--shuffle_buffer", "256"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    launch = [str(torchrun), "--nproc_per_node=2", "-m", "saelab", *args]
     done = subprocess.run(
-        [str(torchrun), "--nproc_per_node=2", "-m", "saelab", *args, "--out", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300,
+        [*launch, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+        timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
