@@ -8,9 +8,9 @@
 Runs `saelab.trainer._train_step` on random activations (each process its B/N rows of a
 global batch B) for every rule in --archs, and prints per rule: ms per step, global tokens/s,
 and the bytes this process put into each kind of collective per step (`Dist.sent`): the
-gradient all-reduce is 4·(parameters) bytes, the loss sums 8·(2·d_in + d_sae + 6), and the
-batch-level rules add their candidates (mutual choice k·B values, feature choice
-min(m, B/N)·d_sae).
+gradient all-reduce is 4·(trained parameters) bytes, the loss sums and firing counts at most
+8·(2·d_in + d_sae + 4), and the batch-level rules all-gather their candidates (mutual
+choice k·B values, feature choice min(m, B/N)·d_sae; g-SAE one value).
 """
 
 from __future__ import annotations
