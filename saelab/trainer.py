@@ -610,15 +610,20 @@ def _train(
                 m.logf.close()
             if m.wandb is not None:
                 m.wandb.finish()
-    source.confirm_pending()
     for m in members:
         _check_finite(m)
-        if dist.main:
-            save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
-            dead = int((m.since_fired >= cfg.dead_tokens).sum())
-            m.sae.save(m.out, {**m.plan, "complete": True, "dead_latents": dead})
-    dist.barrier()  # no process returns before the run is on disk
+    # Also the barrier that keeps every process until the run is on disk.
+    on_main(dist, device, lambda: _finish(members, source, cfg))
     return root
+
+
+def _finish(members: list[Member], source: ActivationSource, cfg: TrainConfig) -> None:
+    """The final checkpoints and weights (rank 0), once the data is confirmed."""
+    source.confirm_pending()
+    for m in members:
+        save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
+        dead = int((m.since_fired >= cfg.dead_tokens).sum())
+        m.sae.save(m.out, {**m.plan, "complete": True, "dead_latents": dead})
 
 
 def _open_members(members: list[Member], cfg: TrainConfig) -> None:
@@ -692,11 +697,15 @@ def _run(
 
 
 def _checkpoint(m: Member, source: ActivationSource, dist: Dist) -> None:
-    """Check (on every process) and write (on rank 0) a checkpoint of m."""
+    """Check (on every process) and write (on rank 0, which alone verifies a harvest's
+    checksums: its UserError reaches every process) a checkpoint of m."""
     _check_finite(m)
-    source.confirm_pending()
-    if dist.main:
+
+    def write() -> None:
+        source.confirm_pending()
         save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
+
+    on_main(dist, m.sae.W_dec.device, write)
 
 
 class _DeviceFeed:
