@@ -215,13 +215,14 @@ def test_bad_batch_size_exits_2_on_every_rank(harvest, tmp_path, run_ranks):
 
 
 def test_live_two_ranks_equal_one(tmp_path, run_ranks):
-    """Each rank runs the model on half of each buffer's contexts; rank 0 harvests the
-    held-out set."""
+    """Each rank runs the model (and, for gradient_topk, its backward) on half of each
+    buffer's contexts; rank 0 harvests the held-out set."""
     per = 15
     cfg = lambda out: TrainConfig(  # noqa: E731
         model="tiny", hooks=[HOOK], n_ctx=16, model_batch_size=4, n_tokens=per * 24,
         eval_tokens=per * 4, batch_size=30, shuffle_buffer=per * 7, out=str(out),
-        heldout=str(out.parent / f"{out.name}-heldout"), sae=SAEConfig("topk", 64, 4),
+        heldout=str(out.parent / f"{out.name}-heldout"),
+        sweep=[SAEConfig("topk", 64, 4), SAEConfig("gradient_topk", 64, 4)],
         dead_tokens=100, checkpoint_every=5, log_every=2, lr_warmup_steps=2, device="cpu",
     )  # fmt: skip
     run_ranks(_train_live, 2, cfg(tmp_path / "two"))
