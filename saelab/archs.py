@@ -4,7 +4,10 @@ Each rule is one `ArchSpec` registered in `ARCHS` (and named in `saelab.config.A
 Literal that types `--sae.arch`; a test keeps the two equal). A rule receives the SAE and a
 batch of *scaled* activations and returns the sparse code, plus, during training, the
 candidates for the auxiliary loss. The trainer, evaluation and CLI discover rules from
-`ARCHS` alone.
+`ARCHS` alone. In data-parallel training (`EncodeArgs.dist`) each process encodes its slice
+of the global batch, and the batch-level rules select over the global batch
+(ALGORITHMS.md §9): mutual choice's threshold and feature choice's per-latent thresholds
+from all-gathered candidates, g-SAE's gradient RMS from an all-reduce.
 
 - topk: a = TopK_k(ReLU(z)) per token (Gao et al. 2024, arXiv 2406.04093).
 - gradient_topk (g-SAE, Olmo et al., arXiv 2411.10397): select by
