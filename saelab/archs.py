@@ -4,7 +4,10 @@ Each rule is one `ArchSpec` registered in `ARCHS` (and named in `saelab.config.A
 Literal that types `--sae.arch`; a test keeps the two equal). A rule receives the SAE and a
 batch of *scaled* activations and returns the sparse code, plus, during training, the
 candidates for the auxiliary loss. The trainer, evaluation and CLI discover rules from
-`ARCHS` alone.
+`ARCHS` alone. In data-parallel training (`EncodeArgs.dist`) each process encodes its slice
+of the global batch, and the batch-level rules select over the global batch
+(ALGORITHMS.md §9): mutual choice's threshold and feature choice's per-latent thresholds
+from all-gathered candidates, g-SAE's gradient RMS from an all-reduce.
 
 - topk: a = TopK_k(ReLU(z)) per token (Gao et al. 2024, arXiv 2406.04093).
 - gradient_topk (g-SAE, Olmo et al., arXiv 2411.10397): select by
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saelab import kernels
+from saelab.distributed import SINGLE, Dist
 from saelab.kernels.eager import ragged_rows
 
 if TYPE_CHECKING:
@@ -132,6 +136,10 @@ class EncodeArgs(NamedTuple):
     mp_max_steps: int = 0
     """matching_pursuit inference: step limit with mp_tol (0: k)."""
 
+    dist: Dist = SINGLE
+    """Data-parallel training: x is this process's slice of a global batch of
+    x.shape[0]·dist.world rows, over which the batch-level rules select (ALGORITHMS.md §9)."""
+
 
 ArchFn = Callable[["SparseCoder", Tensor, EncodeArgs], Encoding]
 
@@ -219,7 +227,7 @@ def gradient_topk(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
         return topk(sae, x, args)
     with torch.no_grad():
         g = args.grad.to(x.dtype)
-        g_hat = sae.compute(g / g.pow(2).mean().sqrt().clamp_min(1e-12))
+        g_hat = sae.compute(g / _global_rms(g, args.dist).clamp_min(1e-12))
         W_dec = sae.compute(sae.W_dec.detach())
 
     def select(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -244,6 +252,13 @@ def gradient_topk(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     return _encode_with(sae, x, args, select)
 
 
+def _global_rms(g: Tensor, dist: Dist) -> Tensor:
+    """RMS of g over the global batch (one all-reduce of Σg² under data parallelism)."""
+    if not dist.active:
+        return g.pow(2).mean().sqrt()
+    return (dist.all_reduce_(g.float().pow(2).sum()) / (g.numel() * dist.world)).sqrt()
+
+
 def _thresholded(z: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     rows, cols = torch.nonzero(z > theta, as_tuple=True)
     return mask_to_ragged(z, rows, cols, row_sorted=True)
@@ -258,10 +273,12 @@ def _ema_(buf: Tensor, new: Tensor) -> None:
 def feature_choice(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     if not args.training:
         return _encode_ragged(sae, x, args, lambda z: _thresholded(z, sae.threshold.clamp_min(0)))
-    B = x.shape[0]
-    m = feature_choice_m(sae.k, B, sae.d_sae)
+    B, dist = x.shape[0], args.dist
+    m = feature_choice_m(sae.k, B * dist.world, sae.d_sae)
 
     def select(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if dist.active:
+            return _feature_choice_global(sae, z, m, dist)
         top, rows = kernels.column_topk(z, m)  # [m, n]: each latent's m tokens
         with torch.no_grad():
             _ema_(sae.threshold, top.min(0).values.relu())
@@ -269,6 +286,21 @@ def feature_choice(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
         return mask_to_ragged(z, rows.reshape(-1), cols.reshape(-1))
 
     return _encode_ragged(sae, x, args, select)
+
+
+def _feature_choice_global(
+    sae: SparseCoder, z: Tensor, m: int, dist: Dist
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each latent's top-m tokens of the global batch, of which this rank keeps its own: a
+    rank holds at most min(m, B_local) of them, so its column top-min(m, B_local) are its
+    candidates, and the m-th largest of everyone's is each latent's threshold."""
+    with torch.no_grad():
+        top, rows = kernels.column_topk(z, min(m, z.shape[0]))
+        theta = torch.topk(dist.all_gather(top), m, dim=0, sorted=False).values.min(0).values
+        _ema_(sae.threshold, theta.relu())
+        keep = top >= theta
+    cols = torch.arange(z.shape[1], device=z.device).expand_as(rows)
+    return mask_to_ragged(z, rows[keep], cols[keep])
 
 
 def feature_choice_m(k: int, batch: int, d_sae: int) -> int:
@@ -279,13 +311,30 @@ def mutual_choice(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     if not args.training:
         return _encode_ragged(sae, x, args, lambda z: _thresholded(z, sae.threshold.clamp_min(0)))
 
+    dist = args.dist
+
     def select(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if dist.active:
+            return _mutual_choice_global(sae, z, dist)
         top, rows, cols = kernels.global_topk(z, sae.k * z.shape[0])
         with torch.no_grad():
             _ema_(sae.threshold, top.min().relu().reshape(1))
         return mask_to_ragged(z, rows, cols)
 
     return _encode_ragged(sae, x, args, select)
+
+
+def _mutual_choice_global(sae: SparseCoder, z: Tensor, dist: Dist) -> tuple[Tensor, Tensor, Tensor]:
+    """The top k·B_global entries of the global batch, of which this rank keeps its own: at
+    most min(k·B_global, its entries) of them are here, so its top that many are its
+    candidates, and the (k·B_global)-th largest of everyone's is the threshold."""
+    K = sae.k * z.shape[0] * dist.world
+    with torch.no_grad():
+        top, rows, cols = kernels.global_topk(z, min(K, z.numel()))
+        theta = torch.topk(dist.all_gather(top), K, sorted=False).values.min()
+        _ema_(sae.threshold, theta.relu().reshape(1))
+        keep = top >= theta
+    return mask_to_ragged(z, rows[keep], cols[keep])
 
 
 def jumprelu(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:

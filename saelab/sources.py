@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from saelab.corpus import iter_contexts, load_texts
+from saelab.distributed import SINGLE, Dist
 from saelab.errors import UserError
 from saelab.harvest import _probe_d_in, _Recorder
 from saelab.models import enable_hooks, load_model, resolve_hook, resolve_model_dtype, stop_layer
 from saelab.shards import STORE_DTYPES
-from saelab.store import ActivationStore
+from saelab.store import ActivationStore, PartOfBatches
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -69,10 +70,17 @@ class ActivationSource(Protocol):
         ...
 
     def batches(
-        self, batch_size: int, *, seed: int = 0, start_row: int = 0, grads: bool = False
+        self,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start_row: int = 0,
+        grads: bool = False,
+        part: tuple[int, int] = (0, 1),
     ) -> BatchIterator:
         """Endless shuffled stream; ``start_row=r`` yields what the uninterrupted stream
-        yields after its first ``r`` rows."""
+        yields after its first ``r`` rows. ``part=(rank, world)``: only that process's slice
+        of each batch (`saelab.store.PartOfBatches`), for data-parallel training."""
         ...
 
     def confirm_pending(self) -> None:
@@ -121,7 +129,13 @@ class StoreSource:
         self.store.confirm_pending()
 
     def batches(
-        self, batch_size: int, *, seed: int = 0, start_row: int = 0, grads: bool = False
+        self,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start_row: int = 0,
+        grads: bool = False,
+        part: tuple[int, int] = (0, 1),
     ) -> BatchIterator:
         return self.store.batches(
             batch_size,
@@ -131,6 +145,7 @@ class StoreSource:
             shuffle_buffer=self.shuffle_buffer,
             dtype=self.dtype,
             grads=grads,
+            part=part,
         )
 
 
@@ -176,13 +191,20 @@ class _Planned:
         """Nothing to confirm: the rows come straight from memory or the model."""
 
     def batches(
-        self, batch_size: int, *, seed: int = 0, start_row: int = 0, grads: bool = False
+        self,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start_row: int = 0,
+        grads: bool = False,
+        part: tuple[int, int] = (0, 1),
     ) -> BatchIterator:
         if batch_size <= 0 or start_row < 0:
             raise ValueError("batch_size must be > 0 and start_row >= 0")
         if grads and not getattr(self, "has_grads", False):
             raise UserError(f"{self!r} has no gradients; give them or train another arch")
-        return _Stream(self._stream(batch_size, seed, start_row, grads))
+        mine = PartOfBatches(batch_size, part)
+        return _Stream(self._stream(mine, seed, start_row, grads))
 
     def _buffers(
         self, seed: int, epoch: int, skip: int, grads: bool
@@ -194,8 +216,14 @@ class _Planned:
             perm = _perm(seed, epoch, b, z - a, self.device)[max(skip - a, 0) :]
             yield [t[perm] for t in self._fill(a, z, grads)]
 
-    def _stream(self, batch_size: int, seed: int, start_row: int, grads: bool) -> Iterator[Batch]:
+    def _stream(
+        self, mine: PartOfBatches, seed: int, start_row: int, grads: bool
+    ) -> Iterator[Batch]:
+        # Whole batches are cut, then sliced: every process then fills each buffer at the
+        # same batch, which a live source's shared forwards (collectives) need; cutting only
+        # a process's rows would have the first ones finish a batch a buffer earlier.
         epoch, skip = divmod(start_row, self.n_tokens)
+        batch_size, lo = mine.batch_size, mine.lo
         parts: list[list[torch.Tensor]] = []
         have = 0
         while True:
@@ -206,7 +234,7 @@ class _Planned:
                     parts.append([t[at : at + take] for t in buf])
                     have, at = have + take, at + take
                     if have == batch_size:
-                        out = [torch.cat(ts).float() for ts in zip(*parts)]
+                        out = [torch.cat(ts)[lo : lo + mine.local].float() for ts in zip(*parts)]
                         yield out[0] if len(out) == 1 else (out[0], out[1])
                         parts, have = [], 0
             epoch, skip = epoch + 1, 0
@@ -341,6 +369,9 @@ class LiveSource(_Planned):
     (`saelab.corpus.iter_contexts`, as a harvest takes them), run through the model in
     ``model_batch_size``-context forwards in ``model_dtype``. With grads, each forward runs the
     whole model and a backward of the next-token loss (as `harvest --grads` does).
+
+    Under data parallelism (``dist``) every process calls each method in step, since a
+    buffer's forwards are shared out among them (see `_fill`).
     """
 
     has_grads = True
@@ -361,8 +392,9 @@ class LiveSource(_Planned):
         model_batch_size: int = 16,
         shuffle_buffer: int = 262_144,
         device: str | torch.device = "cpu",
+        dist: Dist = SINGLE,
     ) -> None:
-        self.device = torch.device(device)
+        self.device, self.dist = torch.device(device), dist
         self.dtype = resolve_model_dtype(model_dtype, self.device)
         self.texts_spec = (corpus, text_field, split, seed)
         if isinstance(model, str):
@@ -412,17 +444,36 @@ class LiveSource(_Planned):
 
     def _fill(self, a: int, b: int, grads: bool) -> list[torch.Tensor]:
         per = self.tokens_per_context
-        tokens = torch.from_numpy(self.tokens(a // per, (b - a) // per)).long()
+        first, n = a // per, (b - a) // per
+        if not self.dist.active:
+            return self._forward(first, n, grads)
+        # Each process runs the model on its share of the contexts and all of them gather the
+        # buffer: the same rows everywhere (the shuffle needs the whole buffer) for 1/N of
+        # the forwards. Shares are padded to one size, which all_gather needs.
+        share = math.ceil(n / self.dist.world)
+        lo = min(self.dist.rank * share, n)
+        out = []
+        for t in self._forward(first + lo, min(lo + share, n) - lo, grads):
+            padded = t.new_zeros(share * per, self.d_in)
+            padded[: t.shape[0]] = t
+            out.append(self.dist.all_gather(padded)[: n * per])
+        return out
+
+    def _forward(self, first: int, n: int, grads: bool) -> list[torch.Tensor]:
+        """The rows of training contexts [first, first + n), and their grads with ``grads``."""
+        per = self.tokens_per_context
+        tokens = torch.from_numpy(self.tokens(first, n)).long() if n else None
         rec = _Recorder(self.model, [self.hook], grads)
         kinds = ["acts", "grads"] if grads else ["acts"]
-        shape = (b - a, self.d_in)
+        shape = (n * per, self.d_in)
         rec.bufs = {
             f"{k}/{self.hook}": torch.empty(shape, dtype=self.dtype, device=self.device)
             for k in kinds
         }
         mb = self.model_batch_size
         with self.model.hooks(fwd_hooks=rec.fwd_hooks()):
-            for c in range(0, len(tokens), mb):
-                rec.rows = slice(c * per, min(c + mb, len(tokens)) * per)
+            for c in range(0, n, mb):
+                assert tokens is not None
+                rec.rows = slice(c * per, min(c + mb, n) * per)
                 rec.run(tokens[c : c + mb].to(self.device), None if grads else self.stop)
         return list(rec.bufs.values())

@@ -250,6 +250,31 @@ def _buffer_perm(seed: int, epoch: int, buffer: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 1, buffer]).permutation(n)
 
 
+class PartOfBatches:
+    """Which rows of a stream are process ``rank``'s of ``world``: rows
+    [rank·b, (rank + 1)·b) of every batch of ``batch_size`` (b = batch_size/world), counted
+    from the stream's first row. Fed the stream's rows in order, a piece at a time."""
+
+    def __init__(self, batch_size: int, part: tuple[int, int]) -> None:
+        rank, world = part
+        if not 0 <= rank < world or batch_size % world:
+            raise UserError(
+                f"batch_size {batch_size} does not split into {world} equal parts; pass a "
+                f"--batch_size divisible by the number of processes ({world})"
+            )
+        self.batch_size, self.local = batch_size, batch_size // world
+        self.lo, self.whole = rank * self.local, world == 1
+        self.pos = 0
+
+    def take(self, n: int) -> np.ndarray | None:
+        """Offsets, among the next n rows, of this part's rows (None: all of them)."""
+        if self.whole:
+            return None
+        at = (self.pos + np.arange(n)) % self.batch_size
+        self.pos += n
+        return np.flatnonzero((at >= self.lo) & (at < self.lo + self.local))
+
+
 class BatchStream:
     """Infinite iterator of batches; ``rows_per_epoch`` lets callers count epochs.
 
@@ -444,11 +469,14 @@ class ActivationStore:
         dtype: torch.dtype = torch.float32,
         grads: bool = False,
         chunk_rows: int = CHUNK_ROWS,
+        part: tuple[int, int] = (0, 1),
     ) -> BatchStream:
         """Infinite shuffled stream over ``token_range`` in exact epochs (see module docstring).
 
         ``start_row=r`` yields what the uninterrupted stream yields after its first ``r`` rows.
-        With ``grads`` each item is ``(acts, grads)``, aligned row for row.
+        With ``grads`` each item is ``(acts, grads)``, aligned row for row. ``part=(rank,
+        world)`` yields only that process's slice of each batch (`PartOfBatches`): the whole
+        buffer is read, but only the slice is shuffled, converted and handed out.
         """
         if batch_size <= 0 or shuffle_buffer <= 0 or chunk_rows <= 0 or start_row < 0:
             raise ValueError("batch_size, shuffle_buffer, chunk_rows must be > 0, start_row >= 0")
@@ -467,7 +495,9 @@ class ActivationStore:
             start_row,
             dtype,
             kinds,
+            part,
         )
+        PartOfBatches(batch_size, part)  # refuse a bad split here, not on the thread
         return BatchStream(_stream(self, spec), hi - lo)
 
 
@@ -482,6 +512,7 @@ class _StreamSpec:
     start_row: int
     dtype: torch.dtype
     kinds: tuple[str, ...]
+    part: tuple[int, int] = (0, 1)
 
 
 # --------------------------------------------------------------------------- prefetch
@@ -599,18 +630,19 @@ def _batches(store: ActivationStore, spec: _StreamSpec, stop: threading.Event) -
     # Reused across buffers: fresh 100 MB+ allocations cost more in page faults than the copy.
     raw = [np.empty(shape, store._np_dtype) for _ in spec.kinds]
     shuffled = [to_torch(np.empty(shape, store._np_dtype), store.storage_dtype) for _ in raw]
-    pool = _BatchPool(spec.batch_size, store.d_in, spec.dtype, _queue_batches(spec) + 4)
+    part = PartOfBatches(spec.batch_size, spec.part)
+    pool = _BatchPool(part.local, store.d_in, spec.dtype, _queue_batches(spec) + 4)
     out = [pool.take() for _ in spec.kinds]
     have = 0
     while not stop.is_set():
-        for rows in _shuffled_buffers(store, spec, epoch, skip, raw, shuffled):
+        for rows in _shuffled_buffers(store, spec, epoch, skip, raw, shuffled, part):
             at = 0
             while at < rows:
-                take = min(spec.batch_size - have, rows - at)
+                take = min(part.local - have, rows - at)
                 for dst, src in zip(out, shuffled):
                     dst[have : have + take].copy_(src[at : at + take])
                 have, at = have + take, at + take
-                if have == spec.batch_size:
+                if have == part.local:
                     yield out[0] if len(out) == 1 else (out[0], out[1])
                     out, have = [pool.take() for _ in spec.kinds], 0
         epoch, skip = epoch + 1, 0
@@ -623,8 +655,10 @@ def _shuffled_buffers(
     skip: int,
     raw: list[np.ndarray],
     shuffled: list[torch.Tensor],
+    part: PartOfBatches,
 ) -> Iterator[int]:
-    """Fill ``shuffled`` with each buffer of the epoch from row ``skip`` on; yields its rows."""
+    """Fill ``shuffled`` with each buffer of the epoch from row ``skip`` on (only ``part``'s
+    rows of it); yields their count."""
     plan = _epoch_plan(spec.lo, spec.hi, spec.seed, epoch, spec.chunk_rows, spec.chunks_per_buffer)
     if epoch == spec.start_row // (spec.hi - spec.lo):
         _prequeue_hashes(store, spec, plan)
@@ -633,14 +667,16 @@ def _shuffled_buffers(
     for b in range(first, len(plan)):
         rows, touched = _fill_buffer(store, spec, plan[b], raw)
         offset = skip - (int(ends[b - 1]) if b else 0) if b == first else 0
-        perm = torch.from_numpy(_buffer_perm(spec.seed, epoch, b, rows)[offset:])
+        perm = _buffer_perm(spec.seed, epoch, b, rows)[offset:]
+        mine = part.take(len(perm))
+        perm = torch.from_numpy(perm if mine is None else perm[mine])
         for src, dst in zip(raw, shuffled):
             torch.index_select(to_torch(src[:rows], store.storage_dtype), 0, perm,
-                               out=dst[: rows - offset])  # fmt: skip
+                               out=dst[: len(perm)])  # fmt: skip
         for i in sorted(touched):  # shuffled before waiting: the hashes overlap the work
             for kind in spec.kinds:
                 store._confirm(kind, i, wait="thread")
-        yield rows - offset
+        yield len(perm)
 
 
 def _fill_buffer(

@@ -32,9 +32,25 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab import __version__, kernels
-from saelab.archs import ARCHS, TRAINABLE, ArchSpec, EncodeArgs, Encoding, feature_choice_m
+from saelab.archs import (
+    ARCHS,
+    TRAINABLE,
+    ArchSpec,
+    Code,
+    EncodeArgs,
+    Encoding,
+    feature_choice_m,
+)
 from saelab.checkpoint import load_checkpoint, save_checkpoint
 from saelab.config import DEFAULT_HOOK, HarvestConfig, SAEConfig, TrainConfig
+from saelab.data_parallel import (
+    all_reduce_grads,
+    broadcast_tensors_,
+    check_split,
+    global_losses,
+    on_main,
+)
+from saelab.distributed import SINGLE, Dist, init, local_device
 from saelab.errors import UserError
 from saelab.fields import to_dict
 from saelab.models import resolve_device
@@ -224,35 +240,42 @@ def _plans(
 # One step
 
 
-def _aux_loss(
-    m: Member,
-    enc: Encoding,
-    x: torch.Tensor,
-    x_hat: torch.Tensor,
-    weights: torch.Tensor | None,
-    n_aux: torch.Tensor,
-    cfg: TrainConfig,
-) -> torch.Tensor:
-    """AuxK-style: reconstruct the residual from the auxiliary latents' code.
-
-    n_aux, the number of eligible latents, stays on the device: the scale min(n_aux/k_aux, 1)
-    is 0 when none are (the code is then all padding, which only a GPU computes).
-    """
+def _aux_fit(
+    m: Member, enc: Encoding, x: torch.Tensor, x_hat: torch.Tensor, weights: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AuxK-style: (e, ê), the residual e = x − x̂ (detached) and its reconstruction from
+    the auxiliary latents' code (weighted by aux_zipf's deficits)."""
     assert enc.aux is not None
     e = (x - x_hat).detach()
     values = enc.aux.values if weights is None else enc.aux.values * weights[enc.aux.indices]
     c = m.sae.compute
     e_hat = kernels.decode(c(values), enc.aux.indices, c(m.sae.W_dec), None).to(e.dtype)
-    loss = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
-    return loss * cfg.auxk_alpha * (n_aux / m.plan["k_aux"]).clamp(max=1.0)
+    return e, e_hat
+
+
+def _aux_scale(m: Member, n_aux: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """α·min(n_aux/k_aux, 1), with n_aux, the number of eligible latents, on the device: it
+    is 0 when none are (the code is then all padding, which only a GPU computes)."""
+    return cfg.auxk_alpha * (n_aux / m.plan["k_aux"]).clamp(max=1.0)
+
+
+def _fired_counts(code: Code, d_sae: int) -> torch.Tensor:
+    """[d_sae] int64: how many rows each latent fired on."""
+    # index_add_ rather than bincount, which reads its input's max on the host.
+    counts = torch.zeros(d_sae, dtype=torch.int64, device=code.indices.device)
+    counts.index_add_(0, code.indices.reshape(-1), (code.values > 0).reshape(-1).to(torch.int64))
+    return counts
 
 
 def _train_step(
-    m: Member, x: torch.Tensor, grad: torch.Tensor | None, cfg: TrainConfig
+    m: Member, x: torch.Tensor, grad: torch.Tensor | None, cfg: TrainConfig, dist: Dist = SINGLE
 ) -> dict[str, torch.Tensor]:
     """One optimizer step. It never waits for the device: its stats come back as device
     tensors, read by `_log_step` on log steps only, and a non-finite loss is recorded in
-    m.diverged_at for `_log_step` and `_check_finite` to act on."""
+    m.diverged_at for `_log_step` and `_check_finite` to act on.
+
+    Under data parallelism x is this process's slice of the global batch; the losses,
+    gradients, counters and stats are the global batch's (`saelab.data_parallel`)."""
     sae = m.sae
     dead = m.since_fired >= cfg.dead_tokens
     weights = None
@@ -262,38 +285,59 @@ def _train_step(
     else:
         aux_mask = dead
     n_aux = aux_mask.sum()
-    args = EncodeArgs(True, aux_mask, m.plan["k_aux"], grad)
+    args = EncodeArgs(True, aux_mask, m.plan["k_aux"], grad, dist=dist)
     with kernels.matmul_precision(cfg.precision):
         enc = sae.encode_scaled(x, args)
         x_hat = sae.decode_scaled(enc.code)
-        fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-        aux = _aux_loss(m, enc, x, x_hat, weights, n_aux, cfg) if enc.aux is not None else None
+        fit = _aux_fit(m, enc, x, x_hat, weights) if enc.aux is not None else None
+        counts = _fired_counts(enc.code, sae.d_sae)
+        fvu, aux, fvu_all, aux_all, counts = _losses(m, x, x_hat, fit, counts, dist)
+        scale = _aux_scale(m, n_aux, cfg)
         m.opt.zero_grad(set_to_none=True)
-        (fvu if aux is None else fvu + aux).backward()
+        (fvu if aux is None else fvu + aux * scale).backward()
+    if dist.active:
+        all_reduce_grads([p for g in m.opt.param_groups for p in g["params"]], dist)
     sae.project_decoder_grad()
     m.opt.step()
     sae.normalize_decoder()
+    B = x.shape[0] * dist.world
     with torch.no_grad():
-        values, indices = enc.code.values, enc.code.indices  # [B, K] or ragged [nnz]
-        fired = values > 0
-        # index_add_ rather than bincount, which reads its input's max on the host.
-        counts = torch.zeros(sae.d_sae, dtype=torch.int64, device=indices.device)
-        counts.index_add_(0, indices.reshape(-1), fired.reshape(-1).to(torch.int64))
-        m.since_fired += x.shape[0]
+        m.since_fired += B
         m.since_fired.masked_fill_(counts > 0, 0)
-        rate = counts.to(m.freq.dtype) / x.shape[0]
+        rate = counts.to(m.freq.dtype) / B
         m.freq.copy_(rate if m.step == 0 else m.freq.lerp(rate, 1 - cfg.freq_decay))
-        aux_value = torch.zeros_like(fvu) if aux is None else aux.detach()
-        bad = ~torch.isfinite(fvu.detach() + aux_value)
+        aux_value = torch.zeros_like(fvu_all) if aux_all is None else aux_all * scale
+        bad = ~torch.isfinite(fvu_all + aux_value)
         m.diverged_at.copy_(torch.where(bad & (m.diverged_at < 0), m.step, m.diverged_at))
     m.step += 1
     return {
-        "fvu": fvu.detach(),
+        "fvu": fvu_all,
         "aux": aux_value,
         # float64, as the host's int / int division these figures were once logged with
-        "l0": fired.sum(dtype=torch.float64) / x.shape[0],
+        "l0": counts.sum(dtype=torch.float64) / B,
         "dead_frac": dead.sum(dtype=torch.float64) / sae.d_sae,
     }
+
+
+def _losses(
+    m: Member,
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    fit: tuple[torch.Tensor, torch.Tensor] | None,
+    counts: torch.Tensor,
+    dist: Dist,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(fvu, aux, fvu to log, aux to log, firing counts): the FVU and the auxiliary fit's
+    FVU (unscaled), whose backward gives this process's gradient; what is logged and counted
+    is the global batch's (`saelab.data_parallel.global_losses`)."""
+    if dist.active:
+        return global_losses(x, x_hat, fit, counts, m.sae.b_dec.detach(), dist)
+    fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    if fit is None:
+        return fvu, None, fvu.detach(), None, counts
+    e, e_hat = fit
+    aux = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    return fvu, aux, fvu.detach(), aux.detach(), counts
 
 
 # ---------------------------------------------------------------------------------------
@@ -301,11 +345,18 @@ def _train_step(
 
 
 def _init_scale_and_median(
-    source: ActivationSource, cfg: TrainConfig, device: torch.device
+    source: ActivationSource, cfg: TrainConfig, device: torch.device, dist: Dist
 ) -> tuple[float, torch.Tensor]:
+    """The input scale and b_dec's start, from a sample; rank 0's, on every process (they
+    compute the same, but the broadcast makes them bitwise equal whatever the kernels do)."""
     sample = source.sample(cfg.scale_sample, seed=cfg.seed).to(device, torch.float32)
     scale = math.sqrt(source.d_in / float(sample.pow(2).sum(1).mean()))
-    return scale, geometric_median(sample * scale)
+    median = geometric_median(sample * scale)
+    if not dist.active:
+        return scale, median
+    both = torch.cat([torch.tensor([scale], dtype=torch.float64, device=device), median.double()])
+    broadcast_tensors_(dist, [both])
+    return float(both[0]), both[1:].float()
 
 
 def _make_member(
@@ -316,6 +367,7 @@ def _make_member(
     median: torch.Tensor,
     cfg: TrainConfig,
     device: torch.device,
+    dist: Dist = SINGLE,
 ) -> Member:
     s = SAEConfig(**plan["train"]["sae"])
     torch.manual_seed(cfg.seed)
@@ -338,6 +390,8 @@ def _make_member(
         m.since_fired.copy_(counters["since_fired"])
         m.freq.copy_(counters["freq"])
         log.info("resuming %s from step %d", out, m.step)
+    else:  # seeded alike everywhere; the broadcast rules out any kernel difference
+        broadcast_tensors_(dist, [p.data for p in sae.parameters()])
     return m
 
 
@@ -365,10 +419,15 @@ def _check_finite(m: Member) -> None:
         raise _diverged(m, f"{name} is no longer finite")
 
 
-def _log_step(m: Member, stats: dict[str, Any], cfg: TrainConfig, rate: float) -> None:
+def _log_step(
+    m: Member, stats: dict[str, Any], cfg: TrainConfig, rate: float, write: bool = True
+) -> None:
     """Write a log line, reading `stats` on the host (in place, one sync) and stopping
-    first if the loss has been non-finite since the last check."""
+    first if the loss has been non-finite since the last check (every process checks; only
+    the one that `write`s logs)."""
     _check_loss(m)
+    if not write:
+        return
     values = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in stats.values()])
     stats.update(zip(stats, values.tolist()))
     row = {
@@ -400,13 +459,21 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             "no training data given; pass --harvest cached_activations/<name>, or --model <name> "
             "to train live on the corpus"
         )
+    device, dist = _join(cfg)
+    source, held, eval_range = (_live if cfg.model else _cached)(cfg, device, progress, dist)
+    plans = _plans(cfg, source, _data_keys(source, held, eval_range))
+    return _locked(cfg, source, plans, device, progress, dist)
+
+
+def _join(cfg: TrainConfig) -> tuple[torch.device, Dist]:
+    """This process's device and place: under torchrun, its own GPU (LOCAL_RANK) in the
+    process group, with every check of the split done alike on every process."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    source, held, eval_range = (_live if cfg.model else _cached)(cfg, device, progress)
-    return _locked(
-        cfg, source, _plans(cfg, source, _data_keys(source, held, eval_range)), device, progress
-    )
+    device = local_device(resolve_device(cfg.device))
+    dist = init(device)
+    check_split(cfg.batch_size, dist)
+    return device, dist
 
 
 def train_on(source: ActivationSource, cfg: TrainConfig, progress: bool = True) -> Path:
@@ -414,13 +481,11 @@ def train_on(source: ActivationSource, cfg: TrainConfig, progress: bool = True) 
     cfg.harvest and cfg.model are ignored. Without a held-out harvest the run records no
     eval_range, so eval, the index and the app cannot open it; a live or cached `train` can.
     """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device, dist = _join(cfg)
     plans = _plans(
         dataclasses.replace(cfg, harvest="", model=""), source, _data_keys(source, None, None)
     )
-    return _locked(cfg, source, plans, device, progress)
+    return _locked(cfg, source, plans, device, progress, dist)
 
 
 def _locked(
@@ -429,21 +494,24 @@ def _locked(
     plans: list[tuple[Path, dict[str, Any]]],
     device: torch.device,
     progress: bool,
+    dist: Dist = SINGLE,
 ) -> Path:
     with contextlib.ExitStack() as locks:
-        for out, _ in plans:
-            locks.enter_context(writer_lock(out))
-        return _train(cfg, source, plans, device, progress)
+        on_main(dist, device, lambda: [locks.enter_context(writer_lock(o)) for o, _ in plans])
+        return _train(cfg, source, plans, device, progress, dist)
 
 
 def _cached(
-    cfg: TrainConfig, device: torch.device, progress: bool
+    cfg: TrainConfig, device: torch.device, progress: bool, dist: Dist = SINGLE
 ) -> tuple[StoreSource, ActivationStore, Range]:
     if cfg.hooks:
         raise UserError(
             "--hooks names the hook of live training (--model); pick a harvest's hook with --hook"
         )
-    store = ActivationStore(cfg.harvest, cfg.hook or None, verify=cfg.verify)
+    # Every process reads the same buffers, so rank 0's hashes vouch for all of them, and
+    # only it appends to the harvest's record of checked files.
+    verify = cfg.verify if dist.main else "off"
+    store = ActivationStore(cfg.harvest, cfg.hook or None, verify=verify)
     train_range, eval_range = split_ranges(store, cfg.eval_tokens)
     # On CUDA batches cross in their storage dtype (half the bytes) and become float32 there.
     dtype = StoreSource.storage_dtype(store) if device.type == "cuda" else torch.float32
@@ -481,7 +549,7 @@ def heldout_config(cfg: TrainConfig) -> HarvestConfig:
 
 
 def _live(
-    cfg: TrainConfig, device: torch.device, progress: bool
+    cfg: TrainConfig, device: torch.device, progress: bool, dist: Dist = SINGLE
 ) -> tuple[LiveSource, ActivationStore, Range]:
     from saelab.harvest import harvest, n_contexts_for
 
@@ -500,8 +568,10 @@ def _live(
         text_field=cfg.text_field, split=cfg.split, seed=cfg.seed, n_ctx=cfg.n_ctx,
         skip_contexts=n_contexts_for(hcfg), model_dtype=cfg.model_dtype,
         model_batch_size=cfg.model_batch_size, shuffle_buffer=cfg.shuffle_buffer, device=device,
+        dist=dist,
     )  # fmt: skip
-    held = ActivationStore(harvest(hcfg, progress=progress), hcfg.hooks[0])
+    # Every process takes its share of the held-out harvest (rank 0 writes its files).
+    held = ActivationStore(harvest(hcfg, progress=progress and dist.main, dist=dist), hcfg.hooks[0])
     return source, held, (0, held.n_tokens)
 
 
@@ -511,6 +581,7 @@ def _train(
     plans: list[tuple[Path, dict[str, Any]]],
     device: torch.device,
     progress: bool,
+    dist: Dist = SINGLE,
 ) -> Path:
     olds = [prepare_run_dir(out, plan) for out, plan in plans]
     todo = [(o, p, old) for (o, p), old in zip(plans, olds) if not (old and old.get("complete"))]
@@ -518,34 +589,50 @@ def _train(
     if not todo:
         log.info("%s is already trained; nothing to do", root)
         return root
+    resume = all(old and (o / CHECKPOINT).exists() for o, _, old in todo)
+    dist.barrier()  # every process has read the run folders before rank 0 writes to them
 
-    if all(old and (o / CHECKPOINT).exists() for o, _, old in todo):
+    if resume:
         # Every member resumes: its checkpoint holds b_dec and its cfg.json the scale, so the
         # sample (seconds of reading or model forwards) would only stall the start.
         scale, median = 1.0, torch.zeros(source.d_in, device=device)
     else:
-        scale, median = _init_scale_and_median(source, cfg, device)
-    members = [_make_member(o, p, old, scale, median, cfg, device) for o, p, old in todo]
+        scale, median = _init_scale_and_median(source, cfg, device, dist)
+    members = [_make_member(o, p, old, scale, median, cfg, device, dist) for o, p, old in todo]
+    if dist.main:
+        _open_members(members, cfg)
+    try:
+        _run(members, source, cfg, device, progress and dist.main, dist)
+    finally:
+        for m in members:
+            if m.logf is not None:
+                m.logf.close()
+            if m.wandb is not None:
+                m.wandb.finish()
+    for m in members:
+        _check_finite(m)
+    # Also the barrier that keeps every process until the run is on disk.
+    on_main(dist, device, lambda: _finish(members, source, cfg))
+    return root
+
+
+def _finish(members: list[Member], source: ActivationSource, cfg: TrainConfig) -> None:
+    """The final checkpoints and weights (rank 0), once the data is confirmed."""
+    source.confirm_pending()
+    for m in members:
+        save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
+        dead = int((m.since_fired >= cfg.dead_tokens).sum())
+        m.sae.save(m.out, {**m.plan, "complete": True, "dead_latents": dead})
+
+
+def _open_members(members: list[Member], cfg: TrainConfig) -> None:
+    """The files a run writes while it trains (rank 0's alone)."""
     for m in members:
         m.out.mkdir(parents=True, exist_ok=True)
         m.sae.save(m.out, {**m.plan, "complete": False})
         trim_log(m.out / LOG, m.step)
-        m.logf = open(m.out / LOG, "a")  # noqa: SIM115 - closed in _finish
+        m.logf = open(m.out / LOG, "a")  # noqa: SIM115 - closed in _train
         m.wandb = _wandb_init(cfg, m.out, m.plan)
-    try:
-        _run(members, source, cfg, device, progress)
-    finally:
-        for m in members:
-            m.logf.close()
-            if m.wandb is not None:
-                m.wandb.finish()
-    source.confirm_pending()
-    for m in members:
-        _check_finite(m)
-        save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
-        dead = int((m.since_fired >= cfg.dead_tokens).sum())
-        m.sae.save(m.out, {**m.plan, "complete": True, "dead_latents": dead})
-    return root
 
 
 def _run(
@@ -554,12 +641,17 @@ def _run(
     cfg: TrainConfig,
     device: torch.device,
     progress: bool,
+    dist: Dist = SINGLE,
 ) -> None:
     n_steps = members[0].plan["n_steps"]
     start = min(m.step for m in members)
     grads = any(m.spec.needs_grads for m in members)
     stream = source.batches(
-        cfg.batch_size, seed=cfg.seed, start_row=start * cfg.batch_size, grads=grads
+        cfg.batch_size,
+        seed=cfg.seed,
+        start_row=start * cfg.batch_size,
+        grads=grads,
+        part=(dist.rank, dist.world),
     )
     feed = _DeviceFeed(device)
     name = members[0].out.name if len(members) == 1 else f"sweep of {len(members)}"
@@ -585,24 +677,34 @@ def _run(
                 for group in m.opt.param_groups:
                     group["lr"] = lr_at(m.step, n_steps, m.plan["lr"], cfg)
                 xs = x * m.sae.input_scale
-                stats = _train_step(m, xs, g if m.spec.needs_grads else None, cfg)
+                stats = _train_step(m, xs, g if m.spec.needs_grads else None, cfg, dist)
                 if m.step % cfg.log_every == 0 or m.step == n_steps:
-                    _log_step(m, stats, cfg, rate)
-                    if len(members) == 1:
+                    _log_step(m, stats, cfg, rate, write=dist.main)
+                    if len(members) == 1 and dist.main:
                         bar.set_postfix(
                             fvu=f"{stats['fvu']:.3f}",
                             dead=f"{stats['dead_frac']:.1%}",
                             tok_s=f"{rate:,.0f}",
                         )
                 if cfg.checkpoint_every and m.step % cfg.checkpoint_every == 0:
-                    _check_finite(m)
-                    source.confirm_pending()
-                    save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
+                    _checkpoint(m, source, dist)
             step += 1
             bar.update(1)
     finally:
         bar.close()
         stream.close()
+
+
+def _checkpoint(m: Member, source: ActivationSource, dist: Dist) -> None:
+    """Check (on every process) and write (on rank 0, which alone verifies a harvest's
+    checksums: its UserError reaches every process) a checkpoint of m."""
+    _check_finite(m)
+
+    def write() -> None:
+        source.confirm_pending()
+        save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
+
+    on_main(dist, m.sae.W_dec.device, write)
 
 
 class _DeviceFeed:

@@ -126,6 +126,15 @@ def test_array_start_row_yields_the_rest_of_the_stream(start_row):
     assert torch.equal(rest, full[start_row : start_row + 160])
 
 
+@pytest.mark.parametrize("start_row", [0, 37])
+def test_array_parts_are_slices_of_each_batch(start_row):
+    src = ArraySource(torch.randn(600, 4), tokens_per_context=6, shuffle_buffer=100)
+    full = _take(src.batches(16, seed=5, start_row=start_row), 50)
+    for r in range(4):
+        mine = _take(src.batches(16, seed=5, start_row=start_row, part=(r, 4)), 50)
+        assert all(torch.equal(a[0], b[0][4 * r : 4 * r + 4]) for a, b in zip(mine, full))
+
+
 def test_array_files_read_like_the_array(tmp_path):
     acts, grads = torch.randn(90, 6), torch.randn(90, 6)
     np.save(tmp_path / "a.npy", acts.numpy())

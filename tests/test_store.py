@@ -605,3 +605,17 @@ def test_unwritable_folder_remembers_in_process(harvest, hashes, monkeypatch, ca
         _read_all(s)
     assert len(hashes) == 5 and not (harvest / shards.CHECKED).exists()
     assert len([r for r in caplog.records if "cannot record checksums" in r.message]) == 1
+
+
+@pytest.mark.parametrize("start", [0, 13, 190])
+def test_parts_are_slices_of_each_batch(harvest: Path, start: int):
+    """Data parallelism: process r of 3 gets rows [4r, 4r + 4) of each batch of 12, across
+    buffer and epoch edges, from any start row; a split that is not even is refused."""
+    s = ActivationStore(harvest)
+    full = take_rows(s.batches(12, seed=3, start_row=start, **SMALL), 40)
+    for r in range(3):
+        mine = take_rows(s.batches(12, seed=3, start_row=start, part=(r, 3), **SMALL), 40)
+        for got, whole in zip(mine, full):
+            np.testing.assert_array_equal(got, whole[4 * r : 4 * r + 4])
+    with pytest.raises(UserError, match="divisible"):
+        s.batches(10, part=(0, 3))
