@@ -38,6 +38,7 @@ ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 (`saelab.models.resolve_model_dtype`)."""
 Precision = Literal["fp32", "tf32", "bf16"]
 Verify = Literal["full", "first-read", "off"]
+Parallel = Literal["data", "latent"]
 Arch = Literal[
     "topk", "gradient_topk", "feature_choice", "mutual_choice", "matching_pursuit", "jumprelu"
 ]
@@ -223,6 +224,11 @@ class TrainConfig:
     precision: Precision = "fp32"
     """SAE compute: 'fp32', 'tf32' (CUDA tensor cores at ~fp32 range) or 'bf16' (matmuls in
     bfloat16; weights, Adam state, losses and metrics stay float32)."""
+
+    parallel: Parallel = "data"
+    """Under torchrun, how the processes share the work: 'data' (each takes its slice of every
+    batch and holds the whole SAE) or 'latent' (each holds 1/N of the latents and sees every
+    batch whole, for dictionaries too big for one GPU; topk and gradient_topk)."""
 
     verify: Verify = "first-read"
     """Shard checksums: 'first-read' hashes each shard once and remembers it in the harvest

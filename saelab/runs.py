@@ -272,6 +272,7 @@ _RUNTIME_ONLY = {
     "wandb_mode",
     "checkpoint_every",
     "log_every",
+    "parallel",  # how processes share the work, not what they train
 }
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from saelab import __version__, kernels
+from saelab import __version__, kernels, latent_parallel
 from saelab.archs import (
     ARCHS,
     TRAINABLE,
@@ -132,6 +132,9 @@ class Member:
     """[d_sae] EMA of each latent's firing frequency per token."""
     logf: Any = None
     wandb: Any = None
+    latents: Dist = field(default_factory=lambda: SINGLE)
+    """The processes this SAE's latents are split over (`saelab.latent_parallel`); SINGLE:
+    this process holds them all."""
     diverged_at: torch.Tensor = field(default_factory=lambda: torch.full((), -1))
     """The first step whose loss was non-finite (−1: none), kept on the device and read only
     when a log line or a checkpoint is written."""
@@ -275,7 +278,10 @@ def _train_step(
     m.diverged_at for `_log_step` and `_check_finite` to act on.
 
     Under data parallelism x is this process's slice of the global batch; the losses,
-    gradients, counters and stats are the global batch's (`saelab.data_parallel`)."""
+    gradients, counters and stats are the global batch's (`saelab.data_parallel`); with
+    its latents split, x is the whole batch and `saelab.latent_parallel` takes the step."""
+    if m.latents.active:
+        return latent_parallel.train_step(m, x, cfg, m.latents, grad)
     sae = m.sae
     dead = m.since_fired >= cfg.dead_tokens
     weights = None
@@ -370,28 +376,39 @@ def _make_member(
     dist: Dist = SINGLE,
 ) -> Member:
     s = SAEConfig(**plan["train"]["sae"])
+    split = cfg.parallel == "latent" and dist.active
+    # A latent-split SAE starts whole on the host (seeded alike on every process) and each
+    # process keeps its rows on its device.
+    home = torch.device("cpu") if split else device
     torch.manual_seed(cfg.seed)
     if old:  # the scale is part of the run: keep the one it was trained with
         scale = float(old["input_scale"])
-    sae = SparseCoder(median.shape[0], s.d_sae, s.k, s.arch, scale, device, beta=s.beta)
+    sae = SparseCoder(median.shape[0], s.d_sae, s.k, s.arch, scale, home, beta=s.beta)
     sae.compute_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     with torch.no_grad():
         sae.b_dec.copy_(median)
     params = [p for p in sae.parameters() if p.requires_grad]
     opt = torch.optim.Adam(
-        params, lr=plan["lr"], betas=cfg.betas, fused=device.type in ("cpu", "cuda")
+        params, lr=plan["lr"], betas=cfg.betas, fused=home.type in ("cpu", "cuda")
     )
     m = Member(out, plan, sae, opt)
-    m.since_fired = torch.zeros(s.d_sae, dtype=torch.int64, device=device)
-    m.freq = torch.zeros(s.d_sae, dtype=torch.float32, device=device)
-    m.diverged_at = torch.full((), -1, dtype=torch.int64, device=device)
-    if (out / CHECKPOINT).exists():
+    m.since_fired = torch.zeros(s.d_sae, dtype=torch.int64, device=home)
+    m.freq = torch.zeros(s.d_sae, dtype=torch.float32, device=home)
+    m.diverged_at = torch.full((), -1, dtype=torch.int64, device=home)
+    resume = (out / CHECKPOINT).exists()
+    if split:
+        m = latent_parallel.shard_member(m, dist, device)
+        m.latents = dist
+        if resume:  # each process reads its own latents' rows
+            latent_parallel.load_checkpoint(out / CHECKPOINT, m, dist)
+    elif resume:
         m.step, counters = load_checkpoint(out / CHECKPOINT, sae, opt, device)
         m.since_fired.copy_(counters["since_fired"])
         m.freq.copy_(counters["freq"])
-        log.info("resuming %s from step %d", out, m.step)
     else:  # seeded alike everywhere; the broadcast rules out any kernel difference
         broadcast_tensors_(dist, [p.data for p in sae.parameters()])
+    if resume:
+        log.info("resuming %s from step %d", out, m.step)
     return m
 
 
@@ -413,6 +430,10 @@ def _check_finite(m: Member) -> None:
     """Refuse to write non-finite weights: stop on a non-finite loss seen since the last
     check, or on weights a step overflowed with a finite loss."""
     _check_loss(m)
+    if m.latents.active:
+        if not latent_parallel.weights_finite(m, m.latents):
+            raise _diverged(m, "a weight is no longer finite")
+        return
     finite = torch.stack([torch.isfinite(p).all() for _, p in m.sae.named_parameters()])
     if not bool(finite.all()):
         name = [n for n, _ in m.sae.named_parameters()][int(finite.to(torch.uint8).argmin())]
@@ -472,7 +493,12 @@ def _join(cfg: TrainConfig) -> tuple[torch.device, Dist]:
         torch.set_num_threads(cfg.threads)
     device = local_device(resolve_device(cfg.device))
     dist = init(device)
-    check_split(cfg.batch_size, dist)
+    if cfg.parallel == "data":
+        check_split(cfg.batch_size, dist)
+    else:
+        for s in cfg.sweep or [cfg.sae]:
+            aux = ARCHS[s.arch].aux if s.aux == "default" and s.arch in ARCHS else s.aux
+            latent_parallel.check(s.arch, s.d_sae, s.k, dist.world, aux)
     return device, dist
 
 
@@ -611,8 +637,12 @@ def _train(
                 m.wandb.finish()
     for m in members:
         _check_finite(m)
+    # Latent-split members whole on rank 0 (a collective), as one process would hold them.
+    whole = [
+        latent_parallel.gather_member(m, m.latents) if m.latents.active else m for m in members
+    ]
     # Also the barrier that keeps every process until the run is on disk.
-    on_main(dist, device, lambda: _finish(members, source, cfg))
+    on_main(dist, device, lambda: _finish([m for m in whole if m is not None], source, cfg))
     return root
 
 
@@ -651,7 +681,8 @@ def _run(
         seed=cfg.seed,
         start_row=start * cfg.batch_size,
         grads=grads,
-        part=(dist.rank, dist.world),
+        # latent-parallel: every process sees every batch whole
+        part=(dist.rank, dist.world) if cfg.parallel == "data" else (0, 1),
     )
     feed = _DeviceFeed(device)
     name = members[0].out.name if len(members) == 1 else f"sweep of {len(members)}"
@@ -697,14 +728,20 @@ def _run(
 
 def _checkpoint(m: Member, source: ActivationSource, dist: Dist) -> None:
     """Check (on every process) and write (on rank 0, which alone verifies a harvest's
-    checksums: its UserError reaches every process) a checkpoint of m."""
+    checksums: its UserError reaches every process) a checkpoint of m; a latent-split m is
+    gathered for it, into the file one process would write."""
     _check_finite(m)
+    device = m.sae.W_dec.device
+    if m.latents.active:
+        on_main(dist, device, source.confirm_pending)
+        latent_parallel.save_checkpoint(m.out / CHECKPOINT, m, m.latents)
+        return
 
     def write() -> None:
         source.confirm_pending()
         save_checkpoint(m.out / CHECKPOINT, m.sae, m.opt, m.step, m.counters())
 
-    on_main(dist, m.sae.W_dec.device, write)
+    on_main(dist, device, write)
 
 
 class _DeviceFeed:

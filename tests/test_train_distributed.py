@@ -166,6 +166,26 @@ def _kill_and_resume(harvest: Path, root: Path) -> None:
     train(_cfg(harvest, root / "r1", **short), progress=False)
 
 
+LATENT = dict(
+    parallel="latent", sweep=[SAEConfig("topk", 64, 4), SAEConfig("gradient_topk", 64, 4)]
+)
+"""Latent-parallel training's rules, with latents dead from step 4 on, so AuxK runs."""
+
+
+def _train_latent(harvest: Path, root: Path) -> None:
+    """At 2 ranks, each holding 32 of the 64 latents: an uninterrupted run, and a run killed
+    after its checkpoint at step 10 and resumed."""
+    _rank()
+    train(_cfg(harvest, root / "lp", **LATENT), progress=False)
+    real = _dying_at(12)
+    try:
+        train(_cfg(harvest, root / "lpcut", **LATENT), progress=False)
+    except _Interrupt:
+        pass
+    ActivationStore.batches = real  # type: ignore[method-assign]
+    train(_cfg(harvest, root / "lpcut", **LATENT), progress=False)
+
+
 def _bad_batch(harvest: Path, out: Path, report: Path) -> None:
     code = main(["train", "--harvest", str(harvest), "--out", str(out), "--batch_size", "63",
                  "--eval_tokens", "310", "--sae.d_sae", "64", "--device", "cpu"])  # fmt: skip
@@ -206,6 +226,17 @@ def test_kill_and_resume_across_world_sizes(harvest, tmp_path, run_ranks):
     _assert_same_runs(tmp_path / "r2full", tmp_path / "r2cut", atol=0)
     for resumed in ("r1", "r2half"):
         _assert_same_runs(full, tmp_path / resumed, ATOL)
+
+
+def test_latent_parallel_two_ranks_equal_one(harvest, tmp_path, run_ranks):
+    """The trainer with --parallel latent at 2 ranks trains what one process trains, and
+    writes the same files (weights, checkpoint, log); killed and resumed, it ends bitwise
+    equal to its uninterrupted run."""
+    run_ranks(_train_latent, 2, harvest, tmp_path)
+    one = train(_cfg(harvest, tmp_path / "one", **LATENT), progress=False)
+    _assert_same_runs(one, tmp_path / "lp", ATOL)
+    _assert_same_runs(tmp_path / "lp", tmp_path / "lpcut", atol=0)
+    assert any(r["aux"] > 0 for r in _log(tmp_path / "lp" / "topk-64-k4"))
 
 
 def test_bad_batch_size_exits_2_on_every_rank(harvest, tmp_path, run_ranks):
