@@ -210,14 +210,14 @@ def test_a_read_only_folder(harvest, tmp_path, monkeypatch, capsys):
 
 
 def test_a_full_disk_mid_harvest_then_resume(tmp_path, monkeypatch, capsys):
-    write = H.write_shard
+    write = H.write_shard_files
 
     def full_on_second_shard(out, meta, index, *args):
         if index == 1:  # like a failed write() on a full disk: the OS names no file
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return write(out, meta, index, *args)
 
-    monkeypatch.setattr(H, "write_shard", full_on_second_shard)
+    monkeypatch.setattr(H, "write_shard_files", full_on_second_shard)
     argv = ["harvest", *HARVEST, "--out", str(tmp_path / "h")]
     assert main(argv) == 2
     msg = error_line(capsys, "harvest")
