@@ -45,7 +45,7 @@ from saelab.trainer import Member, _make_member, _train_step  # noqa: E402
 
 SHAPES = "512,4096,32;512,16384,32"
 DEAD_FOREVER = 10**9
-KINDS = ("all_reduce", "all_gather", "broadcast")
+KINDS = ("all_reduce", "all_gather")  # the table's columns; a broadcast still fails the check
 
 
 def predicted(
@@ -183,7 +183,7 @@ def run_world(world: int, args: argparse.Namespace) -> list[dict]:
 
 
 def _mb(sent: dict[str, int]) -> str:
-    return " ".join(f"{sent.get(k, 0) / 1e6:9.3f}" for k in KINDS[:2])
+    return " ".join(f"{sent.get(k, 0) / 1e6:9.3f}" for k in KINDS)
 
 
 def report(rows: list[dict], batch: int) -> bool:
