@@ -35,18 +35,19 @@ from saelab.trainer import train
 EVAL_TOKENS = 100_000 // 127 * 127 + 127
 
 
-def harvest_dir(tokens: int, d_in: int, grads: bool = False) -> Path:
+def harvest_dir(tokens: int, d_in: int, grads: bool = False, mean_offset: float = 0.0) -> Path:
     """The synthetic harvest of these benchmarks (with stand-in gradients for gradient_topk
-    when `grads`), written once."""
+    when `grads`, every token shifted by a vector of norm `mean_offset`), written once."""
     root = Path(os.environ.get("SAELAB_BENCH_DIR", "/tmp/saelab-bench"))
-    path = root / f"synthetic-{'grads-' if grads else ''}d{d_in}-{tokens}"
+    offset = f"offset{mean_offset:g}-" if mean_offset else ""
+    path = root / f"synthetic-{'grads-' if grads else ''}{offset}d{d_in}-{tokens}"
     if (
         not (path / "meta.json").exists()
         or not json.loads((path / "meta.json").read_text())["complete"]
     ):
         shutil.rmtree(path, ignore_errors=True)
         t = time.perf_counter()
-        data = SyntheticData(d_in=d_in)
+        data = SyntheticData(d_in=d_in, mean_offset=mean_offset)
         write_harvest(path, data, tokens + EVAL_TOKENS, dtype="float16", grads=grads)
         print(f"wrote synthetic harvest {path} in {time.perf_counter() - t:.0f} s")
     return path

@@ -35,13 +35,15 @@ UserError naming it, with the repair hint `shards.REPAIR`.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import os
 import queue
 import sys
 import threading
-from collections.abc import Iterator
-from concurrent.futures import Future
+from collections import deque
+from collections.abc import Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -570,7 +572,8 @@ class _BatchPool:
     Fresh 10 MB allocations are page-faulted on first touch, which costs more than the
     fp16->fp32 conversion itself (measured: ~0.6 vs ~3 GB/s on 2 cores). A pooled array is
     free when only the pool refers to it: ``torch.from_numpy`` keeps the array alive for as
-    long as any tensor shares its storage.
+    long as any tensor shares its storage. The free array used last is handed out first: when
+    the consumer keeps up, the same few arrays cycle and stay in cache.
     """
 
     def __init__(self, rows: int, d_in: int, dtype: torch.dtype, size: int) -> None:
@@ -579,7 +582,7 @@ class _BatchPool:
         self._arrays: list[np.ndarray] = []
 
     def take(self) -> torch.Tensor:
-        for i in range(len(self._arrays)):
+        for i in reversed(range(len(self._arrays))):
             if sys.getrefcount(self._arrays[i]) == 2:  # the list and getrefcount's argument
                 arr = self._arrays.pop(i)
                 break
@@ -602,12 +605,15 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
 
 
 def _produce(store: ActivationStore, spec: _StreamSpec, q: queue.Queue, stop: threading.Event):
+    batches = _batches(store, spec, stop)
     try:
-        for batch in _batches(store, spec, stop):
+        for batch in batches:
             if not _put(q, batch, stop):
                 return
     except BaseException as exc:
         _put(q, exc, stop)
+    finally:
+        batches.close()  # its readers stop now, not when the generator is collected
 
 
 def _prequeue_hashes(store: ActivationStore, spec: _StreamSpec, plan: list[np.ndarray]) -> None:
@@ -623,71 +629,161 @@ def _prequeue_hashes(store: ActivationStore, spec: _StreamSpec, plan: list[np.nd
             store._confirm(kind, i, wait="ahead")
 
 
-def _batches(store: ActivationStore, spec: _StreamSpec, stop: threading.Event) -> Iterator[Batch]:
-    """Producer side: exact batches, straddling buffer and epoch edges."""
+_READERS = 2
+"""Threads that fill buffers and gather batches: one core's memcpy from the page cache and
+one's gather and conversion run at once, and either takes the other's work when it is done."""
+
+_AHEAD = 2 * _READERS
+"""Batches on the readers at once, beyond the finished ones in the queue."""
+
+_SCRATCH_BYTES = 1 << 19
+"""A gathered piece of a batch before its conversion: small enough to stay in L2."""
+
+_local = threading.local()
+
+
+def _serial_torch() -> None:
+    """Run this thread's torch ops on itself, never on torch's intra-op pool.
+
+    Whole-batch ops on a 2-thread pool wait at every join for a core that another process or
+    the other reader holds: on a busy 2-core machine gathering and converting a buffer took
+    1.2-1.6 s on the pool and 0.34 s on one thread (0.14 s when idle). The readers run side by
+    side instead, each on one core.
+
+    NOTE: ``torch.set_num_threads(1)`` cannot do this: it also sets the count every thread
+    that has not run a parallel op yet starts from, the trainer's included. OpenMP's limit
+    is per thread, so it is set on the runtime torch loaded (only if loaded: RTLD_NOLOAD).
+    Without one (another threading backend) this does nothing and the ops use the pool:
+    same batches, slower on a busy machine. Way out: a per-thread setting in torch.
+    """
+    torch.get_num_threads()  # torch copies its count into a new thread on first use: before ours
+    mode = getattr(os, "RTLD_NOLOAD", None)
+    if mode is None:
+        return
+    for name in ("libgomp.so.1", "libiomp5.so", "libomp.so", "libomp.dylib"):
+        try:
+            ctypes.CDLL(name, mode=mode | os.RTLD_LAZY).omp_set_num_threads(1)
+            return
+        except (OSError, AttributeError):
+            continue
+
+
+def _buffer_plan(
+    store: ActivationStore, spec: _StreamSpec
+) -> Iterator[tuple[int, int, np.ndarray, int]]:
+    """(epoch, buffer, its chunks, rows of it to skip) of every buffer from ``start_row`` on."""
     epoch, skip = divmod(spec.start_row, spec.hi - spec.lo)
-    shape = (spec.chunk_rows * spec.chunks_per_buffer, store.d_in)
-    # Reused across buffers: fresh 100 MB+ allocations cost more in page faults than the copy.
-    raw = [np.empty(shape, store._np_dtype) for _ in spec.kinds]
-    shuffled = [to_torch(np.empty(shape, store._np_dtype), store.storage_dtype) for _ in raw]
-    part = PartOfBatches(spec.batch_size, spec.part)
-    pool = _BatchPool(part.local, store.d_in, spec.dtype, _queue_batches(spec) + 4)
-    out = [pool.take() for _ in spec.kinds]
-    have = 0
-    while not stop.is_set():
-        for rows in _shuffled_buffers(store, spec, epoch, skip, raw, shuffled, part):
-            at = 0
-            while at < rows:
-                take = min(part.local - have, rows - at)
-                for dst, src in zip(out, shuffled):
-                    dst[have : have + take].copy_(src[at : at + take])
-                have, at = have + take, at + take
-                if have == part.local:
-                    yield out[0] if len(out) == 1 else (out[0], out[1])
-                    out, have = [pool.take() for _ in spec.kinds], 0
+    first_epoch = epoch
+    while True:
+        plan = _epoch_plan(
+            spec.lo, spec.hi, spec.seed, epoch, spec.chunk_rows, spec.chunks_per_buffer
+        )
+        if epoch == first_epoch:
+            _prequeue_hashes(store, spec, plan)
+        ends = np.cumsum([int((c[:, 1] - c[:, 0]).sum()) for c in plan])
+        first = int(np.searchsorted(ends, skip, side="right"))
+        for b in range(first, len(plan)):
+            yield epoch, b, plan[b], (skip - (int(ends[b - 1]) if b else 0) if b == first else 0)
         epoch, skip = epoch + 1, 0
 
 
-def _shuffled_buffers(
-    store: ActivationStore,
-    spec: _StreamSpec,
-    epoch: int,
-    skip: int,
-    raw: list[np.ndarray],
-    shuffled: list[torch.Tensor],
-    part: PartOfBatches,
-) -> Iterator[int]:
-    """Fill ``shuffled`` with each buffer of the epoch from row ``skip`` on (only ``part``'s
-    rows of it); yields their count."""
-    plan = _epoch_plan(spec.lo, spec.hi, spec.seed, epoch, spec.chunk_rows, spec.chunks_per_buffer)
-    if epoch == spec.start_row // (spec.hi - spec.lo):
-        _prequeue_hashes(store, spec, plan)
-    ends = np.cumsum([int((c[:, 1] - c[:, 0]).sum()) for c in plan])
-    first = int(np.searchsorted(ends, skip, side="right"))
-    for b in range(first, len(plan)):
-        rows, touched = _fill_buffer(store, spec, plan[b], raw)
-        offset = skip - (int(ends[b - 1]) if b else 0) if b == first else 0
-        perm = _buffer_perm(spec.seed, epoch, b, rows)[offset:]
-        mine = part.take(len(perm))
-        perm = torch.from_numpy(perm if mine is None else perm[mine])
-        for src, dst in zip(raw, shuffled):
-            torch.index_select(to_torch(src[:rows], store.storage_dtype), 0, perm,
-                               out=dst[: len(perm)])  # fmt: skip
-        for i in sorted(touched):  # shuffled before waiting: the hashes overlap the work
-            for kind in spec.kinds:
-                store._confirm(kind, i, wait="thread")
-        yield len(perm)
+def _batches(
+    store: ActivationStore, spec: _StreamSpec, stop: threading.Event
+) -> Generator[Batch, None, None]:
+    """Producer side: exact batches, straddling buffer and epoch edges.
+
+    The work runs as jobs on `_READERS` threads, in the order it is submitted: each buffer is
+    read from the memmaps chunk by chunk into one of two slots, then each batch's rows are
+    gathered from the slot and converted straight into pooled batch memory. A job first waits
+    for the jobs it depends on (a gather for its buffer's reads, a read for the gathers still
+    using the slot it overwrites), all submitted before it, so the readers never deadlock.
+    """
+    shape = (spec.chunk_rows * spec.chunks_per_buffer, store.d_in)
+    slots = [[np.empty(shape, store._np_dtype) for _ in spec.kinds] for _ in range(2)]
+    part = PartOfBatches(spec.batch_size, spec.part)  # this process's rows of each batch
+    pool = _BatchPool(part.local, store.d_in, spec.dtype, _queue_batches(spec) + _AHEAD + 4)
+    readers = ThreadPoolExecutor(_READERS, "saelab-read", initializer=_serial_torch)
+    ahead: deque[tuple[list[torch.Tensor], list[Future], set[int]]] = deque()
+    users: list[list[Future]] = [[], []]  # the gathers that read each slot
+    out, jobs, shards, have = [pool.take() for _ in spec.kinds], [], set(), 0
+    try:
+        for n, (epoch, b, chunks, skip) in enumerate(_buffer_plan(store, spec)):
+            raw = slots[n % 2]
+            reads, rows = _submit_reads(readers, store, spec, chunks, raw, users[n % 2])
+            users[n % 2] = []
+            perm = _buffer_perm(spec.seed, epoch, b, rows)[skip:]
+            mine = part.take(len(perm))
+            perm = torch.from_numpy(perm if mine is None else perm[mine])
+            src = [to_torch(r[:rows], store.storage_dtype) for r in raw]
+            touched = {i for a, z in chunks for i, _, _ in store._pieces(int(a), int(z))}
+            at = 0
+            while at < len(perm):
+                take = min(part.local - have, len(perm) - at)
+                dst = [o[have : have + take] for o in out]
+                job = readers.submit(_gather, src, perm[at : at + take], dst, reads)
+                users[n % 2].append(job)
+                jobs.append(job)
+                shards |= touched
+                have, at = have + take, at + take
+                if have == part.local:
+                    ahead.append((out, jobs, shards))
+                    out, jobs, shards, have = [pool.take() for _ in spec.kinds], [], set(), 0
+                    while len(ahead) > _AHEAD:
+                        yield _finished(store, spec, *ahead.popleft())
+                    if stop.is_set():
+                        return
+    finally:
+        readers.shutdown(wait=True, cancel_futures=True)
 
 
-def _fill_buffer(
-    store: ActivationStore, spec: _StreamSpec, chunks: np.ndarray, bufs: list[np.ndarray]
-) -> tuple[int, set[int]]:
-    """Read a buffer's chunks into ``bufs``; returns its rows and the shards it touched."""
-    touched: set[int] = set()
-    at = 0
+def _finished(
+    store: ActivationStore, spec: _StreamSpec, out: list[torch.Tensor], jobs: list[Future],
+    shards: set[int],
+) -> Batch:  # fmt: skip
+    """The batch once its gathers are done and the shards it came from are confirmed."""
+    for job in jobs:
+        job.result()
+    for i in sorted(shards):
+        for kind in spec.kinds:
+            store._confirm(kind, i, wait="thread")
+    return out[0] if len(out) == 1 else (out[0], out[1])
+
+
+def _submit_reads(
+    readers: ThreadPoolExecutor, store: ActivationStore, spec: _StreamSpec, chunks: np.ndarray,
+    raw: list[np.ndarray], users: list[Future],
+) -> tuple[list[Future], int]:  # fmt: skip
+    """One job per chunk, copying it into ``raw``; the jobs and the buffer's rows."""
+    reads, at = [], 0
     for a, b in chunks:
         a, b = int(a), int(b)
-        for kind, buf in zip(spec.kinds, bufs):
-            touched |= store._copy_rows(kind, a, b, buf[at : at + b - a])
+        for kind, buf in zip(spec.kinds, raw):
+            reads.append(readers.submit(_read, store, kind, a, b, buf[at : at + b - a], users))
         at += b - a
-    return at, touched
+    return reads, at
+
+
+def _read(store: ActivationStore, kind: str, a: int, b: int, out: np.ndarray, after: list[Future]):
+    for job in after:
+        job.result()
+    store._copy_rows(kind, a, b, out)
+
+
+def _gather(
+    src: list[torch.Tensor], index: torch.Tensor, dst: list[torch.Tensor], after: list[Future]
+) -> None:
+    """``dst[j] = src[index[j]]``, converted to dst's dtype through a per-thread scratch."""
+    for job in after:
+        job.result()
+    for s, d in zip(src, dst):
+        if s.dtype == d.dtype:
+            torch.index_select(s, 0, index, out=d)
+            continue
+        step = max(1, _SCRATCH_BYTES // (s.shape[1] * s.element_size()))
+        scratch = getattr(_local, "scratch", None)
+        if scratch is None or scratch.dtype != s.dtype or scratch.shape != (step, s.shape[1]):
+            scratch = _local.scratch = torch.empty(step, s.shape[1], dtype=s.dtype)
+        for j in range(0, len(index), step):
+            m = min(step, len(index) - j)
+            torch.index_select(s, 0, index[j : j + m], out=scratch[:m])
+            d[j : j + m].copy_(scratch[:m])

@@ -42,10 +42,16 @@ class SyntheticData:
     seed: int = 0
     """Seed for the dictionary and the stream."""
 
+    mean_offset: float = 0.0
+    """Norm of one fixed random vector added to every token: real residual streams sit
+    far from the origin, which a centred synthetic stream never tests."""
+
     def __post_init__(self) -> None:
         g = torch.Generator().manual_seed(self.seed)
         d = torch.randn(self.n_features, self.d_in, generator=g)
         self.dictionary = d / d.norm(dim=1, keepdim=True)
+        o = torch.randn(self.d_in, generator=g)  # drawn after the dictionary: it is unchanged
+        self.offset = o / o.norm() * self.mean_offset
         p = torch.arange(1, self.n_features + 1, dtype=torch.float64) ** -self.zipf_exponent
         self.probs = (p / p.sum()).float()
 
@@ -60,7 +66,7 @@ class SyntheticData:
             idx.view(n, k_max), self.dictionary, per_sample_weights=mags, mode="sum"
         )
         sigma = self.noise * (self.k_true / self.d_in) ** 0.5
-        return x + sigma * torch.randn(n, self.d_in, generator=generator)
+        return x + sigma * torch.randn(n, self.d_in, generator=generator) + self.offset
 
     def stream(self, n_tokens: int, chunk: int = 16384, offset_seed: int = 1):
         """Yield [≤chunk, d_in] blocks, n_tokens in all, deterministic in (seed, offset_seed)."""

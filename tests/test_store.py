@@ -326,6 +326,83 @@ def test_batch_memory_recycled_only_when_dropped(harvest: Path):
     torch.testing.assert_close(kept_view, expect[:, :3], rtol=0, atol=0)
 
 
+def planned_rows(lo: int, hi: int, seed: int, chunk_rows: int, shuffle_buffer: int, n: int):
+    """The stream's first n rows straight from the plan: each buffer's chunks in plan order,
+    their rows concatenated and permuted by the buffer's permutation."""
+    chunk_rows = min(chunk_rows, shuffle_buffer)
+    out, epoch = [], 0
+    while sum(map(len, out)) < n:
+        plan = store_module._epoch_plan(
+            lo, hi, seed, epoch, chunk_rows, max(1, shuffle_buffer // chunk_rows)
+        )
+        for b, chunks in enumerate(plan):
+            rows = np.concatenate([np.arange(a, z) for a, z in chunks])
+            out.append(rows[store_module._buffer_perm(seed, epoch, b, len(rows))])
+        epoch += 1
+    return np.concatenate(out)[:n]
+
+
+@pytest.mark.parametrize(
+    "batch, chunk_rows, shuffle_buffer",
+    [(25, 8, 32), (100, 8, 8), (7, 5, 20), (64, 16, 64), (400, 4, 12)],
+    ids=["in-buffer", "batch-13-buffers", "ragged", "batch-is-buffer", "batch-over-epochs"],
+)
+def test_stream_follows_the_plan_row_for_row(tmp_path: Path, batch, chunk_rows, shuffle_buffer):
+    # Batches that span many buffers reuse each buffer slot within one batch: the reads into
+    # a slot must wait for every gather from it.
+    s = ActivationStore(make_harvest(tmp_path, grads=True))
+    lo, hi, seed = 5, 190, 3
+    n_batches = 4 * (hi - lo) // batch + 1
+    stream = s.batches(batch, seed=seed, token_range=(lo, hi), grads=True,
+                       chunk_rows=chunk_rows, shuffle_buffer=shuffle_buffer)  # fmt: skip
+    acts, grads = zip(*(next(stream) for _ in range(n_batches)))
+    stream.close()
+    rows = np.concatenate([decode_rows(a) for a in acts])
+    np.testing.assert_array_equal(
+        rows, planned_rows(lo, hi, seed, chunk_rows, shuffle_buffer, n_batches * batch)
+    )
+    torch.testing.assert_close(torch.cat(grads), -torch.cat(acts), rtol=0, atol=0)
+
+
+def test_reader_threads_stop_with_the_stream(harvest: Path):
+    def readers() -> int:
+        return sum(t.name.startswith("saelab-read") for t in threading.enumerate())
+
+    s = ActivationStore(harvest)
+    before = readers()
+    stream = s.batches(4, **SMALL)
+    next(stream)
+    assert readers() > before
+    stream.close()
+    assert readers() == before
+
+
+@pytest.mark.skipif(
+    "OpenMP" not in torch.__config__.parallel_info(), reason="torch without OpenMP threads"
+)
+def test_readers_run_torch_serially_and_leave_other_threads_alone():
+    seen: dict[str, int] = {}
+
+    def reader() -> None:
+        store_module._serial_torch()
+        seen["reader"] = torch.get_num_threads()
+
+    def started_later() -> None:
+        seen["later"] = torch.get_num_threads()
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for target in (reader, started_later):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join()
+        assert seen == {"reader": 1, "later": 2}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_half_written_harvest_reads_listed_shards(harvest: Path):
     meta = shards.read_meta(harvest)
     _edit_meta(harvest, shards=meta["shards"][:2], n_tokens=80, complete=False)

@@ -8,7 +8,6 @@ instead of three. The decoder is an embedding-bag (Gao et al. 2024, arXiv 2406.0
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -23,18 +22,22 @@ def _scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n_out: int) ->
     """
     B, K = indices.shape
     if rows.device.type == "cpu" and rows.dtype == torch.bfloat16:
-        # MKL has no bf16 CSR product: accumulate in fp32 (more exact too), round once.
+        # Accumulated in fp32 (more exact), rounded once.
         return _scatter_rows(indices, weights, rows.float(), n_out).to(rows.dtype)
+    if rows.device.type == "cpu":
+        # Sᵀ as an uncoalesced COO matrix, as in _scatter_csr. Not the CSR S (K entries a
+        # row) and `S.t() @ rows`, which converts Sᵀ to CSR first, sorting all B·K entries:
+        # a TopK step at d_in 512, d_sae 4096, B 4096, k 32 on 2 threads took 1.6 s with
+        # it, 1.1 s with this.
+        bag = torch.arange(B, device=indices.device)[:, None].expand(B, K).reshape(-1)
+        St = torch.sparse_coo_tensor(
+            torch.stack([indices.reshape(-1), bag]),
+            weights.reshape(-1).to(rows.dtype),
+            (n_out, B),
+            check_invariants=False,
+        )
+        return torch.sparse.mm(St, rows)
     w = weights.to(rows.dtype)
-    if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
-        # A token-major CSR needs no sort (row b holds its K latents); MKL applies Sᵀ.
-        crow = torch.arange(0, B * K + 1, K, device=indices.device)
-        with warnings.catch_warnings():  # the fastest CPU path for grad W_enc; CSR is "beta"
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            S = torch.sparse_csr_tensor(
-                crow, indices.reshape(-1), w.reshape(-1), (B, n_out), check_invariants=False
-            )
-        return S.t() @ rows
     # One slot at a time: [B, D] of scratch, never a [B·K, D] copy of the rows (tens of
     # GB at d_in 2304 with AuxK).
     out = torch.zeros(n_out, rows.shape[1], dtype=rows.dtype, device=rows.device)
