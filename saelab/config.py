@@ -34,8 +34,8 @@ DEFAULT_HOOK = "blocks.6.hook_resid_post"
 
 Dtype = Literal["float16", "bfloat16", "float32"]
 ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
-"""The dtype a model runs in; 'auto' is bfloat16 on CUDA and float32 on CPU
-(`saelab.models.resolve_model_dtype`)."""
+"""The dtype a model runs in; 'auto' is bfloat16 on CUDA and on CPUs with bf16 instructions
+(AVX512-BF16, AMX), float32 on other CPUs (`saelab.models.resolve_model_dtype`)."""
 Precision = Literal["fp32", "tf32", "bf16"]
 Verify = Literal["full", "first-read", "off"]
 Parallel = Literal["data", "latent"]
@@ -84,7 +84,8 @@ class HarvestConfig:
     """Storage dtype of activations."""
 
     model_dtype: ModelDtype = "auto"
-    """dtype the model runs in: 'auto' is bfloat16 on CUDA, float32 on CPU."""
+    """dtype the model runs in: 'auto' is bfloat16 on CUDA and on CPUs with bf16 instructions
+    (AVX512-BF16, AMX), float32 on other CPUs."""
 
     grads: bool = False
     """Also store the gradient of the next-token loss with respect to each hooked activation
@@ -155,7 +156,8 @@ class TrainConfig:
     """Live training: context length in tokens, BOS included."""
 
     model_dtype: ModelDtype = "auto"
-    """Live training: dtype the model runs in; 'auto' is bfloat16 on CUDA, float32 on CPU."""
+    """Live training: dtype the model runs in; 'auto' as for harvest (bfloat16 on CUDA and on
+    CPUs with bf16 instructions, float32 on other CPUs)."""
 
     model_batch_size: Positive = 16
     """Live training: contexts per model forward."""

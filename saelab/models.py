@@ -80,12 +80,32 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_model_dtype(name: str, device: torch.device) -> torch.dtype:
-    """A model's dtype: 'auto' is bfloat16 on CUDA (tensor cores) and float32 on CPU."""
+    """A model's dtype: 'auto' is bfloat16 on CUDA (tensor cores) and on a CPU with bf16
+    instructions (`cpu_has_bf16`), float32 on other CPUs, where torch emulates bf16 and a bf16
+    forward would be slower than a float32 one."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+        return torch.bfloat16 if fast else torch.float32
     if name not in _DTYPES:
         raise UserError(f"model dtype '{name}' is not auto, float32, bfloat16 or float16")
     return _DTYPES[name]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16; AMX CPUs have them too).
+
+    There the demo's harvest forward ran 2.4x faster in bfloat16 than in float32 (interleaved,
+    2 threads), and the demo SAE trained on the bf16 harvest matched the float32 one within
+    error bars: held-out FVU 0.0796 vs 0.0800 (± 0.0019; two float32 seeds differ by 0.0008),
+    ΔCE 0.094 ± 0.014 vs 0.102 ± 0.015 nats. `torch.backends.cpu.get_cpu_capability()` says
+    only "AVX512", so the probe is torch's cpuinfo one. ``SAELAB_CPU_BF16=0`` or ``=1``
+    overrides the detection (the tests pin it, so they do not depend on the CPU)."""
+    forced = os.environ.get("SAELAB_CPU_BF16", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    # NOTE: private, but the only portable probe torch has (cpuinfo); without it, float32.
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(probe and probe())
 
 
 def cache_root() -> Path:

@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# `saelab.models.cpu_has_bf16` pinned off: the tests are written for float32 forwards under
+# model_dtype auto, whatever CPU runs them (subprocesses inherit it too).
+os.environ["SAELAB_CPU_BF16"] = "0"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

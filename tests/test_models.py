@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from saelab.errors import UserError
-from saelab.models import load_model, load_tokenizer, resolve_hook, stop_layer
+from saelab.models import (
+    cpu_has_bf16,
+    load_model,
+    load_tokenizer,
+    resolve_hook,
+    resolve_model_dtype,
+    stop_layer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +141,27 @@ def test_cache_dir_appears_whole_or_not_at_all(tmp_path):
     assert not (tmp_path / "cache").exists()
     assert _atomic_dir(tmp_path / "cache", lambda tmp: (tmp / "ok").write_text("1")).is_dir()
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_model_dtype_is_bfloat16_on_cuda_and_on_cpus_with_bf16(monkeypatch, has_bf16):
+    monkeypatch.delenv("SAELAB_CPU_BF16")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+    assert cpu_has_bf16() is has_bf16
+    want = torch.bfloat16 if has_bf16 else torch.float32
+    assert resolve_model_dtype("auto", torch.device("cpu")) == want
+    assert resolve_model_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_model_dtype("float32", torch.device("cuda")) == torch.float32
+    assert resolve_model_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_cpu_bf16_detection_can_be_forced_and_defaults_to_float32(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setenv("SAELAB_CPU_BF16", "0")
+    assert resolve_model_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setenv("SAELAB_CPU_BF16", "1")
+    assert resolve_model_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.delenv("SAELAB_CPU_BF16")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe
+    assert resolve_model_dtype("auto", torch.device("cpu")) == torch.float32
