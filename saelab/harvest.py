@@ -122,6 +122,14 @@ def _identity(cfg: HarvestConfig, n_contexts: int, device: torch.device) -> dict
     }
 
 
+def _keep_started_dtype(cfg: HarvestConfig, meta: dict[str, Any], ident: dict[str, Any]) -> None:
+    """model_dtype 'auto' picks a dtype for a new harvest; one already started keeps the dtype
+    it began with (whatever auto meant then, e.g. float32 before CPUs with bf16 got bfloat16),
+    so a rerun resumes it instead of refusing it."""
+    if cfg.model_dtype == "auto":
+        ident["model_dtype"] = meta.get("model_dtype", _LEGACY["model_dtype"])
+
+
 def _check_same(out: Path, meta: dict[str, Any], want: dict[str, Any]) -> None:
     if meta.get("format") not in READ_FORMATS:
         raise UserError(f"{out} has harvest format {meta.get('format')}, not {FORMAT}; delete it")
@@ -504,12 +512,15 @@ def _harvest(
         stack.enter_context(writer_lock(out, "harvest"))
         meta = _read_meta(out)
         if meta is not None:
+            _keep_started_dtype(cfg, meta, ident)
             _check_same(out, meta, ident)
         return meta
 
     meta = ranks.step(lock_and_check)
     if ranks.dist.active:  # the others read only once rank 0 holds the lock (no writer then)
         meta = ranks.step(lambda: meta if main else _read_meta(out))
+        if meta is not None:
+            _keep_started_dtype(cfg, meta, ident)
     if meta is not None and _finished(meta):
         ranks.step(lambda: _verify_complete(out, meta, ranks.dist))
         if main:

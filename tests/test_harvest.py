@@ -347,8 +347,23 @@ def test_model_dtype_recorded_and_part_of_the_identity(tmp_path, reference):
     np.testing.assert_allclose(got, full, rtol=0.1, atol=0.1)
     before = snapshot(out)
     with pytest.raises(UserError, match="model_dtype='bfloat16', but 'float32' was asked"):
-        H.harvest(cfg_for(tmp_path, hooks=HOOKS[:1], model_dtype="auto"), progress=False)
+        H.harvest(cfg_for(tmp_path, hooks=HOOKS[:1], model_dtype="float32"), progress=False)
     assert snapshot(out) == before
+    # auto keeps the dtype a harvest began with: the rerun finds this one complete
+    assert H.harvest(cfg_for(tmp_path, hooks=HOOKS[:1], model_dtype="auto"), progress=False) == out
+    assert snapshot(out) == before
+
+
+def test_auto_resumes_in_the_dtype_the_harvest_began_with(tmp_path, reference, monkeypatch):
+    """A harvest begun when auto meant float32 resumes in float32 where auto now means
+    bfloat16 (a CPU with bf16), byte-identical to the uninterrupted one."""
+    out = tmp_path / "h"
+    shutil.copytree(reference, out)
+    lines = (out / LOG).read_text().splitlines(keepends=True)
+    (out / LOG).write_text(lines[0])
+    monkeypatch.setenv("SAELAB_CPU_BF16", "1")
+    H.harvest(cfg_for(tmp_path, model_dtype="auto"), progress=False)
+    assert snapshot(out) == snapshot(reference)
 
 
 def test_auto_batch_size():
