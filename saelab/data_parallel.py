@@ -24,6 +24,7 @@ from torch import Tensor
 
 from saelab.distributed import Dist
 from saelab.errors import UserError
+from saelab.store import split_error
 
 T = TypeVar("T")
 
@@ -31,10 +32,7 @@ T = TypeVar("T")
 def check_split(batch_size: int, dist: Dist) -> None:
     """Refuse a global batch that does not split evenly (raised alike on every process)."""
     if batch_size % dist.world:
-        raise UserError(
-            f"batch_size {batch_size} does not split into {dist.world} equal parts; pass a "
-            f"--batch_size divisible by the number of processes ({dist.world})"
-        )
+        raise split_error(batch_size, dist.world)
 
 
 def on_main(dist: Dist, device: torch.device, fn: Callable[[], T]) -> T | None:

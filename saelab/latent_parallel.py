@@ -384,13 +384,6 @@ def _update_counters(
 ) -> None:
     """This rank's latents' counters from its winning values `won` [B, k] (zero: lost or
     not firing), and the step of a first non-finite loss; then the step count."""
-    B = won.shape[0]
     counts = torch.zeros(m.sae.d_sae, dtype=torch.int64, device=indices.device)
     counts.index_add_(0, indices.reshape(-1), (won > 0).reshape(-1).to(torch.int64))
-    m.since_fired += B
-    m.since_fired.masked_fill_(counts > 0, 0)
-    rate = counts.to(m.freq.dtype) / B
-    m.freq.copy_(rate if m.step == 0 else m.freq.lerp(rate, 1 - cfg.freq_decay))
-    bad = ~torch.isfinite(loss)
-    m.diverged_at.copy_(torch.where(bad & (m.diverged_at < 0), m.step, m.diverged_at))
-    m.step += 1
+    m.advance(counts, won.shape[0], loss, cfg)

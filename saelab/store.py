@@ -252,6 +252,14 @@ def _buffer_perm(seed: int, epoch: int, buffer: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 1, buffer]).permutation(n)
 
 
+def split_error(batch_size: int, world: int) -> UserError:
+    """The refusal of a batch that does not split over `world` processes."""
+    return UserError(
+        f"batch_size {batch_size} does not split into {world} equal parts; pass a "
+        f"--batch_size divisible by the number of processes ({world})"
+    )
+
+
 class PartOfBatches:
     """Which rows of a stream are process ``rank``'s of ``world``: rows
     [rank·b, (rank + 1)·b) of every batch of ``batch_size`` (b = batch_size/world), counted
@@ -260,10 +268,7 @@ class PartOfBatches:
     def __init__(self, batch_size: int, part: tuple[int, int]) -> None:
         rank, world = part
         if not 0 <= rank < world or batch_size % world:
-            raise UserError(
-                f"batch_size {batch_size} does not split into {world} equal parts; pass a "
-                f"--batch_size divisible by the number of processes ({world})"
-            )
+            raise split_error(batch_size, world)
         self.batch_size, self.local = batch_size, batch_size // world
         self.lo, self.whole = rank * self.local, world == 1
         self.pos = 0

@@ -146,6 +146,18 @@ class Member:
     def counters(self) -> dict[str, torch.Tensor]:
         return {"since_fired": self.since_fired, "freq": self.freq}
 
+    @torch.no_grad()
+    def advance(self, counts: torch.Tensor, tokens: int, loss: torch.Tensor, cfg: TrainConfig):
+        """End a step: the firing counters from counts [d_sae] (rows each latent fired on, of
+        `tokens` rows), the step of a first non-finite loss (on the device), the step count."""
+        self.since_fired += tokens
+        self.since_fired.masked_fill_(counts > 0, 0)
+        rate = counts.to(self.freq.dtype) / tokens
+        self.freq.copy_(rate if self.step == 0 else self.freq.lerp(rate, 1 - cfg.freq_decay))
+        first = ~torch.isfinite(loss) & (self.diverged_at < 0)
+        self.diverged_at.copy_(torch.where(first, self.step, self.diverged_at))
+        self.step += 1
+
 
 # ---------------------------------------------------------------------------------------
 # Planning: every check happens here, before anything is written.
@@ -172,6 +184,12 @@ def _check_arch(s: SAEConfig, cfg: TrainConfig, source: ActivationSource) -> Arc
             "raise --sae.k or --batch_size, or lower --sae.d_sae"
         )
     return spec
+
+
+def _aux_of(s: SAEConfig) -> str:
+    """The auxiliary loss s trains with: its own, or its rule's default."""
+    spec = ARCHS.get(s.arch)
+    return spec.aux if s.aux == "default" and spec is not None else s.aux
 
 
 def _member_name(s: SAEConfig) -> str:
@@ -218,7 +236,7 @@ def _plans(
     names = [_member_name(s) for s in saes]
     plans = []
     for i, s in enumerate(saes):
-        spec = _check_arch(s, cfg, source)
+        _check_arch(s, cfg, source)
         name = names[i] if names.count(names[i]) == 1 else f"{names[i]}-{i}"
         member_cfg = dataclasses.replace(cfg, sae=s, sweep=[])
         plans.append(
@@ -230,7 +248,7 @@ def _plans(
                     "n_steps": max(1, n_tokens // cfg.batch_size),
                     "lr": member_cfg.resolved_lr(),
                     "k_aux": cfg.k_aux or source.d_in // 2,
-                    "aux_loss": spec.aux if s.aux == "default" else s.aux,
+                    "aux_loss": _aux_of(s),
                     "feature_choice_m": feature_choice_m(s.k, cfg.batch_size, s.d_sae),
                     "train": to_dict(member_cfg),
                 },
@@ -308,14 +326,8 @@ def _train_step(
     sae.normalize_decoder()
     B = x.shape[0] * dist.world
     with torch.no_grad():
-        m.since_fired += B
-        m.since_fired.masked_fill_(counts > 0, 0)
-        rate = counts.to(m.freq.dtype) / B
-        m.freq.copy_(rate if m.step == 0 else m.freq.lerp(rate, 1 - cfg.freq_decay))
         aux_value = torch.zeros_like(fvu_all) if aux_all is None else aux_all * scale
-        bad = ~torch.isfinite(fvu_all + aux_value)
-        m.diverged_at.copy_(torch.where(bad & (m.diverged_at < 0), m.step, m.diverged_at))
-    m.step += 1
+    m.advance(counts, B, fvu_all + aux_value, cfg)
     return {
         "fvu": fvu_all,
         "aux": aux_value,
@@ -497,8 +509,7 @@ def _join(cfg: TrainConfig) -> tuple[torch.device, Dist]:
         check_split(cfg.batch_size, dist)
     else:
         for s in cfg.sweep or [cfg.sae]:
-            aux = ARCHS[s.arch].aux if s.aux == "default" and s.arch in ARCHS else s.aux
-            latent_parallel.check(s.arch, s.d_sae, s.k, dist.world, aux)
+            latent_parallel.check(s.arch, s.d_sae, s.k, dist.world, _aux_of(s))
     return device, dist
 
 
