@@ -54,15 +54,7 @@ def harvest_array(
     or float32, else float32). A rerun after a crash resumes after the last logged shard.
     """
     src, rows, d_in, src_dtype = _array_source(acts, key)
-    if tokens is None:
-        per = max(d for d in range(1, min(rows, 1024) + 1) if rows % d == 0)
-        tokens = np.zeros((rows // per, per + 1), np.int32)
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] * (tokens.shape[1] - 1) != rows:
-        raise UserError(
-            f"tokens of shape {list(tokens.shape)} do not match {rows} activation rows; pass "
-            "[n_contexts, n_ctx] token ids whose n_contexts * (n_ctx - 1) equals the rows"
-        )
+    tokens = _tokens_for(tokens, rows)
     dtype = dtype or (src_dtype if src_dtype in STORE_DTYPES else "float32")
     if dtype not in STORE_DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(STORE_DTYPES)}; pick one")
@@ -93,6 +85,21 @@ def harvest_array(
             block = src(c0 * per, c1 * per).to(STORE_DTYPES[dtype])
             write_shard(path, meta, index, c0, c1, {f"acts/{hook}": block})
     return path
+
+
+def _tokens_for(tokens: np.ndarray | None, rows: int) -> np.ndarray:
+    """The token ids behind `rows` activation rows: the given ones, checked, else placeholder
+    zeros in contexts of the largest length up to 1024 that divides the rows."""
+    if tokens is None:
+        per = max(d for d in range(1, min(rows, 1024) + 1) if rows % d == 0)
+        tokens = np.zeros((rows // per, per + 1), np.int32)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] * (tokens.shape[1] - 1) != rows:
+        raise UserError(
+            f"tokens of shape {list(tokens.shape)} do not match {rows} activation rows; pass "
+            "[n_contexts, n_ctx] token ids whose n_contexts * (n_ctx - 1) equals the rows"
+        )
+    return tokens
 
 
 def _array_source(
