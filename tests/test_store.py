@@ -18,6 +18,7 @@ import torch
 
 from saelab import shards
 from saelab import store as store_module
+from saelab import stream as stream_module
 from saelab.errors import UserError
 from saelab.store import ActivationStore
 
@@ -332,12 +333,12 @@ def planned_rows(lo: int, hi: int, seed: int, chunk_rows: int, shuffle_buffer: i
     chunk_rows = min(chunk_rows, shuffle_buffer)
     out, epoch = [], 0
     while sum(map(len, out)) < n:
-        plan = store_module._epoch_plan(
+        plan = stream_module._epoch_plan(
             lo, hi, seed, epoch, chunk_rows, max(1, shuffle_buffer // chunk_rows)
         )
         for b, chunks in enumerate(plan):
             rows = np.concatenate([np.arange(a, z) for a, z in chunks])
-            out.append(rows[store_module._buffer_perm(seed, epoch, b, len(rows))])
+            out.append(rows[stream_module._buffer_perm(seed, epoch, b, len(rows))])
         epoch += 1
     return np.concatenate(out)[:n]
 
@@ -384,7 +385,7 @@ def test_readers_run_torch_serially_and_leave_other_threads_alone():
     seen: dict[str, int] = {}
 
     def reader() -> None:
-        store_module._serial_torch()
+        stream_module._serial_torch()
         seen["reader"] = torch.get_num_threads()
 
     def started_later() -> None:
