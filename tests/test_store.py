@@ -367,7 +367,9 @@ def test_stream_follows_the_plan_row_for_row(tmp_path: Path, batch, chunk_rows, 
 
 def test_reader_threads_stop_with_the_stream(harvest: Path):
     def readers() -> int:
-        return sum(t.name.startswith("saelab-read") for t in threading.enumerate())
+        return sum(
+            t.name.startswith(("saelab-read", "saelab-convert")) for t in threading.enumerate()
+        )
 
     s = ActivationStore(harvest)
     before = readers()
