@@ -11,9 +11,10 @@ How a buffer becomes batches: reader threads copy each chunk from its shard's me
 buffer slot, every row straight to its place in the shuffled order (one scatter, in the storage
 dtype); the batches are then contiguous runs of the slot, each converted in one pass into
 pooled batch memory by converter threads while the readers fill the other slot with the next
-buffer. CPU time per GB of fp16 on a 2-core machine (warm page cache): scatter 0.27 s,
+buffer. CPU time per GB of fp16 on a loaded 2-core machine (warm page cache): scatter 0.27 s,
 conversion 0.36 s. The layout before it (a plain copy into the slot, then per batch a gather
-through a scratch and a conversion) touched every byte once more: 1.04 against 0.74 s in all.
+through a scratch and a conversion) touched every byte once more: 0.89-1.04 s in all against
+0.73-0.80 s, in paired runs.
 """
 
 from __future__ import annotations
