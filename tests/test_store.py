@@ -18,6 +18,7 @@ import torch
 
 from saelab import shards
 from saelab import store as store_module
+from saelab import stream as stream_module
 from saelab.errors import UserError
 from saelab.store import ActivationStore
 
@@ -332,12 +333,12 @@ def planned_rows(lo: int, hi: int, seed: int, chunk_rows: int, shuffle_buffer: i
     chunk_rows = min(chunk_rows, shuffle_buffer)
     out, epoch = [], 0
     while sum(map(len, out)) < n:
-        plan = store_module._epoch_plan(
+        plan = stream_module._epoch_plan(
             lo, hi, seed, epoch, chunk_rows, max(1, shuffle_buffer // chunk_rows)
         )
         for b, chunks in enumerate(plan):
             rows = np.concatenate([np.arange(a, z) for a, z in chunks])
-            out.append(rows[store_module._buffer_perm(seed, epoch, b, len(rows))])
+            out.append(rows[stream_module._buffer_perm(seed, epoch, b, len(rows))])
         epoch += 1
     return np.concatenate(out)[:n]
 
@@ -364,9 +365,38 @@ def test_stream_follows_the_plan_row_for_row(tmp_path: Path, batch, chunk_rows, 
     torch.testing.assert_close(torch.cat(grads), -torch.cat(acts), rtol=0, atol=0)
 
 
+_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_stream_rows_equal_read_in_every_storage_dtype(tmp_path: Path, dtype: str):
+    """Each row a stream hands out is the stored row, in the storage dtype or in float32, bit
+    for bit what `read` (which converts its own way) gives for that row."""
+    s = ActivationStore(make_harvest(tmp_path, dtype=dtype))
+    every = s.read(0, s.n_tokens)
+    for out in (torch.float32, _TORCH[dtype]):
+        stream = s.batches(25, seed=1, dtype=out, start_row=3, **SMALL)
+        got = torch.cat([next(stream) for _ in range(10)])
+        stream.close()
+        assert got.dtype == out
+        rows = planned_rows(0, 192, 1, SMALL["chunk_rows"], SMALL["shuffle_buffer"], 253)[3:]
+        torch.testing.assert_close(got.float(), every[rows], rtol=0, atol=0)
+
+
+def test_scatter_places_each_row_and_skips_the_unwanted():
+    src = np.arange(12, dtype=np.float16).reshape(6, 2)  # row r is [2r, 2r + 1]
+    slot = np.full((4, 2), -1, np.float16)
+    stream_module._scatter([src], 1, 5, np.array([2, -1, 0, 3]), [slot])  # rows 1..4
+    np.testing.assert_array_equal(slot, [[6, 7], [-1, -1], [2, 3], [8, 9]])
+    stream_module._scatter([src], 0, 2, np.array([1, 0]), [slot])  # every row wanted
+    np.testing.assert_array_equal(slot, [[2, 3], [0, 1], [2, 3], [8, 9]])
+
+
 def test_reader_threads_stop_with_the_stream(harvest: Path):
     def readers() -> int:
-        return sum(t.name.startswith("saelab-read") for t in threading.enumerate())
+        return sum(
+            t.name.startswith(("saelab-read", "saelab-convert")) for t in threading.enumerate()
+        )
 
     s = ActivationStore(harvest)
     before = readers()
@@ -384,7 +414,7 @@ def test_readers_run_torch_serially_and_leave_other_threads_alone():
     seen: dict[str, int] = {}
 
     def reader() -> None:
-        store_module._serial_torch()
+        stream_module._serial_torch()
         seen["reader"] = torch.get_num_threads()
 
     def started_later() -> None:
