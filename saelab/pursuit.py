@@ -186,11 +186,14 @@ class _Values(torch.autograd.Function):
             n = W.shape[0]
             grad_W = scatter_rows(ids, dc0, r, n)
             if pairs is not None:
-                # Q + Qᵀ scattered directly: both orientations of every pair (a transposed
-                # add of two [n, n] matrices costs more than the scatter and the GEMM).
+                # Q + Qᵀ scattered directly, both orientations of every pair below the
+                # diagonal (a transposed add of two [n, n] matrices costs more than the
+                # scatter and the GEMM together).
+                t, s = torch.tril_indices(*dM.shape[1:], -1, device=dM.device)
+                w = dM[:, t, s].reshape(-1)
                 Q = W.new_zeros(n * n)
-                Q.scatter_add_(0, pairs.view(-1), dM.view(-1))
-                Q.scatter_add_(0, pairs.transpose(1, 2).reshape(-1), dM.view(-1))
+                Q.scatter_add_(0, pairs[:, t, s].reshape(-1), w)
+                Q.scatter_add_(0, pairs[:, s, t].reshape(-1), w)
                 grad_W.addmm_(Q.view(n, n), W)
             else:
                 D = F.embedding(ids, W)
