@@ -99,6 +99,8 @@ def _mp_block(r: Tensor, W_dec: Tensor, G: Tensor | None, tol: float, chosen: Te
         a = torch.where(active, cj, torch.zeros_like(cj))
         chosen[:, t] = torch.where(active, j, torch.full_like(j, -1))
         taken[:, t] = j
+        if t == chosen.shape[1] - 1:
+            break  # the last pick needs no update after it
         r2 = r2 - a.pow(2)
         if G is not None and sparse_update:
             # c ← c − S G with S = Σ_b a_b e_b e_{j_b}ᵀ: one sparse-dense product over the
