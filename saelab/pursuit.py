@@ -4,9 +4,9 @@ selection of atoms, which takes no gradient, and the differentiable values of th
 Both lean on the Gram matrix G = W_dec W_decᵀ while it fits (`GRAM_MAX` latents): the
 selection updates the correlations c ← c − a_j G[j] instead of recomputing W_dec r, and the
 values read the chosen atoms' Gram entries from it. At the benchmark shape (B 4096, d_in 512,
-n 4096, 32 steps) a pursuit step is memory traffic over the [B, n] correlations: one pass
-for each step's row maximum and one read-modify-write for its update, about 2.5 passes of
-64 MB per step, 80 per training step. That traffic, not arithmetic, is what limits it.
+n 4096, 32 steps) a pursuit step is memory traffic over [B, n] float32 matrices, 64 MB each:
+the row argmax reads c, and the update reads c and the chosen Gram rows and writes c. That is
+about 8 GB per training step, and it, not arithmetic, is what limits the pursuit.
 """
 
 from __future__ import annotations
