@@ -32,16 +32,14 @@ from all-gathered candidates, g-SAE's gradient RMS from an all-reduce.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from saelab import kernels
+from saelab import kernels, pursuit
 from saelab.distributed import SINGLE, Dist
 from saelab.kernels.eager import ragged_rows
 
@@ -350,92 +348,14 @@ def jumprelu(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
 def matching_pursuit(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     steps = args.mp_max_steps or sae.k
     tol = args.mp_tol if not args.training else 0.0
-    indices = mp_select(x.detach() - sae.b_dec.detach(), sae.W_dec.detach(), steps, tol)
-    vals, live, ids = mp_values(x - sae.b_dec, sae.W_dec, indices)
+    G = pursuit.gram(sae.W_dec)  # shared by the selection and the values
+    indices = pursuit.mp_select(x.detach() - sae.b_dec.detach(), sae.W_dec.detach(), steps, tol, G)
+    vals, live, ids = pursuit.mp_values(x - sae.b_dec, sae.W_dec, indices, G)
     if tol > 0:  # adaptive: the per-token step count varies, so the code is ragged
         offsets = torch.zeros(x.shape[0] + 1, dtype=torch.int64, device=x.device)
         torch.cumsum(live.sum(1), 0, out=offsets[1:])
         return Encoding(RaggedCode(vals[live], ids[live], offsets), None)
     return Encoding(SparseCode(vals, ids), None)
-
-
-def mp_values(r: Tensor, W_dec: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The pursuit's values for its chosen atoms, differentiably: (values, live, ids), all
-    [B, T]; live marks the steps taken (−1 in indices: not taken, value 0), ids = indices
-    clamped to valid latents.
-
-    Step t takes a_t = d_t·r_{t−1} with r_{t−1} = r − Σ_{s<t} a_s d_s, that is
-    a_t = d_t·r − Σ_{s<t} (d_t·d_s) a_s: a unit lower-triangular system in the chosen atoms'
-    own Gram matrix [B, T, T]. One triangular solve replaces T sequential residual updates,
-    whose ~10 [B, d_in] passes per step (forward and backward) dominated the step.
-    """
-    live = indices >= 0
-    ids = indices.clamp_min(0)
-    D = F.embedding(ids, W_dec)  # [B, T, d_in]
-    c0 = torch.linalg.vecdot(D, r[:, None, :]) * live
-    L = torch.bmm(D, D.transpose(1, 2)).tril(-1) * live[:, :, None]
-    vals = torch.linalg.solve_triangular(L, c0[..., None], upper=False, unitriangular=True)
-    return vals.squeeze(-1), live, ids
-
-
-MP_CHUNK = 4096
-"""Tokens per block of the pursuit loop, which bounds its scratch to [MP_CHUNK, d_sae] (a
-smaller block makes each of its row-wise ops slower per entry on CPU)."""
-
-
-@torch.no_grad()
-def mp_select(r: Tensor, W_dec: Tensor, steps: int, tol: float = 0.0) -> Tensor:
-    """Greedy non-negative pursuit without repeats; [B, steps] ids, −1 where a row stopped.
-
-    With unit-norm atoms the correlations update as c ← c − c_j G[:, j] (G = W_dec W_decᵀ,
-    computed once per call and shared by every block and step), which is cheaper than
-    recomputing W_dec r while G fits in memory; past that size each step recomputes c from
-    the residual. Blocks of MP_CHUNK tokens run all their steps back to back and stop as
-    soon as every token in them has stopped.
-    """
-    B, n = r.shape[0], W_dec.shape[0]
-    gram = W_dec @ W_dec.T if n <= 16384 else None
-    chosen = torch.full((B, steps), -1, dtype=torch.int64, device=r.device)
-    with warnings.catch_warnings():  # the CPU update's CSR product; CSR is "beta"
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        for lo in range(0, B, MP_CHUNK):
-            _mp_block(r[lo : lo + MP_CHUNK], W_dec, gram, tol, chosen[lo : lo + MP_CHUNK])
-    return chosen
-
-
-def _mp_block(r: Tensor, W_dec: Tensor, gram: Tensor | None, tol: float, chosen: Tensor) -> None:
-    """mp_select on one block of tokens, writing its ids into `chosen` [b, steps]."""
-    c = r @ W_dec.T
-    r2 = r.pow(2).sum(-1)
-    stop2 = (tol**2) * r2
-    active = torch.ones(r.shape[0], dtype=torch.bool, device=r.device)
-    sparse_update = c.device.type == "cpu" and c.dtype in (torch.float32, torch.float64)
-    crow = torch.arange(r.shape[0] + 1, device=r.device)
-    rows = c.new_empty(0 if sparse_update else c.shape)
-    for t in range(chosen.shape[1]):
-        cj, j = c.max(1)
-        active &= cj > 0
-        if tol > 0:
-            active &= r2 > stop2
-            # An early stop for speed (finished rows only ever pick −1), read only where it
-            # pays: without tol rows finish rarely, and the read is a host sync on a GPU.
-            if not bool(active.any()):
-                break
-        a = torch.where(active, cj, torch.zeros_like(cj))
-        chosen[:, t] = torch.where(active, j, torch.full_like(j, -1))
-        r2 = r2 - a.pow(2)
-        if gram is not None and sparse_update:
-            # c ← c − S G with S = Σ_b a_b e_b e_{j_b}ᵀ: one sparse-dense product over the
-            # batch reads each Gram row once into c (2× faster on CPU than gathering the
-            # rows into a [b, d_sae] copy and then subtracting it).
-            S = torch.sparse_csr_tensor(crow, j, a, c.shape, check_invariants=False)
-            c.addmm_(S, gram, alpha=-1)
-        elif gram is not None:
-            c.addcmul_(torch.index_select(gram, 0, j, out=rows), a[:, None], value=-1)
-        else:
-            r = torch.addcmul(r, a[:, None], W_dec.index_select(0, j), value=-1)
-            torch.mm(r, W_dec.T, out=c)
-        c.scatter_(1, j[:, None], float("-inf"))  # no repeats
 
 
 ARCHS: dict[str, ArchSpec] = {

@@ -82,12 +82,13 @@ def whole(run: str, modified: float, row: int, latent: int) -> tuple:
     return whole_context(run, row, latent)
 
 
-def hit_buttons(hits: list[tuple[int, str]], describe: wb.Describer) -> None:
+def hit_buttons(hits: list[tuple[int, str]], describe: wb.Describer, key: str = "hit") -> None:
+    """Three columns of buttons, one per (latent, figure), each opening its latent."""
     cols = st.columns(3)
     for n, (j, figure) in enumerate(hits):
         cols[n % 3].button(
             f"{common.named(j, describe, 40)} · {figure}",
-            key=f"hit_{j}",
+            key=f"{key}_{j}",
             on_click=go,
             args=(j,),
             width="stretch",
@@ -198,15 +199,7 @@ def card(idx: FeatureIndex, i: int, info: wb.RunInfo, describe: wb.Describer) ->
         right.caption(f"No logit lens: {wb.md_escape(note)}")
     if c.neighbours:
         st.markdown("**Decoder neighbours** (latent · label · cosine; click to open)")
-        cols = st.columns(3)
-        for n, (j, cos) in enumerate(c.neighbours[:9]):
-            cols[n % 3].button(
-                f"{common.named(j, describe, 40)} · {cos:.2f}",
-                key=f"nb_{j}",
-                on_click=go,
-                args=(j,),
-                width="stretch",
-            )
+        hit_buttons([(j, f"{cos:.2f}") for j, cos in c.neighbours[:9]], describe, key="nb")
     own_text(info, i, c.max_act)
     contexts(idx, i, c, info)
 

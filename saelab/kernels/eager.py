@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n_out: int) -> Tensor:
+def scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n_out: int) -> Tensor:
     """out[i] = Σ_{(b, j): indices[b, j] = i} weights[b, j] · rows[b], i.e. Sᵀ·rows.
 
     indices, weights: [B, K]; rows: [B, D]. Returns [n_out, D].
@@ -23,7 +23,7 @@ def _scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n_out: int) ->
     B, K = indices.shape
     if rows.device.type == "cpu" and rows.dtype == torch.bfloat16:
         # Accumulated in fp32 (more exact), rounded once.
-        return _scatter_rows(indices, weights, rows.float(), n_out).to(rows.dtype)
+        return scatter_rows(indices, weights, rows.float(), n_out).to(rows.dtype)
     if rows.device.type == "cpu":
         # Sᵀ as an uncoalesced COO matrix, as in _scatter_csr. Not the CSR S (K entries a
         # row) and `S.t() @ rows`, which converts Sᵀ to CSR first, sorting all B·K entries:
@@ -46,7 +46,7 @@ def _scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n_out: int) ->
     return out
 
 
-def _row_dots(indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+def row_dots(indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
     """out[b, j] = table[indices[b, j]] · rows[b], [B, K], without a [B, K, D] gather."""
     B, K = indices.shape
     op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
@@ -133,7 +133,7 @@ class SparseEncode(torch.autograd.Function):
         else:
             idx = indices
         n = W_enc.shape[0]
-        grad_W_enc = _scatter_rows(idx, g, x_c, n) if ctx.needs_input_grad[1] else None
+        grad_W_enc = scatter_rows(idx, g, x_c, n) if ctx.needs_input_grad[1] else None
         grad_b_enc = (
             torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(
                 0, idx.reshape(-1), g.reshape(-1)
@@ -190,12 +190,10 @@ class Decode(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         values, indices, W_dec = ctx.saved_tensors
         grad_values = (
-            _row_dots(indices, W_dec, grad).to(values.dtype) if ctx.needs_input_grad[0] else None
+            row_dots(indices, W_dec, grad).to(values.dtype) if ctx.needs_input_grad[0] else None
         )
         grad_W = (
-            _scatter_rows(indices, values, grad, W_dec.shape[0])
-            if ctx.needs_input_grad[2]
-            else None
+            scatter_rows(indices, values, grad, W_dec.shape[0]) if ctx.needs_input_grad[2] else None
         )
         return grad_values, None, grad_W
 
@@ -282,7 +280,7 @@ def _scatter_csr(
     offsets: Tensor, indices: Tensor, weights: Tensor, rows: Tensor, n_out: int
 ) -> Tensor:
     """Sᵀ·rows [n_out, D] for the CSR S [B, n_out] (row starts offsets, entries indices and
-    weights [nnz]): _scatter_rows for a ragged code."""
+    weights [nnz]): scatter_rows for a ragged code."""
     w = weights.to(rows.dtype)
     bag = ragged_rows(offsets, indices.numel())
     if rows.device.type == "cpu":
@@ -308,7 +306,7 @@ def _index_add_rows(indices: Tensor, w: Tensor, rows: Tensor, bag: Tensor, n_out
 
 
 def _row_dots_csr(offsets: Tensor, indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
-    """out[p] = table[indices[p]] · rows[row of p], [nnz]: _row_dots for a ragged code."""
+    """out[p] = table[indices[p]] · rows[row of p], [nnz]: row_dots for a ragged code."""
     bag = ragged_rows(offsets, indices.numel())
     op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
     if op is not None:
