@@ -191,7 +191,8 @@ class _Values(torch.autograd.Function):
                 # Q + Qᵀ scattered directly, both orientations of every pair below the
                 # diagonal (a transposed add of two [n, n] matrices costs more than the
                 # scatter and the GEMM together).
-                t, s = torch.tril_indices(*dM.shape[1:], -1, device=dM.device)
+                T = dM.shape[1]
+                t, s = torch.tril_indices(T, T, -1, device=dM.device)
                 w = dM[:, t, s].reshape(-1)
                 Q = W.new_zeros(n * n)
                 Q.scatter_add_(0, pairs[:, t, s].reshape(-1), w)
