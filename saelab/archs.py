@@ -43,7 +43,7 @@ from torch import Tensor
 
 from saelab import kernels
 from saelab.distributed import SINGLE, Dist
-from saelab.kernels.eager import ragged_rows
+from saelab.kernels.eager import _masked_topk, aux_mask_is_empty, ragged_rows
 
 if TYPE_CHECKING:
     from saelab.sae import SparseCoder
@@ -185,6 +185,17 @@ def _encode_ragged(sae: SparseCoder, x: Tensor, args: EncodeArgs, select) -> Enc
     )
     aux = SparseCode(aux_values, aux_indices) if aux_indices.shape[1] else None
     return Encoding(RaggedCode(values, indices, offsets), aux)
+
+
+def aux_candidates(sae: SparseCoder, x: Tensor, mask: Tensor, k_aux: int) -> SparseCode | None:
+    """The auxiliary loss's code on its own rows x: the top-k_aux of ReLU(z) among the
+    latents of `mask`, differentiable as an encoding is (None when none can exist). For an
+    auxiliary loss on a subset of the batch, which a selection over every row would waste."""
+    if aux_mask_is_empty(mask, k_aux, x) or not sae.spec.uses_encoder:
+        return None
+    select = lambda z: _masked_topk(z, k_aux, mask)  # noqa: E731
+    values, indices, _, _ = kernels.sparse_encode(*_encoder(sae, x), select)
+    return SparseCode(values, indices)
 
 
 def mask_to_ragged(
