@@ -28,10 +28,16 @@ from saelab.sources import StoreSource  # noqa: E402
 from saelab.store import ActivationStore  # noqa: E402
 from saelab.trainer import Member, _aux_of, _train_step  # noqa: E402
 
+try:  # the benchmark also profiles older saelab, for before/after figures
+    from saelab.trainer import _aux_every_of
+except ImportError:
+    _aux_every_of = None
+
 
 def flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--archs", nargs="+", default=["topk", "mutual_choice"])
     p.add_argument("--aux", nargs="+", default=["default"], choices=["default", "auxk", "zipf"])
+    p.add_argument("--aux_every", type=int, default=0, help="as train's --aux_every")
     p.add_argument("--warm", type=int, default=30)
     p.add_argument("--steps", type=int, default=7)
 
@@ -97,10 +103,13 @@ def phases(prof) -> dict[str, float]:
 def member(arch: str, aux: str, args: argparse.Namespace, d_in: int) -> tuple[Member, TrainConfig]:
     torch.manual_seed(0)
     s = SAEConfig(arch, args.d_sae, args.k, aux=aux)  # type: ignore[arg-type]
-    cfg = TrainConfig(sae=s, batch_size=args.batch, dead_tokens=args.dead_tokens)
+    extra = {"aux_every": args.aux_every} if args.aux_every else {}
+    cfg = TrainConfig(sae=s, batch_size=args.batch, dead_tokens=args.dead_tokens, **extra)
     sae = SparseCoder(d_in, args.d_sae, args.k, arch)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.resolved_lr(), fused=True)
     plan = {"aux_loss": _aux_of(s), "k_aux": d_in // 2, "lr": cfg.resolved_lr()}
+    if _aux_every_of is not None:  # not in saelab before aux_every: every token
+        plan["aux_every"] = _aux_every_of(s, cfg)
     m = Member(Path("unused"), plan, sae, opt)
     m.since_fired = torch.zeros(args.d_sae, dtype=torch.int64)
     m.freq = torch.zeros(args.d_sae)
