@@ -41,7 +41,7 @@ from torch import Tensor
 
 from saelab import kernels, pursuit
 from saelab.distributed import SINGLE, Dist
-from saelab.kernels.eager import ragged_rows
+from saelab.kernels.eager import _masked_topk, aux_mask_is_empty, ragged_rows
 
 if TYPE_CHECKING:
     from saelab.sae import SparseCoder
@@ -185,6 +185,17 @@ def _encode_ragged(sae: SparseCoder, x: Tensor, args: EncodeArgs, select) -> Enc
     return Encoding(RaggedCode(values, indices, offsets), aux)
 
 
+def aux_candidates(sae: SparseCoder, x: Tensor, mask: Tensor, k_aux: int) -> SparseCode | None:
+    """The auxiliary loss's code on its own rows x: the top-k_aux of ReLU(z) among the
+    latents of `mask`, differentiable as an encoding is (None when none can exist). For an
+    auxiliary loss on a subset of the batch, which a selection over every row would waste."""
+    if aux_mask_is_empty(mask, k_aux, x) or not sae.spec.uses_encoder:
+        return None
+    select = lambda z: _masked_topk(z, k_aux, mask)  # noqa: E731
+    values, indices, _, _ = kernels.sparse_encode(*_encoder(sae, x), select)
+    return SparseCode(values, indices)
+
+
 def mask_to_ragged(
     z: Tensor, rows: Tensor, cols: Tensor, relu: bool = True, row_sorted: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -314,10 +325,10 @@ def mutual_choice(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:
     def select(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if dist.active:
             return _mutual_choice_global(sae, z, dist)
-        top, rows, cols = kernels.global_topk(z, sae.k * z.shape[0])
+        top, rows, cols = kernels.global_topk(z, sae.k * z.shape[0])  # in row-major order
         with torch.no_grad():
             _ema_(sae.threshold, top.min().relu().reshape(1))
-        return mask_to_ragged(z, rows, cols)
+        return _row_major_code(top, rows, cols, z.shape[0])
 
     return _encode_ragged(sae, x, args, select)
 
@@ -332,7 +343,17 @@ def _mutual_choice_global(sae: SparseCoder, z: Tensor, dist: Dist) -> tuple[Tens
         theta = torch.topk(dist.all_gather(top), K, sorted=False).values.min()
         _ema_(sae.threshold, theta.relu().reshape(1))
         keep = top >= theta
-    return mask_to_ragged(z, rows[keep], cols[keep])
+    return _row_major_code(top[keep], rows[keep], cols[keep], z.shape[0])
+
+
+def _row_major_code(
+    top: Tensor, rows: Tensor, cols: Tensor, B: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The CSR code of the ReLU'd entries top at (rows, cols), given in row-major order as
+    global_topk returns them: no sort, no second gather from z, and row starts by a binary
+    search of the sorted rows."""
+    offsets = torch.searchsorted(rows, torch.arange(B + 1, device=rows.device))
+    return top.relu(), cols, offsets
 
 
 def jumprelu(sae: SparseCoder, x: Tensor, args: EncodeArgs) -> Encoding:

@@ -207,6 +207,12 @@ class TrainConfig:
     zipf_exponent: NonNegative = 1.0
     """aux_zipf (mutual_choice): target firing frequency of the r-th latent ∝ r^-exponent."""
 
+    aux_every: Count = 0
+    """The auxiliary loss runs on every n-th token of each batch (a shuffled batch's: a
+    random subset, so the loss keeps its expectation at 1/n of its cost); 0 picks the loss's
+    default: 8 for aux_zipf, whose under-used latents are about half of them at every step,
+    1 (every token) for AuxK, which runs only while latents are dead."""
+
     freq_decay: Annotated[float, Check(gt=0, lt=1)] = 0.99
     """Decay of the per-latent firing-frequency EMA that aux_zipf compares with its target."""
 

@@ -75,7 +75,7 @@ def all_reduce_grads(params: list[Tensor], dist: Dist) -> None:
         p.grad = g.view_as(p)
 
 
-def _centered(s: Tensor, ss: Tensor, n: int) -> Tensor:
+def _centered(s: Tensor, ss: Tensor, n: int | Tensor) -> Tensor:
     """Σ‖v − v̄‖² from Σv and Σ‖v‖² over n rows."""
     return ss - s.pow(2).sum() / n
 
@@ -106,14 +106,16 @@ def global_losses(
     if fit is not None:
         e, e_hat = fit
         aux_err = (e_hat - e).pow(2).sum()
-        pieces += [e.sum(0), e.pow(2).sum()[None], aux_err.detach()[None]]
+        # Its rows too: the auxiliary loss may run on a subset of each process's (aux_every).
+        rows = e.new_full((1,), e.shape[0])
+        pieces += [e.sum(0), e.pow(2).sum()[None], aux_err.detach()[None], rows]
     sums = dist.all_reduce_(torch.cat([p.double() for p in [*pieces, counts]]))
     den = _centered(sums[:d], sums[d], n)
     fvu, fvu_global = err / den.to(err.dtype), (sums[d + 1] / den).float()
     aux = aux_global = None
     if aux_err is not None:
         at = d + 2
-        aux_den = _centered(sums[at : at + d], sums[at + d], n)
+        aux_den = _centered(sums[at : at + d], sums[at + d], sums[at + d + 2])
         aux = aux_err / aux_den.to(aux_err.dtype)
         aux_global = (sums[at + d + 1] / aux_den).float()
     return fvu, aux, fvu_global, aux_global, sums[-counts.numel() :].round().long()

@@ -38,7 +38,8 @@ from saelab.archs import (
     ArchSpec,
     Code,
     EncodeArgs,
-    Encoding,
+    SparseCode,
+    aux_candidates,
     feature_choice_m,
 )
 from saelab.checkpoint import load_checkpoint, save_checkpoint
@@ -192,6 +193,19 @@ def _aux_of(s: SAEConfig) -> str:
     return spec.aux if s.aux == "default" and spec is not None else s.aux
 
 
+def _aux_every_of(s: SAEConfig, cfg: TrainConfig) -> int:
+    """s's auxiliary loss runs on every n-th token of a batch (cfg.aux_every; 0 is the
+    loss's default: ZIPF_AUX_EVERY for aux_zipf, every token for AuxK)."""
+    return cfg.aux_every or (ZIPF_AUX_EVERY if _aux_of(s) == "zipf" else 1)
+
+
+ZIPF_AUX_EVERY = 8
+"""aux_zipf's default token stride: about half the latents are below their Zipf target at
+every step, so over every token its decode of k_aux candidates would cost k_aux/k times the
+code's own (8× at k 32, d_in 512); every 8th token keeps its cost near the code's, and kept
+the FVU and firing frequencies where issue 16 measured them."""
+
+
 def _member_name(s: SAEConfig) -> str:
     return f"{s.arch}-{s.d_sae}-k{s.k}" + ("" if s.aux == "default" else f"-{s.aux}")
 
@@ -249,6 +263,7 @@ def _plans(
                     "lr": member_cfg.resolved_lr(),
                     "k_aux": cfg.k_aux or source.d_in // 2,
                     "aux_loss": _aux_of(s),
+                    "aux_every": _aux_every_of(s, cfg),
                     "feature_choice_m": feature_choice_m(s.k, cfg.batch_size, s.d_sae),
                     "train": to_dict(member_cfg),
                 },
@@ -261,16 +276,23 @@ def _plans(
 # One step
 
 
+def aux_rows(B: int, plan: dict[str, Any], dist: Dist = SINGLE) -> slice:
+    """The rows of this process's B that the auxiliary loss runs on: the global batch's
+    every aux_every-th row, so that data-parallel processes (rank r holding rows r·B, …)
+    together take the rows one process would."""
+    every = plan.get("aux_every", 1)
+    return slice((-dist.rank * B) % every, None, every)
+
+
 def _aux_fit(
-    m: Member, enc: Encoding, x: torch.Tensor, x_hat: torch.Tensor, weights: torch.Tensor | None
+    m: Member, aux: SparseCode, x: torch.Tensor, x_hat: torch.Tensor, weights: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AuxK-style: (e, ê), the residual e = x − x̂ (detached) and its reconstruction from
-    the auxiliary latents' code (weighted by aux_zipf's deficits)."""
-    assert enc.aux is not None
+    the auxiliary latents' code `aux` on the same rows (weighted by aux_zipf's deficits)."""
     e = (x - x_hat).detach()
-    values = enc.aux.values if weights is None else enc.aux.values * weights[enc.aux.indices]
+    values = aux.values if weights is None else aux.values * weights[aux.indices]
     c = m.sae.compute
-    e_hat = kernels.decode(c(values), enc.aux.indices, c(m.sae.W_dec), None).to(e.dtype)
+    e_hat = kernels.decode(c(values), aux.indices, c(m.sae.W_dec), None).to(e.dtype)
     return e, e_hat
 
 
@@ -309,11 +331,16 @@ def _train_step(
     else:
         aux_mask = dead
     n_aux = aux_mask.sum()
-    args = EncodeArgs(True, aux_mask, m.plan["k_aux"], grad, dist=dist)
+    rows = aux_rows(x.shape[0], m.plan, dist)
+    fused = rows.step == 1  # the encode selects the candidates from its own z
+    args = EncodeArgs(True, aux_mask if fused else None, m.plan["k_aux"], grad, dist=dist)
     with kernels.matmul_precision(cfg.precision):
         enc = sae.encode_scaled(x, args)
         x_hat = sae.decode_scaled(enc.code)
-        fit = _aux_fit(m, enc, x, x_hat, weights) if enc.aux is not None else None
+        aux_code = enc.aux if fused else aux_candidates(sae, x[rows], aux_mask, args.k_aux)
+        fit = None
+        if aux_code is not None:
+            fit = _aux_fit(m, aux_code, x[rows], x_hat[rows], weights)
         counts = _fired_counts(enc.code, sae.d_sae)
         fvu, aux, fvu_all, aux_all, counts = _losses(m, x, x_hat, fit, counts, dist)
         scale = _aux_scale(m, n_aux, cfg)
@@ -510,6 +537,11 @@ def _join(cfg: TrainConfig) -> tuple[torch.device, Dist]:
     else:
         for s in cfg.sweep or [cfg.sae]:
             latent_parallel.check(s.arch, s.d_sae, s.k, dist.world, _aux_of(s))
+            if _aux_every_of(s, cfg) != 1:
+                raise UserError(
+                    f"latent-parallel training computes the auxiliary loss on every token, not "
+                    f"every {cfg.aux_every}th; pass --aux_every 1, or --parallel data"
+                )
     return device, dist
 
 

@@ -419,3 +419,67 @@ def test_a_second_writer_is_refused_naming_the_holder(train_syn, tmp_path):
             train_syn(out, n_tokens=5000)
     assert not out.exists()
     assert (train_syn(out, n_tokens=5000) / "cfg.json").is_file()  # released on exit
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_aux_zipf_on_every_nth_token_has_the_gradient_of_its_definition(every):
+    """A mutual-choice step's encoder gradient and aux figure against dense autograd of
+    ALGORITHMS.md §4: the top k·B entries, and aux_zipf's deficit-weighted top-k_aux of the
+    under-used latents reconstructing the residual, on rows 0, n, 2n, … only (aux_every n):
+    the candidates the encode selects (n = 1) and those of their own encode (n = 3)."""
+    from saelab.trainer import Member, _train_step, zipf_deficit
+
+    torch.manual_seed(0)
+    B, d, n, k, k_aux = 30, 8, 24, 2, 5
+    sae = SparseCoder(d, n, k, "mutual_choice")
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+    x = torch.randn(B, d) * 2
+    freq = torch.rand(n) * 0.2
+    freq[:4] = 0  # silent latents: full deficit
+
+    W_enc, b_enc, W_dec, b_dec = (
+        p.detach().clone().requires_grad_() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    )
+    z = (x - b_dec) @ W_enc.T + b_enc
+    chosen = torch.zeros(B * n).index_fill(0, z.detach().flatten().topk(k * B).indices, 1.0)
+    x_hat = (z.relu() * chosen.view(B, n)) @ W_dec + b_dec
+    fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    w = zipf_deficit(freq, 1.0)
+    under = w > 0
+    rows = torch.arange(0, B, every)
+    zr = z[rows].relu()
+    ids = zr.detach().masked_fill(~under, -1).topk(k_aux, dim=1).indices
+    e_hat = ((zr.gather(1, ids) * w[ids])[..., None] * W_dec[ids]).sum(1)
+    e = (x - x_hat)[rows].detach()
+    aux = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    scale = TrainConfig().auxk_alpha * min(int(under.sum()) / k_aux, 1.0)
+    (fvu + scale * aux).backward()
+
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    seen = []
+    opt.register_step_pre_hook(lambda *_: seen.append((sae.W_enc.grad.clone(), sae.b_enc.grad)))
+    plan = {"aux_loss": "zipf", "k_aux": k_aux, "aux_every": every}
+    m = Member(Path("unused"), plan, sae, opt)
+    m.since_fired, m.freq = torch.zeros(n, dtype=torch.int64), freq.clone()
+    stats = _train_step(m, x, None, TrainConfig())
+    assert float(stats["aux"]) == pytest.approx(scale * aux.item(), rel=1e-5)
+    torch.testing.assert_close(seen[0][0], W_enc.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(seen[0][1], b_enc.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("B,every,world", [(64, 8, 2), (64, 3, 2), (30, 4, 3), (12, 1, 4)])
+def test_aux_rows_of_the_processes_are_the_rows_of_one(B, every, world):
+    """Under data parallelism (rank r holds rows r·B/world …) the processes' auxiliary rows
+    together are exactly one process's every-n-th rows of the global batch."""
+    from saelab.distributed import Dist
+    from saelab.trainer import aux_rows
+
+    local = B // world
+    mine = [
+        torch.arange(r * local, (r + 1) * local)[aux_rows(local, {"aux_every": every}, d)]
+        for r in range(world)
+        for d in [Dist(rank=r, world=world)]
+    ]
+    one = torch.arange(B)[aux_rows(B, {"aux_every": every})]
+    assert torch.equal(torch.cat(mine), one) and torch.equal(one, torch.arange(0, B, every))
