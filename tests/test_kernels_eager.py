@@ -144,3 +144,26 @@ def test_threshold_global_topk_falls_back_when_the_sample_misleads(monkeypatch):
     monkeypatch.setattr(eager, "_candidate_topk", lambda *a: calls.append(1) or real(*a))
     _check_global_topk(z, 256)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["plain", "one_group", "ties", "negative"])
+def test_grouped_row_topk_matches_torch_topk(case, dtype):
+    # n = 256, k 8: 32 strided groups of 8 (the grouped path); each row's values must be
+    # torch.topk's, at distinct columns that hold them.
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(40, 256, generator=g)
+    if case == "one_group":  # the whole top k sits in groups {q, q + 32, ...}: 8 per group
+        z[:, 3::32] += 10
+        z[:, 5::32] += 10
+    if case == "ties":  # integer values: many entries tie at the k-th value
+        z = torch.randint(0, 4, (40, 256), generator=g).float()
+    if case == "negative":
+        z = -z.abs() - 1
+    z = z.to(dtype)
+    values, cols = eager.row_topk(z, 8)
+    assert cols.shape == (40, 8) and values.dtype == dtype
+    assert torch.equal(z.gather(1, cols), values)
+    assert bool((cols.sort(1).values.diff(dim=1) > 0).all())  # distinct columns
+    want = torch.topk(z, 8, dim=1).values
+    assert torch.equal(values.sort(1, descending=True).values, want)

@@ -95,7 +95,7 @@ Selector = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 def topk_selector(k: int) -> Selector:
     def select(z: Tensor) -> tuple[Tensor, Tensor]:
-        values, indices = torch.topk(z, k, dim=1, sorted=False)
+        values, indices = row_topk(z, k)
         return values.relu_(), indices
 
     return select
@@ -209,9 +209,30 @@ def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None)
 # Batch-level selection: building blocks of the feature- and mutual-choice rules
 
 
+ROW_TOPK_GROUP = 8
+"""row_topk on the CPU: entries per strided group."""
+
+
 def row_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Each row's k largest entries of z [B, n] (unsorted, not ReLU'd): values, cols [B, k]."""
-    return torch.topk(z, k, dim=1, sorted=False)
+    """Each row's k largest entries of z [B, n] (unsorted, not ReLU'd): values, cols [B, k].
+
+    On the CPU, for rows much longer than k, in two steps (exact). A row's n columns form
+    m = n/w strided groups {q, q + m, …, q + (w−1)m}, w = ROW_TOPK_GROUP, whose maxima one
+    vectorised pass over z gives. The k groups with the largest maxima hold a top k of the
+    row: an entry of the top k has at most k − 1 larger entries, so at most k − 1 groups
+    have a larger maximum than its own. The top k of those k·w entries is then the row's.
+    At [4096, 4096], k 32, on 2 threads: 35 ms against torch.topk's 50 (a TopK step's
+    selection). Of entries tied at the k-th value, any may win, as with torch.topk.
+    """
+    B, n = z.shape
+    w = ROW_TOPK_GROUP
+    if not host_reads_are_free(z) or n % w or 4 * k * w > n or z.stride(1) != 1:
+        return torch.topk(z, k, dim=1, sorted=False)
+    m = n // w
+    groups = torch.topk(z.view(B, w, m).amax(1), k, dim=1, sorted=False).indices  # [B, k]
+    cols = (groups[:, :, None] + torch.arange(0, n, m, device=z.device)).view(B, k * w)
+    values, pick = torch.topk(z.gather(1, cols), k, dim=1, sorted=False)
+    return values, cols.gather(1, pick)
 
 
 def column_topk(z: Tensor, m: int) -> tuple[Tensor, Tensor]:
