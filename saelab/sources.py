@@ -34,6 +34,7 @@ from saelab.harvest import _probe_d_in, _Recorder
 from saelab.models import enable_hooks, load_model, resolve_hook, resolve_model_dtype, stop_layer
 from saelab.shards import STORE_DTYPES
 from saelab.store import ActivationStore, PartOfBatches
+from saelab.stream import BatchStream
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -204,7 +205,7 @@ class _Planned:
         if grads and not getattr(self, "has_grads", False):
             raise UserError(f"{self!r} has no gradients; give them or train another arch")
         mine = PartOfBatches(batch_size, part)
-        return _Stream(self._stream(mine, seed, start_row, grads))
+        return BatchStream(self._stream(mine, seed, start_row, grads), self.n_tokens)
 
     def _buffers(
         self, seed: int, epoch: int, skip: int, grads: bool
@@ -238,20 +239,6 @@ class _Planned:
                         yield out[0] if len(out) == 1 else (out[0], out[1])
                         parts, have = [], 0
             epoch, skip = epoch + 1, 0
-
-
-class _Stream:
-    def __init__(self, gen: Iterator[Batch]) -> None:
-        self._gen = gen
-
-    def __iter__(self) -> _Stream:
-        return self
-
-    def __next__(self) -> Batch:
-        return next(self._gen)
-
-    def close(self) -> None:
-        self._gen.close()  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------
