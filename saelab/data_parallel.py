@@ -11,7 +11,7 @@ would (up to float summation order).
   UserError on every process, so none is left waiting in a collective.
 
 The batch-level selection rules take their share in `saelab.archs` (`EncodeArgs.dist`); the
-data plan in `saelab.store.PartOfBatches`. With `distributed.SINGLE` nothing here is called.
+data plan in `saelab.stream.PartOfBatches`. With `distributed.SINGLE` nothing here is called.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from saelab.distributed import Dist
 from saelab.errors import UserError
-from saelab.store import split_error
+from saelab.stream import split_error
 
 T = TypeVar("T")
 

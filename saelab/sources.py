@@ -33,8 +33,8 @@ from saelab.errors import UserError
 from saelab.harvest import _probe_d_in, _Recorder
 from saelab.models import enable_hooks, load_model, resolve_hook, resolve_model_dtype, stop_layer
 from saelab.shards import STORE_DTYPES
-from saelab.store import ActivationStore, PartOfBatches
-from saelab.stream import BatchStream
+from saelab.store import ActivationStore
+from saelab.stream import BatchStream, PartOfBatches
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -81,7 +81,7 @@ class ActivationSource(Protocol):
     ) -> BatchIterator:
         """Endless shuffled stream; ``start_row=r`` yields what the uninterrupted stream
         yields after its first ``r`` rows. ``part=(rank, world)``: only that process's slice
-        of each batch (`saelab.store.PartOfBatches`), for data-parallel training."""
+        of each batch (`saelab.stream.PartOfBatches`), for data-parallel training."""
         ...
 
     def confirm_pending(self) -> None:

@@ -60,10 +60,6 @@ from saelab.shards import (
 )
 from saelab.stream import BatchStream, StreamSpec, stream
 
-# Where readers of the store have always found them; they live with the plan in saelab.stream.
-from saelab.stream import PartOfBatches as PartOfBatches
-from saelab.stream import split_error as split_error
-
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 4096
