@@ -86,7 +86,6 @@ def _mp_block(r: Tensor, W_dec: Tensor, G: Tensor | None, tol: float, chosen: Te
     sparse_update = c.device.type == "cpu" and c.dtype in (torch.float32, torch.float64)
     crow = torch.arange(r.shape[0] + 1, device=r.device)
     rows = c.new_empty(0 if sparse_update else c.shape)
-    taken = torch.empty_like(chosen)  # every row's pick, stopped rows included
     for t in range(chosen.shape[1]):
         cj, j = row_max(c)
         active &= cj > 0
@@ -98,7 +97,6 @@ def _mp_block(r: Tensor, W_dec: Tensor, G: Tensor | None, tol: float, chosen: Te
                 break
         a = torch.where(active, cj, torch.zeros_like(cj))
         chosen[:, t] = torch.where(active, j, torch.full_like(j, -1))
-        taken[:, t] = j
         if t == chosen.shape[1] - 1:
             break  # the last pick needs no update after it
         r2 = r2 - a.pow(2)
@@ -113,8 +111,9 @@ def _mp_block(r: Tensor, W_dec: Tensor, G: Tensor | None, tol: float, chosen: Te
         else:
             r = torch.addcmul(r, a[:, None], W_dec.index_select(0, j), value=-1)
             torch.mm(r, W_dec.T, out=c)
-            # A recomputed c has forgotten which atoms were taken.
-            c.scatter_(1, taken[:, :t], float("-inf"))
+            # A recomputed c has forgotten which atoms were taken (a stopped row's −1 marks
+            # column 0, harmless: it only ever picks −1 again).
+            c.scatter_(1, chosen[:, : t + 1].clamp_min(0), float("-inf"))
         c.scatter_(1, j[:, None], float("-inf"))  # no repeats
 
 
@@ -135,7 +134,7 @@ def mp_values(
     """
     live = indices >= 0
     ids = indices.clamp_min(0)
-    if G is None and W_dec.shape[0] <= GRAM_MAX:
+    if G is None:
         G = gram(W_dec)
     return _Values.apply(r, W_dec, ids, live, G), live, ids
 
