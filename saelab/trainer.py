@@ -203,7 +203,7 @@ ZIPF_AUX_EVERY = 8
 """aux_zipf's default token stride: about half the latents are below their Zipf target at
 every step, so over every token its decode of k_aux candidates would cost k_aux/k times the
 code's own (8× at k 32, d_in 512); every 8th token keeps its cost near the code's, and kept
-the FVU and firing frequencies where issue 16 measured them."""
+the FVU and firing frequencies in the measurements of docs/algorithms.md §4."""
 
 
 def _member_name(s: SAEConfig) -> str:
